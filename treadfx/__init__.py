@@ -1,0 +1,42 @@
+"""treadfx: TREAD token routing for diffusion transformers as a torch.fx compiler pass.
+
+    model = treadfx.transform(model, start=2, end=-4, ratio=0.5)
+
+In training, a random fraction ``ratio`` of the image tokens skips chain blocks
+``start..end`` and re-enters unchanged; in eval the model is the original one.
+"""
+
+from .api import (
+    clone_module_tree,
+    fixed_routes,
+    force_routing,
+    last_routes,
+    original_class,
+    prepare,
+    set_ratio,
+    transform,
+)
+from .errors import (
+    AmbiguousChainError,
+    CompileTimeTraceError,
+    InvalidRatioError,
+    InvalidRouteError,
+    NoBlocksFoundError,
+    StreamAnalysisError,
+    TokenCountError,
+    TransformError,
+    UnroutableRegionError,
+    UntraceableForwardError,
+)
+from .routes import Route
+from .transformed import RouteRecord, is_transformed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
+    "original_class", "is_transformed", "Route", "RouteRecord",
+    "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",
+    "TokenCountError", "UntraceableForwardError", "StreamAnalysisError", "UnroutableRegionError",
+    "CompileTimeTraceError",
+]

@@ -1,0 +1,237 @@
+"""Public entry points: transform, prepare, force_routing, set_ratio, last_routes, fixed_routes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .blocks import find_block_candidates
+from .errors import InvalidRouteError, NoBlocksFoundError, TransformError
+from .routes import Route, check_ratio, normalize_routes
+from .transformed import (
+    RouteRecord,
+    TransformConfig,
+    TreadState,
+    _program_for,
+    is_transformed,
+    state_of,
+    tread_subclass,
+    unwrap,
+)
+
+__all__ = [
+    "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
+    "original_class",
+]
+
+
+def clone_module_tree(root: nn.Module) -> nn.Module:
+    """A new module tree with the same classes, attributes, parameter and buffer *objects*.
+
+    Guarantees: ``clone.state_dict()`` has the same keys and the very same
+    tensors as ``root.state_dict()``; changing training flags, hooks or the
+    module structure of the clone leaves ``root`` untouched; modules shared
+    between two paths stay shared.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        hit = memo.get(id(m))
+        if hit is not None:
+            return hit
+        new = object.__new__(type(m))
+        memo[id(m)] = new
+        d = dict(m.__dict__)
+        d["_parameters"] = type(m._parameters)(m._parameters)
+        d["_buffers"] = type(m._buffers)(m._buffers)
+        if "_non_persistent_buffers_set" in d:
+            d["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        for k, v in list(d.items()):
+            if "hooks" in k and isinstance(v, dict):
+                d[k] = type(v)(v)
+        d["_modules"] = type(m._modules)((k, clone(c) if c is not None else None) for k, c in m._modules.items())
+        new.__dict__.update(d)
+        return new
+
+    return clone(root)
+
+
+def _attach(module: nn.Module, config: TransformConfig) -> nn.Module:
+    original = type(module)
+    candidates = find_block_candidates(module)
+    module.__class__ = tread_subclass(original)
+    module.__dict__["_treadfx"] = TreadState(config, original, candidates)
+    return module
+
+
+def transform(
+    model: nn.Module,
+    start: int | None = None,
+    end: int | None = None,
+    ratio: float = 0.5,
+    *,
+    routes: Sequence[Any] | None = None,
+    chain: str | int | None = None,
+    stream: str | None = None,
+    order: str = "auto",
+    selection: str = "auto",
+    fp32_after_route: bool = False,
+    aux_loss: bool = False,
+    leaf_modules: Sequence[str] = (),
+    inplace: bool = False,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+) -> nn.Module:
+    """Return ``model`` with TREAD token routing during training.
+
+    Guarantees: in eval mode (unless :func:`force_routing` is active) the
+    result computes exactly the original forward; parameters and buffers are
+    the original objects and ``state_dict()`` keys are unchanged; ``model`` is
+    not mutated unless ``inplace=True``; every invalid argument raises a
+    :class:`~treadfx.TransformError` subclass before anything is changed.
+
+    ``start``/``end`` (inclusive, negatives from the end, default 2 and -4)
+    index the chain of repeated blocks; ``ratio`` is the fraction of image
+    tokens skipped.  ``routes=[(start, end, ratio), ...]`` or
+    :class:`~treadfx.Route` objects give several routes.  ``chain`` names the
+    chain when a model has several, ``stream`` names the forward argument that
+    carries the image tokens.  Tracing happens on the first training call for
+    each input signature, or now if ``example_inputs`` is given.
+    """
+    if not isinstance(model, nn.Module):
+        raise TransformError(f"transform() needs a torch.nn.Module, got {type(model).__name__}. Fix: pass the model.")
+    if is_transformed(unwrap(model)):
+        raise TransformError(
+            "this model is already transformed by treadfx. Fix: transform the original model, or change routing "
+            "with treadfx.set_ratio / force_routing."
+        )
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or hasattr(model, "_orig_mod"):
+        raise TransformError(
+            f"transform() got a {type(model).__name__} wrapper. Fix: transform the bare model first, then wrap it "
+            "(DDP / FSDP / torch.compile)."
+        )
+    check_ratio(ratio)
+    route_specs = normalize_routes(routes, start, end, ratio, order, selection)
+    for path in leaf_modules:
+        try:
+            model.get_submodule(path)
+        except AttributeError as e:
+            raise TransformError(f"leaf_modules names {path!r}, which is not a submodule of the model. Fix: {e}") from e
+    candidates = find_block_candidates(model)
+    if not candidates:
+        raise NoBlocksFoundError(
+            f"{type(model).__name__} has no repeated blocks: no ModuleList/Sequential holds two or more submodules "
+            "of the same class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, diffusers and timm do)."
+        )
+    upper = len(candidates)
+    for k, r in enumerate(route_specs):
+        for name in ("start", "end"):
+            v = getattr(r, name)
+            if v >= upper or v < -upper:
+                raise InvalidRouteError(
+                    f"route {k} {name}={v} is out of range: the model has {upper} repeated blocks "
+                    f"({candidates[0].path} ... {candidates[-1].path}), so valid indices are {-upper}..{upper - 1}. "
+                    f"Fix: choose {name} inside the chain; negative indices count from the end."
+                )
+    config = TransformConfig(
+        routes=route_specs, chain=chain, stream=stream, fp32_after_route=fp32_after_route,
+        leaf_modules=tuple(leaf_modules), aux_loss=aux_loss,
+    )
+    target = model if inplace else clone_module_tree(model)
+    out = _attach(target, config)
+    if example_inputs is not None:
+        prepare(out, *example_inputs, **(example_kwargs or {}))
+    return out
+
+
+def original_class(model: nn.Module) -> type:
+    """The class the model had before ``transform``."""
+    return state_of(model).original_class
+
+
+def prepare(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """Trace and rewrite now for these inputs (in the model's current mode); returns the model.
+
+    Use it before compiling a module that *contains* the transformed model, or
+    to pay the tracing cost (and see any error) before training starts.
+    """
+    m = unwrap(model)
+    st = state_of(m)
+    if st.active(m.training):
+        prog = _program_for(m, st, tuple(args), dict(kwargs))
+        st.current = prog
+        st._sync(prog)
+    return model
+
+
+@contextlib.contextmanager
+def force_routing(model: nn.Module, ratio: float | None = None) -> Iterator[nn.Module]:
+    """Route also in eval mode (TREAD guidance), optionally with another ratio, inside the block.
+
+    Each distinct kept-token count compiles to its own graph under
+    ``torch.compile``; leaving the block restores the previous behaviour.
+    """
+    st = state_of(model)
+    if ratio is not None:
+        ratio = check_ratio(ratio, "force_routing ratio")
+    prev = (st.forced, st.forced_ratio)
+    st.forced, st.forced_ratio = True, ratio
+    st.sync_selects()
+    try:
+        yield model
+    finally:
+        st.forced, st.forced_ratio = prev
+        st.sync_selects()
+
+
+def set_ratio(model: nn.Module, ratio: float, route: int | None = None) -> None:
+    """Change the selection ratio of every route (or of route ``route``) without retracing.
+
+    Changing the ratio changes only the kept-token count K, an int attribute
+    of the route ops: ``torch.compile`` compiles one graph per distinct K.
+    """
+    st = state_of(model)
+    ratio = check_ratio(ratio)
+    routes = list(st.config.routes)
+    if route is not None and not 0 <= route < len(routes):
+        raise InvalidRouteError(f"route={route} but the model has {len(routes)} routes. Fix: use 0..{len(routes) - 1}.")
+    for k in range(len(routes)):
+        if route is None or k == route:
+            routes[k] = dataclasses.replace(routes[k], ratio=ratio)
+    st.config = dataclasses.replace(st.config, routes=tuple(routes))
+    st.sync_selects()
+
+
+def last_routes(model: nn.Module) -> list[RouteRecord]:
+    """Kept indices of each route in the last routed forward (empty before the first)."""
+    st = state_of(model)
+    prog = st.last_program
+    if prog is None:
+        return []
+    out = []
+    for plan, kept in zip(prog.plans, st.last_kept):
+        if kept is not None:
+            out.append(RouteRecord(plan.index, kept, plan.num_tokens))
+    return out
+
+
+@contextlib.contextmanager
+def fixed_routes(model: nn.Module, kept: Sequence[torch.Tensor | None]) -> Iterator[nn.Module]:
+    """Use these kept indices (one per route, [B, K] or [K]) instead of drawing them, inside the block.
+
+    Meant for tests, for replaying a selection, and for checking distributed
+    runs against a single process.
+    """
+    st = state_of(model)
+    prev = st.fixed
+    st.fixed = list(kept)
+    st.sync_selects()
+    try:
+        yield model
+    finally:
+        st.fixed = prev
+        st.sync_selects()

@@ -1,0 +1,110 @@
+"""Chains of block calls in a traced graph.
+
+A *chain* is a maximal run of block calls, in execution order, in which every
+call consumes (directly or through non-block operations) the output of the
+call before it.  Indices given to ``transform`` count along one chain, so a
+route can span two block kinds (Flux double-stream then single-stream blocks,
+U-ViT in-blocks, mid-block and out-blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from .blocks import BlockCandidate
+from .errors import InvalidRouteError
+
+__all__ = ["Chain", "find_chains", "resolve_index"]
+
+
+@dataclasses.dataclass
+class Chain:
+    """Block calls along which a token stream flows."""
+
+    nodes: list[fx.Node]
+    paths: list[str]
+    classes: list[str]
+    hashes: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def name(self) -> str:
+        """Container paths in order, e.g. ``transformer_blocks+single_transformer_blocks``."""
+        names: list[str] = []
+        for p in self.paths:
+            head = p.rsplit(".", 1)[0] if "." in p else p
+            if not names or names[-1] != head:
+                names.append(head)
+        return "+".join(names)
+
+    def segments(self) -> list[tuple[int, int, str, str]]:
+        """Runs of the same block kind: (first index, last index, class, container)."""
+        runs: list[tuple[int, int, str, str]] = []
+        for i, (p, c, h) in enumerate(zip(self.paths, self.classes, self.hashes)):
+            head = p.rsplit(".", 1)[0] if "." in p else p
+            if runs and runs[-1][2] == f"{c}#{h}" and runs[-1][3] == head:
+                runs[-1] = (runs[-1][0], i, runs[-1][2], head)
+            else:
+                runs.append((i, i, f"{c}#{h}", head))
+        return [(a, b, k.split("#")[0], h) for a, b, k, h in runs]
+
+    def describe(self) -> str:
+        parts = []
+        for a, b, cls, head in self.segments():
+            parts.append(f"{head}[{self.paths[a].rsplit('.', 1)[-1]}..{self.paths[b].rsplit('.', 1)[-1]}] {cls} x{b - a + 1}")
+        return f"{len(self)} blocks: " + ", then ".join(parts)
+
+
+def _block_predecessors(node: fx.Node, block_set: set[fx.Node]) -> set[fx.Node]:
+    """Block calls whose output reaches ``node`` without passing through another block call."""
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in block_set:
+            found.add(n)
+            continue
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def find_chains(gm: fx.GraphModule, candidates: list[BlockCandidate], model_root: str) -> list[Chain]:
+    """All chains of candidate-block calls in ``gm``, longest first, ties in graph order."""
+    by_target = {f"{model_root}.{c.path}": c for c in candidates}
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in by_target]
+    block_set = set(calls)
+    chains: list[list[fx.Node]] = []
+    for node in calls:
+        preds = _block_predecessors(node, block_set)
+        if chains and chains[-1][-1] in preds:
+            chains[-1].append(node)
+        else:
+            chains.append([node])
+    out = []
+    for nodes in chains:
+        cands = [by_target[n.target] for n in nodes]
+        out.append(Chain(nodes, [c.path for c in cands], [c.class_name for c in cands], [c.wl_hash for c in cands]))
+    order = {id(c): i for i, c in enumerate(out)}
+    out.sort(key=lambda c: (-len(c), order[id(c)]))
+    return out
+
+
+def resolve_index(index: int, length: int, what: str) -> int:
+    """A 0-based chain index from a possibly negative one; raises InvalidRouteError if out of range."""
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise InvalidRouteError(f"route {what} must be an int, got {index!r}. Fix: pass a block index such as 2 or -4.")
+    resolved = index + length if index < 0 else index
+    if not 0 <= resolved < length:
+        raise InvalidRouteError(
+            f"route {what}={index} is out of range for a chain of {length} blocks "
+            f"(valid: {-length}..{length - 1}). Fix: choose {what} inside the chain; negative indices count from the end."
+        )
+    return resolved

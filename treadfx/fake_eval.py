@@ -1,0 +1,143 @@
+"""Evaluating graph nodes and modules on fake tensors (shapes, dtypes, devices; no data).
+
+:class:`FakeEvaluator` memoises module calls by *structure*: two modules with
+the same classes, parameter shapes, training flags and plain attributes,
+called with inputs of the same metadata, produce outputs of the same metadata,
+so a depth-28 chain of identical blocks is evaluated once per token count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+__all__ = ["FakeEvaluator", "fake_like", "module_structure_key"]
+
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+def module_structure_key(m: nn.Module) -> tuple:
+    """Everything about a module tree that can change the metadata of its outputs."""
+    parts = []
+    for name, sub in m.named_modules():
+        attrs = tuple(
+            sorted(
+                (k, v) for k, v in vars(sub).items()
+                if not k.startswith("_") and (isinstance(v, _SIMPLE) or (
+                    isinstance(v, tuple) and all(isinstance(e, _SIMPLE) for e in v)))
+            )
+        )
+        params = tuple((k, tuple(p.shape), p.dtype, str(p.device)) for k, p in sub._parameters.items() if p is not None)
+        bufs = tuple((k, tuple(b.shape), b.dtype, str(b.device)) for k, b in sub._buffers.items() if b is not None)
+        parts.append((name, type(sub), sub.training, attrs, params, bufs))
+    return tuple(parts)
+
+
+def _meta_key(tree: Any) -> tuple:
+    out = []
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            out.append(("T", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, str(leaf.device), leaf.requires_grad))
+        elif isinstance(leaf, nn.Module):
+            out.append(("M", id(leaf)))
+        else:
+            try:
+                hash(leaf)
+                out.append(("C", type(leaf), leaf))
+            except TypeError:
+                out.append(("C", type(leaf), id(leaf)))
+    return (pytree.tree_structure(tree), tuple(out))
+
+
+def fake_like(t: torch.Tensor, mode: FakeTensorMode, shape: tuple | None = None) -> torch.Tensor:
+    """A fresh fake tensor with t's metadata (optionally another shape)."""
+    with mode:
+        if shape is None:
+            out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+        else:
+            out = torch.empty(tuple(shape), dtype=t.dtype, device=t.device)
+    if t.requires_grad and out.is_floating_point():
+        out.requires_grad_(True)
+    return out
+
+
+class FakeEvaluator:
+    """Runs modules, functions and graph nodes on fake tensors of one fake mode."""
+
+    def __init__(self, mode: FakeTensorMode):
+        self.mode = mode
+        self._structure: dict[int, tuple] = {}
+        self._memo: dict[tuple, Any] = {}
+        self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def to_fake(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, FakeTensor):
+            return t
+        hit = self._fakes.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = (t, self.mode.from_tensor(t))
+            self._fakes[id(t)] = hit
+        return hit[1]
+
+    def fakeify(self, tree: Any) -> Any:
+        return pytree.tree_map(lambda x: self.to_fake(x) if isinstance(x, torch.Tensor) else x, tree)
+
+    def _renew(self, tree: Any) -> Any:
+        return pytree.tree_map(lambda x: fake_like(x, self.mode) if isinstance(x, torch.Tensor) else x, tree)
+
+    def call_module(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        sk = self._structure.get(id(module))
+        if sk is None:
+            sk = module_structure_key(module)
+            self._structure[id(module)] = sk
+        key = (sk, _meta_key((args, kwargs)), torch.is_grad_enabled(), torch.is_autocast_enabled())
+        hit = self._memo.get(key)
+        if hit is not None:
+            return self._renew(hit)
+        a, k = self.fakeify((args, kwargs))
+        with self.mode:
+            out = module(*a, **k)
+        self._memo[key] = out
+        return out
+
+    def call(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        a, k = self.fakeify((args, kwargs))
+        with self.mode:
+            return fn(*a, **k)
+
+    def run_node(self, gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        """Evaluate one node of ``gm`` on (fake) argument values."""
+        if node.op == "call_module":
+            return self.call_module(gm.get_submodule(node.target), args, kwargs)
+        if node.op == "call_function":
+            return self.call(node.target, args, kwargs)
+        if node.op == "call_method":
+            a, k = self.fakeify((args, kwargs))
+            with self.mode:
+                return getattr(a[0], node.target)(*a[1:], **k)
+        if node.op == "get_attr":
+            obj: Any = gm
+            for atom in str(node.target).split("."):
+                obj = getattr(obj, atom)
+            return self.to_fake(obj) if isinstance(obj, torch.Tensor) else obj
+        raise AssertionError(node.op)
+
+    def propagate(self, gm: fx.GraphModule, inputs: list) -> dict[fx.Node, Any]:
+        """Fake values of every node of ``gm`` for these placeholder values."""
+        env: dict[fx.Node, Any] = {}
+        it = iter(inputs)
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(it)
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+            if node.op == "output":
+                env[node] = args[0]
+                continue
+            env[node] = self.run_node(gm, node, args, kwargs)
+        return env

@@ -1,0 +1,379 @@
+"""Token layouts: which positions of which tensors are image tokens.
+
+A *layout* describes the token axis of a tensor as segments, e.g. a ViT stream
+``[extra 1 | image 256]`` (class token first) or Flux's RoPE table
+``[text 512 | image 4096]``.  Only image segments are ever routed; text and
+extra tokens always stay.
+
+Streams (``[B, L, D]`` tensors) get their layout by forward propagation over
+the traced graph: an input is image or text by what it is derived from, a
+``cat`` along the token axis concatenates layouts, a slice slices them, a block
+output inherits the layout of the input it carries (found by shape, or, when
+two inputs have the same shape, by the residual path inside the block), and
+token-preserving operations pass layouts on.  Side inputs (RoPE tables,
+per-token masks) are aligned by :func:`side_input_layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .errors import StreamAnalysisError
+
+__all__ = [
+    "Segment", "Layout", "TokenInfo", "LayoutAnalysis", "image_span", "layout_str", "tensor_input_nodes",
+    "side_input_layout",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    kind: str  # "image" | "text" | "extra"
+    length: int
+
+
+Layout = tuple[Segment, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """Where the token axis of a tensor is and what lies along it."""
+
+    axis: int
+    layout: Layout
+    batched: bool
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.layout)
+
+    def has_image(self) -> bool:
+        return any(s.kind == "image" for s in self.layout)
+
+
+def layout_str(layout: Layout) -> str:
+    return "[" + " | ".join(f"{s.kind} {s.length}" for s in layout) + "]"
+
+
+def image_span(layout: Layout) -> tuple[int, int]:
+    """(offset, length) of the single image segment; raises if there is not exactly one."""
+    spans, off = [], 0
+    for s in layout:
+        if s.kind == "image":
+            spans.append((off, s.length))
+        off += s.length
+    if len(spans) != 1:
+        raise StreamAnalysisError(
+            f"a tensor with token layout {layout_str(layout)} has {len(spans)} image segments; treadfx routes "
+            "exactly one contiguous run of image tokens. Fix: end the route before the operation that interleaves them."
+        )
+    return spans[0]
+
+
+def _merge(layout: Iterable[Segment]) -> Layout:
+    out: list[Segment] = []
+    for s in layout:
+        if s.length == 0:
+            continue
+        if out and out[-1].kind == s.kind:
+            out[-1] = Segment(s.kind, out[-1].length + s.length)
+        else:
+            out.append(s)
+    return tuple(out)
+
+
+def _slice_layout(layout: Layout, start: int, stop: int) -> Layout:
+    out, off = [], 0
+    for s in layout:
+        a, b = max(start, off), min(stop, off + s.length)
+        if b > a:
+            out.append(Segment(s.kind, b - a))
+        off += s.length
+    return _merge(out)
+
+
+def tensor_input_nodes(node: fx.Node) -> list[fx.Node]:
+    """Node inputs in the order of ``tree_flatten((args, kwargs))`` (the order a traced block sees them)."""
+    leaves = pytree.tree_leaves((tuple(node.args), dict(node.kwargs)))
+    return [l for l in leaves if isinstance(l, fx.Node)]
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)
+
+
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_SPLIT_FNS = {torch.split, torch.chunk, torch.tensor_split}
+
+
+class LayoutAnalysis:
+    """Provenance, batch-ness and token layouts of every value in a traced graph."""
+
+    def __init__(self, gm: fx.GraphModule, image_input: int, chain_nodes: Sequence[fx.Node], block_carry):
+        self.gm = gm
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if not 0 <= image_input < len(self.placeholders):
+            raise StreamAnalysisError(f"image input index {image_input} out of range")
+        self.image_ph = self.placeholders[image_input]
+        img = _val(self.image_ph)
+        self.batch = int(img.shape[0]) if _is_tensor(img) and img.ndim > 0 else None
+        self.text_phs = {
+            p for p in self.placeholders
+            if p is not self.image_ph and _is_tensor(_val(p)) and _val(p).ndim >= 3 and self.batch is not None
+            and _val(p).shape[0] == self.batch
+        }
+        self.chain_set = set(chain_nodes)
+        self.block_carry = block_carry  # callable(node) -> {output index: input node}
+        self.provenance: dict[fx.Node, frozenset[fx.Node]] = {}
+        self.batched: dict[fx.Node, Any] = {}
+        self.info: dict[fx.Node, Any] = {}  # TokenInfo | list[TokenInfo|None] | None
+        self._run()
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def is_batched_value(self, node: fx.Node, value: Any) -> bool:
+        if not _is_tensor(value) or value.ndim == 0 or self.batch is None or value.shape[0] != self.batch:
+            return False
+        if node.op == "placeholder":
+            return True
+        return any(self.batched.get(i) for i in node.all_input_nodes) or node.op == "placeholder"
+
+    def _fresh_kind(self, node: fx.Node) -> str:
+        prov = self.provenance.get(node, frozenset())
+        if self.image_ph in prov:
+            return "image"
+        if prov & self.text_phs:
+            return "text"
+        return "extra"
+
+    def token_info(self, node: fx.Node, index: int | None = None) -> TokenInfo | None:
+        info = self.info.get(node)
+        if isinstance(info, list):
+            return info[index] if index is not None and index < len(info) else None
+        return info
+
+    def _seq(self, node: fx.Node, value: Any) -> bool:
+        return _is_tensor(value) and value.ndim >= 3 and self.is_batched_value(node, value)
+
+    # -- propagation ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        for node in self.gm.graph.nodes:
+            prov: frozenset = frozenset([node]) if node.op == "placeholder" else frozenset()
+            for i in node.all_input_nodes:
+                prov = prov | self.provenance.get(i, frozenset())
+            self.provenance[node] = prov
+            value = _val(node)
+            if isinstance(value, (tuple, list)):
+                self.batched[node] = [self.is_batched_value(node, v) for v in value]
+            else:
+                self.batched[node] = self.is_batched_value(node, value)
+            try:
+                self.info[node] = self._infer(node, value)
+            except StreamAnalysisError:
+                raise
+            except Exception:  # analysis must never break tracing of odd ops
+                self.info[node] = None
+
+    def _infer(self, node: fx.Node, value: Any):
+        if node.op == "placeholder":
+            if node is self.image_ph and self._seq(node, value):
+                return TokenInfo(1, (Segment("image", value.shape[1]),), True)
+            if node in self.text_phs:
+                return TokenInfo(1, (Segment("text", value.shape[1]),), True)
+            return None
+        if node.op == "output":
+            return None
+        if node in self.chain_set:
+            return self._infer_block(node, value)
+        target = node.target
+        # tuple element
+        if node.op == "call_function" and target is operator.getitem and isinstance(node.args[0], fx.Node):
+            src = node.args[0]
+            src_info = self.info.get(src)
+            idx = node.args[1]
+            if isinstance(src_info, list) and isinstance(idx, int):
+                return src_info[idx] if idx < len(src_info) else None
+            if isinstance(src_info, TokenInfo) and _is_tensor(value):
+                sliced = self._slice_by_index(src_info, _val(src), idx, value)
+                if sliced is not None:
+                    return sliced
+        # concatenation along the token axis
+        if (node.op == "call_function" and target in _CAT) or (node.op == "call_method" and target in ("cat", "concat")):
+            res = self._infer_cat(node, value)
+            if res is not None:
+                return res
+        # split / chunk along the token axis
+        if isinstance(value, (tuple, list)):
+            res = self._infer_split(node, value)
+            if res is not None:
+                return res
+            return [self._inherit(node, v) if _is_tensor(v) else None for v in value]
+        if _is_tensor(value):
+            return self._inherit(node, value)
+        return None
+
+    def _inherit(self, node: fx.Node, value: torch.Tensor) -> TokenInfo | None:
+        cands: list[TokenInfo] = []
+        same_shape: list[TokenInfo] = []
+        for i in node.all_input_nodes:
+            info = self.info.get(i)
+            infos = info if isinstance(info, list) else [info]
+            vals = _val(i) if isinstance(info, list) else [_val(i)]
+            for inf, v in zip(infos, vals):
+                if inf is None or not _is_tensor(v):
+                    continue
+                if value.ndim > inf.axis and value.shape[inf.axis] == inf.length and (
+                    value.ndim >= 2 and self.batch is not None and value.shape[0] == self.batch
+                ):
+                    cands.append(inf)
+                    if tuple(v.shape) == tuple(value.shape):
+                        same_shape.append(inf)
+        pool = same_shape or cands
+        if pool:
+            first = pool[0]
+            return TokenInfo(first.axis, first.layout, True)
+        if self._seq(node, value):
+            return TokenInfo(1, (Segment(self._fresh_kind(node), value.shape[1]),), True)
+        return None
+
+    def _infer_block(self, node: fx.Node, value: Any):
+        carry = self.block_carry(node)  # {output index: input node}
+        outs = list(value) if isinstance(value, (tuple, list)) else [value]
+        infos: list[TokenInfo | None] = []
+        for j, v in enumerate(outs):
+            src = carry.get(j)
+            inf = self.info.get(src) if src is not None else None
+            if isinstance(inf, TokenInfo) and _is_tensor(v) and v.ndim > inf.axis and v.shape[inf.axis] == inf.length:
+                infos.append(inf)
+            elif _is_tensor(v) and self._seq(node, v):
+                infos.append(TokenInfo(1, (Segment(self._fresh_kind(node), v.shape[1]),), True))
+            else:
+                infos.append(None)
+        return infos if isinstance(value, (tuple, list)) else infos[0]
+
+    def _infer_cat(self, node: fx.Node, value: Any) -> TokenInfo | None:
+        if not _is_tensor(value):
+            return None
+        pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(pieces, (list, tuple)) or not isinstance(dim, int):
+            return None
+        dim = dim % value.ndim
+        piece_infos = []
+        for p in pieces:
+            inf = self.info.get(p) if isinstance(p, fx.Node) else None
+            piece_infos.append(inf if isinstance(inf, TokenInfo) else None)
+        if not any(inf is not None and inf.axis == dim for inf in piece_infos):
+            if not (dim == 1 and self._seq(node, value)):
+                return None
+        segs: list[Segment] = []
+        for p, inf in zip(pieces, piece_infos):
+            pv = _val(p)
+            if not _is_tensor(pv):
+                return None
+            if inf is not None and inf.axis == dim:
+                segs.extend(inf.layout)
+            else:
+                kind = self._fresh_kind(p) if isinstance(p, fx.Node) else "extra"
+                segs.append(Segment(kind, int(pv.shape[dim])))
+        return TokenInfo(dim, _merge(segs), self.is_batched_value(node, value))
+
+    def _infer_split(self, node: fx.Node, value: Sequence) -> list | None:
+        is_split = (node.op == "call_function" and node.target in _SPLIT_FNS) or (
+            node.op == "call_method" and node.target in ("split", "chunk", "tensor_split", "split_with_sizes")
+        )
+        if not is_split or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        src_info = self.info.get(node.args[0])
+        if not isinstance(src_info, TokenInfo):
+            return None
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        src = _val(node.args[0])
+        if not isinstance(dim, int) or dim % src.ndim != src_info.axis:
+            return None
+        out, off = [], 0
+        for v in value:
+            n = int(v.shape[src_info.axis])
+            out.append(TokenInfo(src_info.axis, _slice_layout(src_info.layout, off, off + n), src_info.batched))
+            off += n
+        return out
+
+    def _slice_by_index(self, info: TokenInfo, src: torch.Tensor, idx: Any, value: torch.Tensor) -> TokenInfo | None:
+        """x[:, a:b, ...] along the token axis; other indexing keeps the axis only if shapes say so."""
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        # position of the token axis among the index entries (before any Ellipsis)
+        if len(idx) > info.axis and all(isinstance(e, slice) and e == slice(None) for e in idx[: info.axis]):
+            e = idx[info.axis]
+            if isinstance(e, slice) and (e.step in (None, 1)):
+                start, stop, _ = e.indices(info.length)
+                rest = idx[info.axis + 1:]
+                if all(r is Ellipsis or (isinstance(r, slice) and r == slice(None)) or isinstance(r, int) or r is None
+                       for r in rest):
+                    if value.ndim > info.axis and value.shape[info.axis] == stop - start:
+                        return TokenInfo(info.axis, _slice_layout(info.layout, start, stop), info.batched)
+        if value.ndim > info.axis and value.shape[info.axis] == info.length and value.shape[: info.axis] == src.shape[: info.axis]:
+            return info
+        return None
+
+
+def side_input_layout(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    axis: int,
+    num_image: int,
+    known: Sequence[Layout],
+) -> Layout | None:
+    """Layout of a side input's ``axis`` (a RoPE table, a per-token mask).
+
+    Rules, in order: the whole axis is image tokens if its size is the image
+    token count; it equals a known stream layout of the same length; a
+    concatenation along that axis found by walking back through operations
+    that keep the axis's size has exactly one piece of the image token count.
+    Returns None when no rule applies.
+    """
+    value = _val(node)
+    size = int(value.shape[axis])
+    if size == num_image:
+        return (Segment("image", num_image),)
+    for lay in known:
+        if sum(s.length for s in lay) == size and any(s.kind == "image" for s in lay):
+            return lay
+    # walk back to a cat along this axis
+    seen: set[fx.Node] = set()
+    frontier = [(node, axis)]
+    while frontier:
+        n, ax = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        v = _val(n)
+        if not _is_tensor(v) or v.ndim <= ax or int(v.shape[ax]) != size:
+            continue
+        is_cat = (n.op == "call_function" and n.target in _CAT) or (n.op == "call_method" and n.target == "cat")
+        if is_cat:
+            pieces = n.args[0] if n.args else n.kwargs.get("tensors")
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if isinstance(dim, int) and dim % v.ndim == ax and isinstance(pieces, (list, tuple)):
+                sizes = [int(_val(p).shape[ax]) for p in pieces if isinstance(p, fx.Node)]
+                if len(sizes) == len(pieces) and sizes.count(num_image) == 1:
+                    return _merge(Segment("image" if s == num_image else "extra", s) for s in sizes)
+                return None
+        for i in n.all_input_nodes:
+            iv = _val(i)
+            if _is_tensor(iv):
+                # keep following the same axis when the input still has it (aligned from the left)
+                if iv.ndim == v.ndim and iv.ndim > ax and int(iv.shape[ax]) == size:
+                    frontier.append((i, ax))
+                elif iv.ndim > 0 and iv.ndim < v.ndim and ax < iv.ndim and int(iv.shape[ax]) == size:
+                    frontier.append((i, ax))
+    return None

@@ -1,0 +1,184 @@
+"""Runtime route operations inserted into the graph by the TREAD pass.
+
+* :class:`RouteSelect` (route-out): draws which image tokens a route keeps.
+* :class:`RouteGather`: takes the kept tokens out of a tensor (the token
+  stream, a skip, a RoPE table) along its token axis.
+* :class:`RouteScatter` (route-in): puts processed kept tokens back, out of
+  place, into the value the stream had at route-out, so skipped tokens
+  re-enter bit-identical.
+
+All three read ``self.training`` (or ``self.forced``) at run time and return
+their input unchanged when the route is inactive, so ``.train()/.eval()`` work
+on a traced graph.  The number of kept tokens is a static ``int`` attribute,
+never a tensor or float argument, so ``torch.compile`` compiles one graph per
+distinct K and never per ratio value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["RouteSelect", "RouteGather", "RouteScatter", "AutocastDisabled", "num_kept"]
+
+
+def num_kept(num_tokens: int, ratio: float) -> int:
+    """K = N - int(N * ratio): tokens a route keeps (the official rounding)."""
+    return num_tokens - int(num_tokens * ratio)
+
+
+def _index_for(idx: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Expand per-sample indices [B, K] to x's rank for torch.gather/scatter along ``axis``."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = idx.shape[0], idx.shape[1]
+    target = list(x.shape)
+    target[axis] = idx.shape[1]
+    return idx.view(shape).expand(target)
+
+
+class RouteSelect(nn.Module):
+    """Route-out: returns the kept token indices of this forward, or None when inactive.
+
+    Per-sample selection returns ``[B, K]`` (each sample its own subset, as in
+    the official code); shared selection returns ``[K]`` (one subset for the
+    batch, needed when a gathered side input has no batch dimension).
+    ``sorted`` keeps the original relative order of kept tokens, which
+    order-dependent blocks (scans) require.
+    """
+
+    def __init__(self, route_index: int, num_tokens: int, num_keep: int, sorted_order: bool, shared: bool):
+        super().__init__()
+        self.route_index = route_index
+        self.num_tokens = num_tokens
+        self.num_keep = num_keep
+        self.sorted_order = sorted_order
+        self.shared = shared
+        self.forced = False
+        self.fixed: torch.Tensor | None = None  # indices to use instead of drawing (tests, replays)
+
+    def extra_repr(self) -> str:
+        mode = "shared" if self.shared else "per-sample"
+        order = "sorted" if self.sorted_order else "random order"
+        return f"route={self.route_index}, N={self.num_tokens}, K={self.num_keep}, {mode}, {order}"
+
+    def forward(self, ref: torch.Tensor) -> torch.Tensor | None:
+        if not (self.training or self.forced):
+            return None
+        if self.fixed is not None:
+            return self.fixed
+        if self.num_keep >= self.num_tokens:
+            return None
+        rows = 1 if self.shared else ref.shape[0]
+        noise = torch.rand(rows, self.num_tokens, device=ref.device)
+        idx = noise.argsort(dim=1)[:, : self.num_keep]
+        if self.sorted_order:
+            idx = idx.sort(dim=1).values
+        return idx[0] if self.shared else idx
+
+
+class RouteGather(nn.Module):
+    """Keeps the selected image tokens of a tensor along its token axis.
+
+    ``offset``/``length`` locate the image segment (tokens before and after it,
+    such as a class token or text tokens, are always kept); ``batched`` says
+    whether the tensor has a batch dimension; ``per_sample`` whether the
+    indices do.
+    """
+
+    def __init__(self, axis: int, offset: int, length: int, total: int, batched: bool, per_sample: bool):
+        super().__init__()
+        self.axis, self.offset, self.length, self.total = axis, offset, length, total
+        self.batched, self.per_sample = batched, per_sample
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, image=[{self.offset}:{self.offset + self.length}] of {self.total}"
+
+    def _full(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.offset == 0 and self.length == self.total:
+            return idx
+        parts = []
+        lead = idx.shape[:-1]
+        if self.offset:
+            parts.append(torch.arange(self.offset, device=idx.device).expand(*lead, self.offset))
+        parts.append(idx + self.offset)
+        tail = self.total - self.offset - self.length
+        if tail:
+            parts.append(torch.arange(self.offset + self.length, self.total, device=idx.device).expand(*lead, tail))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return x
+        full = self._full(idx)
+        if not self.per_sample:
+            return x.index_select(self.axis, full)
+        if not self.batched:  # per-sample subsets of a table without batch dim -> batched table
+            x = x.unsqueeze(0).expand(full.shape[0], *x.shape)
+            return torch.gather(x, self.axis + 1, _index_for(full, x, self.axis + 1))
+        return torch.gather(x, self.axis, _index_for(full, x, self.axis))
+
+
+class RouteScatter(nn.Module):
+    """Route-in: writes processed kept tokens back into the stream saved at route-out (out of place).
+
+    ``value`` has K image tokens at ``[v_offset, v_offset + K)`` on ``axis``;
+    ``base`` is the stream at route-out with N image tokens at ``b_offset``.
+    The result has the layout of ``value`` with the image segment widened to N:
+    kept positions hold the processed tokens, skipped positions the route-out
+    values, bit for bit.
+    """
+
+    def __init__(self, axis: int, v_offset: int, b_offset: int, length: int, per_sample: bool):
+        super().__init__()
+        self.axis, self.v_offset, self.b_offset, self.length = axis, v_offset, b_offset, length
+        self.per_sample = per_sample
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, image@{self.v_offset} <- base image@{self.b_offset}, N={self.length}"
+
+    def forward(self, value: torch.Tensor, base: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return value
+        ax = self.axis
+        keep = idx.shape[-1]
+        whole_v = self.v_offset == 0 and value.shape[ax] == keep
+        whole_b = self.b_offset == 0 and base.shape[ax] == self.length
+        src = value if whole_v else value.narrow(ax, self.v_offset, keep)
+        img = base if whole_b else base.narrow(ax, self.b_offset, self.length)
+        if self.per_sample:
+            img = img.scatter(ax, _index_for(idx, src, ax), src)
+        else:
+            img = img.index_copy(ax, idx, src)
+        if whole_v:
+            return img
+        parts = []
+        if self.v_offset:
+            parts.append(value.narrow(ax, 0, self.v_offset))
+        parts.append(img)
+        tail = value.shape[ax] - self.v_offset - keep
+        if tail:
+            parts.append(value.narrow(ax, self.v_offset + keep, tail))
+        return torch.cat(parts, dim=ax)
+
+
+class AutocastDisabled(nn.Module):
+    """Runs a block in float32 with autocast off (the official code's first block after route-in)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        device_type = "cpu"
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                device_type = a.device.type
+                break
+        if not torch.is_autocast_enabled(device_type):
+            return self.block(*args, **kwargs)
+
+        def up(a):
+            return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.block(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})

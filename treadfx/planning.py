@@ -1,0 +1,456 @@
+"""Planning one route: what crosses its boundaries, and what happens to each tensor.
+
+For a route over chain blocks ``start..end`` the *region* is every node that
+depends on block ``start`` and that block ``end`` depends on.  Every tensor
+that enters the region is either
+
+* gathered with the route's kept indices: the token stream, long skips that
+  carry image tokens (U-ViT), and token-aligned side inputs (RoPE tables,
+  per-token modulation or masks), or
+* passed through unchanged: text streams, per-sample conditioning, anything a
+  block can use with the full token count (cross-attention context);
+
+and every tensor that leaves it is either scattered back into the stream saved
+at route-out (it carries kept image tokens) or passed through (text streams).
+
+Side inputs are decided by *probing*: the region is evaluated on fake tensors
+with a token count that appears nowhere else; a tensor is gathered only if a
+node fails without it and succeeds with it.  Nothing is guessed silently: a
+region that cannot run on fewer tokens is an error naming the operation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .chains import Chain
+from .errors import StreamAnalysisError, UnroutableRegionError
+from .fake_eval import FakeEvaluator, fake_like
+from .layout import Layout, LayoutAnalysis, Segment, TokenInfo, image_span, layout_str, side_input_layout
+from .ops import num_kept
+from .routes import Route
+from .tracing import TracedProgram
+
+__all__ = ["ValueDecision", "RoutePlan", "plan_route", "region_of"]
+
+
+@dataclasses.dataclass
+class ValueDecision:
+    """What the pass does with one tensor crossing a route boundary."""
+
+    node: fx.Node
+    action: str  # "gather" | "scatter" | "pass"
+    role: str  # "token stream", "skip connection", "side input", "text stream", "conditioning", ...
+    reason: str
+    axis: int | None = None
+    layout: Layout | None = None
+    batched: bool = True
+
+    def describe(self, name: str) -> str:
+        lay = f" {layout_str(self.layout)} on axis {self.axis}" if self.layout else ""
+        return f"{self.action:7s} {name}: {self.role}{lay} ({self.reason})"
+
+
+@dataclasses.dataclass
+class RoutePlan:
+    """Everything the TREAD pass needs to rewrite one route."""
+
+    index: int
+    route: Route
+    start: int
+    end: int
+    chain: Chain
+    region: list[fx.Node]
+    stream: fx.Node
+    stream_info: TokenInfo
+    num_tokens: int
+    selection: str  # "per_sample" | "shared"
+    selection_reason: str
+    order: str  # "random" | "sorted"
+    order_reason: str
+    entering: list[ValueDecision]
+    leaving: list[ValueDecision]
+
+    @property
+    def num_keep(self) -> int:
+        return num_kept(self.num_tokens, self.route.ratio)
+
+    @property
+    def extra_tokens(self) -> list[Segment]:
+        return [s for s in self.stream_info.layout if s.kind != "image"]
+
+
+def region_of(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """Nodes that depend on ``first`` and that ``last`` depends on (both included), in graph order."""
+    forward: set[fx.Node] = {first}
+    started = False
+    for n in gm.graph.nodes:
+        if n is first:
+            started = True
+            continue
+        if started and any(i in forward for i in n.all_input_nodes):
+            forward.add(n)
+    backward: set[fx.Node] = {last}
+    stack = [last]
+    while stack:
+        n = stack.pop()
+        for i in n.all_input_nodes:
+            if i not in backward:
+                backward.add(i)
+                stack.append(i)
+    return [n for n in gm.graph.nodes if n in forward and n in backward]
+
+
+def _depends_on(node: fx.Node, targets: set[fx.Node]) -> bool:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _probe_count(n_img: int, sizes: set[int]) -> int:
+    """A kept-token count for probing: fewer than N, at least 1, and equal to no other size in play."""
+    for k in range(max(1, n_img - 1), 0, -1):
+        if k not in sizes and k != n_img:
+            return k
+    return max(1, n_img - 1)
+
+
+def _all_sizes(values: Sequence[Any]) -> set[int]:
+    out: set[int] = set()
+    for v in values:
+        for leaf in pytree.tree_leaves(v):
+            if isinstance(leaf, torch.Tensor):
+                out.update(int(s) for s in leaf.shape)
+    return out
+
+
+def _shrunk(value: torch.Tensor, info: TokenInfo, keep: int, per_sample_unbatched: bool, batch: int,
+            mode) -> torch.Tensor:
+    off, n = image_span(info.layout)
+    shape = list(value.shape)
+    shape[info.axis] = shape[info.axis] - n + keep
+    if not info.batched and per_sample_unbatched:
+        shape = [batch] + shape
+    return fake_like(value, mode, tuple(shape))
+
+
+class _Walk:
+    """Evaluates the region with kept tokens for a given set of gather decisions."""
+
+    def __init__(self, prog: TracedProgram, region: list[fx.Node], evaluator: FakeEvaluator):
+        self.prog, self.region, self.ev = prog, region, evaluator
+        self.rset = set(region)
+
+    def run(self, gathered: dict[fx.Node, torch.Tensor]) -> tuple[dict[fx.Node, Any], fx.Node | None, Exception | None]:
+        env: dict[fx.Node, Any] = {}
+
+        def value(n: fx.Node) -> Any:
+            if n in env:
+                return env[n]
+            if n in gathered:
+                return gathered[n]
+            return n.meta.get("val")
+
+        for node in self.region:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+            try:
+                env[node] = self.ev.run_node(self.prog.gm, node, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - reported with the node
+                return env, node, e
+        return env, None, None
+
+
+def _node_label(prog: TracedProgram, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"block `{prog.model_path(node)}`" if node.target.startswith(prog.model_root + ".") else f"`{node.target}`"
+    tgt = getattr(node.target, "__name__", node.target)
+    return f"operation `{tgt}` (node {node.name})"
+
+
+def plan_route(
+    prog: TracedProgram,
+    analysis: LayoutAnalysis,
+    chain: Chain,
+    index: int,
+    route: Route,
+    start: int,
+    end: int,
+    name_of,
+    order_probe=None,
+) -> RoutePlan:
+    """Decide, by graph analysis and fake probes, how route ``index`` rewrites ``prog``."""
+    gm = prog.gm
+    first, last = chain.nodes[start], chain.nodes[end]
+    region = region_of(gm, first, last)
+    rset = set(region)
+    chain_set = set(chain.nodes)
+
+    # ---- the token stream entering block `start`
+    candidates = []
+    for inp in _inputs_of(first):
+        info = analysis.token_info(inp)
+        if isinstance(info, TokenInfo) and info.has_image() and info.batched:
+            candidates.append(inp)
+    if not candidates:
+        raise StreamAnalysisError(
+            f"chain block {start} (`{chain.paths[start]}`) receives no batched tensor that carries image tokens; "
+            "treadfx found nothing to route there. Fix: check that the model's first tensor argument is the image "
+            "(or name it with stream='<argument>'), or start the route at another block."
+        )
+    prev = set(chain.nodes[:start])
+    preferred = [c for c in candidates if not prev or _direct_block_source(c, chain_set) in prev]
+    stream = (preferred or candidates)[0]
+    stream_info = analysis.token_info(stream)
+    _, n_img = image_span(stream_info.layout)
+
+    # ---- entering values and initial decisions
+    entering: dict[fx.Node, ValueDecision] = {}
+    order_in: list[fx.Node] = []
+    for node in region:
+        for inp in _inputs_of(node):
+            if inp not in rset and inp not in entering:
+                order_in.append(inp)
+                entering[inp] = _initial_decision(inp, stream, analysis, n_img, chain_set)
+    known_layouts: list[Layout] = []
+    for n in gm.graph.nodes:
+        inf = analysis.info.get(n)
+        for i in (inf if isinstance(inf, list) else [inf]):
+            if isinstance(i, TokenInfo) and i.has_image() and i.layout not in known_layouts:
+                known_layouts.append(i.layout)
+
+    per_sample_unbatched = route.selection == "per_sample"
+    batch = analysis.batch or 1
+    sizes = _all_sizes([n.meta.get("val") for n in order_in] + [n.meta.get("val") for n in region])
+    probe_k = _probe_count(n_img, sizes)
+    ev = prog.evaluator
+    walk = _Walk(prog, region, ev)
+
+    def gathered_values() -> dict[fx.Node, torch.Tensor]:
+        out = {}
+        for n, d in entering.items():
+            if d.action == "gather":
+                info = TokenInfo(d.axis, d.layout, d.batched)
+                out[n] = _shrunk(n.meta["val"], info, probe_k, per_sample_unbatched, batch, ev.mode)
+        return out
+
+    for _attempt in range(len(order_in) + 2):
+        env, failed, err = walk.run(gathered_values())
+        if failed is None:
+            break
+        # try to fix by gathering side inputs of the failing node
+        side = []
+        for inp in _inputs_of(failed):
+            d = entering.get(inp)
+            if d is None or d.action != "pass" or d.role == "text stream":
+                continue
+            cand = _side_candidate(gm, inp, n_img, known_layouts, analysis)
+            if cand is not None:
+                side.append((inp, cand))
+        fixed = False
+        if side:
+            saved = {inp: entering[inp] for inp, _ in side}
+            for inp, (axis, layout, batched) in side:
+                entering[inp] = ValueDecision(inp, "gather", "side input", "", axis, layout, batched)
+            env2, failed2, _ = walk.run(gathered_values())
+            reached = failed2 is None or region.index(failed2) > region.index(failed)
+            if reached:
+                for inp, _ in side:  # minimise: keep passing what works without gathering
+                    trial = entering[inp]
+                    entering[inp] = saved[inp]
+                    _, f3, _ = walk.run(gathered_values())
+                    if f3 is None or region.index(f3) > region.index(failed):
+                        continue
+                    entering[inp] = trial
+                for inp, _ in side:
+                    d = entering[inp]
+                    if d.action == "gather":
+                        kind = "per-token table without batch dim" if not d.batched else "per-token input"
+                        d.reason = (f"{_node_label(prog, failed)} fails with the full token count "
+                                    f"and runs with the kept ones ({kind})")
+                fixed = True
+            else:
+                entering.update(saved)
+        if not fixed:
+            shapes = ", ".join(
+                f"{name_of(i)}={list(_shape(env.get(i, entering[i].node.meta.get('val') if i in entering else i.meta.get('val'))))}"
+                for i in _inputs_of(failed)
+            )
+            raise UnroutableRegionError(
+                f"route {index} (chain blocks {start}..{end}): {_node_label(prog, failed)} cannot run on the kept "
+                f"tokens ({probe_k} of {n_img} in the probe). Inputs: {shapes}. Error: {type(err).__name__}: {err}. "
+                "Fix: end the route before this operation, or make the tensor it needs token-aligned; "
+                "treadfx never routes a region it cannot prove shape-consistent."
+            )
+    else:  # pragma: no cover - bounded loop
+        raise UnroutableRegionError(f"route {index}: could not find a consistent set of tensors to gather")
+
+    # ---- leaving values
+    leaving: list[ValueDecision] = []
+    for node in region:
+        outside = [u for u in node.users if u not in rset]
+        if not outside:
+            continue
+        orig = node.meta.get("val")
+        new = env[node]
+        if isinstance(orig, (tuple, list)):
+            for u in outside:
+                if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
+                    i = u.args[1]
+                    leaving.append(_leaving_decision(u, orig[i], new[i], analysis.token_info(node, i), stream_info,
+                                                     n_img, stream.meta["val"], name_of))
+                else:
+                    raise UnroutableRegionError(
+                        f"route {index}: {_node_label(prog, node)} returns a tuple that is used whole after the route "
+                        f"(by {_node_label(prog, u)}); treadfx can only restore tensors. Fix: end the route elsewhere."
+                    )
+        else:
+            leaving.append(_leaving_decision(node, orig, new, analysis.token_info(node), stream_info, n_img,
+                                             stream.meta["val"], name_of))
+
+    # ---- selection and order
+    unbatched = [d for d in entering.values() if d.action == "gather" and not d.batched]
+    if route.selection == "shared":
+        selection, sel_reason = "shared", "requested"
+    elif route.selection == "per_sample":
+        selection, sel_reason = "per_sample", "requested" + (
+            "; tables without batch dim are expanded per sample" if unbatched else "")
+    elif unbatched:
+        names = ", ".join(name_of(d.node) for d in unbatched)
+        selection = "shared"
+        sel_reason = (f"{names} has no batch dimension, so one subset serves the whole batch "
+                      "(override with selection='per_sample' if every block accepts batched tables)")
+    else:
+        selection, sel_reason = "per_sample", "each sample draws its own subset (official TREAD)"
+
+    if route.order != "auto":
+        order, order_reason = route.order, "requested"
+    elif order_probe is not None:
+        dependent = order_probe(chain, start, end, list(entering.values()), stream)
+        if dependent:
+            order, order_reason = "sorted", f"{dependent} is order dependent (not permutation-equivariant over tokens)"
+        else:
+            order, order_reason = "random", "routed blocks are permutation-equivariant over tokens"
+    else:
+        order, order_reason = "random", "default"
+
+    decisions = [entering[n] for n in order_in]
+    return RoutePlan(index, route, start, end, chain, region, stream, stream_info, n_img, selection, sel_reason,
+                     order, order_reason, decisions, leaving)
+
+
+def _shape(v: Any) -> tuple:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def _inputs_of(node: fx.Node) -> list[fx.Node]:
+    seen, out = set(), []
+    for n in node.all_input_nodes:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def _direct_block_source(node: fx.Node, chain_set: set[fx.Node]) -> fx.Node | None:
+    """The chain block whose output this value is (through getitem / non-block ops), if any."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in chain_set:
+            return n
+        stack.extend(n.all_input_nodes)
+    return None
+
+
+def _initial_decision(inp: fx.Node, stream: fx.Node, analysis: LayoutAnalysis, n_img: int,
+                      chain_set: set[fx.Node]) -> ValueDecision:
+    val = inp.meta.get("val")
+    info = analysis.token_info(inp)
+    if inp is stream:
+        return ValueDecision(inp, "gather", "token stream", "the image tokens this route thins out",
+                             info.axis, info.layout, True)
+    if isinstance(info, TokenInfo) and info.has_image():
+        off, n = image_span(info.layout)
+        if n == n_img:
+            from_block = _depends_on(inp, chain_set)
+            role = "skip connection" if from_block else "per-token input"
+            why = ("a block output from before the route, consumed inside it" if from_block
+                   else "batched tensor aligned with the image tokens")
+            return ValueDecision(inp, "gather", role, why, info.axis, info.layout, info.batched)
+    if isinstance(info, TokenInfo) and not info.has_image():
+        kinds = {s.kind for s in info.layout}
+        role = "text stream" if "text" in kinds else "extra tokens"
+        return ValueDecision(inp, "pass", role, "holds no image tokens, so every block sees all of it",
+                             info.axis, info.layout, info.batched)
+    if isinstance(val, torch.Tensor) and analysis.is_batched_value(inp, val):
+        return ValueDecision(inp, "pass", "conditioning", "per-sample tensor without a token axis")
+    if isinstance(val, torch.Tensor):
+        return ValueDecision(inp, "pass", "constant", "no batch dimension and usable with the kept tokens")
+    return ValueDecision(inp, "pass", "value", "not a tensor")
+
+
+def _side_candidate(gm: fx.GraphModule, inp: fx.Node, n_img: int, known: list[Layout],
+                    analysis: LayoutAnalysis) -> tuple[int, Layout, bool] | None:
+    val = inp.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.ndim == 0:
+        return None
+    batched = analysis.is_batched_value(inp, val)
+    axes = range(1, val.ndim) if batched else range(0, val.ndim)
+    for axis in axes:
+        lay = side_input_layout(gm, inp, axis, n_img, known)
+        if lay is not None:
+            return axis, lay, batched
+    return None
+
+
+def _leaving_decision(node: fx.Node, orig: Any, new: Any, info: TokenInfo | None, stream_info: TokenInfo,
+                      n_img: int, stream_val: torch.Tensor, name_of) -> ValueDecision:
+    if not isinstance(orig, torch.Tensor):
+        return ValueDecision(node, "pass", "value", "not a tensor")
+    if tuple(orig.shape) == tuple(new.shape):
+        role = "text stream" if isinstance(info, TokenInfo) and not info.has_image() else "unchanged"
+        return ValueDecision(node, "pass", role, "same shape with and without routing",
+                             info.axis if info else None, info.layout if info else None)
+    if not isinstance(info, TokenInfo) or not info.has_image():
+        raise UnroutableRegionError(
+            f"{name_of(node)} (shape {list(orig.shape)}) is produced inside the route with a different shape "
+            f"({list(new.shape)}) and used after it, but treadfx cannot tell which of its positions are image tokens. "
+            "Fix: end the route before it is produced."
+        )
+    off, n = image_span(info.layout)
+    base = stream_val
+    width_ok = (orig.ndim == base.ndim and info.axis == stream_info.axis and all(
+        a == b for i, (a, b) in enumerate(zip(orig.shape, base.shape)) if i != info.axis))
+    if not width_ok:
+        raise UnroutableRegionError(
+            f"{name_of(node)} (shape {list(orig.shape)}) carries image tokens out of the route, but its skipped tokens "
+            f"cannot be restored from the token stream at route-out (shape {list(base.shape)}): the other dimensions "
+            "differ. Fix: end the route before this tensor is produced, or after it is consumed."
+        )
+    if n != n_img:
+        raise UnroutableRegionError(
+            f"{name_of(node)} leaves the route with {n} image tokens where the stream had {n_img}. Fix: end the route "
+            "before the token count changes."
+        )
+    role = "token stream" if info.layout == stream_info.layout else "skip connection"
+    return ValueDecision(node, "scatter", role,
+                         "carries kept image tokens; skipped ones are restored from the stream at route-out",
+                         info.axis, info.layout, True)

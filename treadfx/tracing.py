@@ -1,0 +1,539 @@
+"""Shape-specialising torch.fx tracing.
+
+:func:`trace` turns ``forward(*args, **kwargs)`` of a module into a flat
+``torch.fx.GraphModule`` whose inputs are the tensor leaves of the call and
+whose outputs are the tensor leaves of the result.  Unlike
+``torch.fx.symbolic_trace`` it *specialises* on the input signature:
+
+* every proxy carries a fake-tensor value (``node.meta["val"]``), so shape
+  arithmetic (``int(x.shape[1] ** 0.5)``), shape asserts, ``if x.ndim == 3``,
+  ``len(...)`` and tuple unpacking evaluate to concrete Python values;
+* modules listed as leaves (the repeated blocks) become one ``call_module``
+  node each and keep running their own, unmodified code;
+* factory and random functions called without tensor inputs
+  (``torch.rand(B, device=...)`` for label dropout, ``torch.arange(n)``) are
+  recorded as graph nodes instead of being frozen into constants, so the
+  graph is random exactly where the forward is;
+* a branch on tensor *data* raises :class:`UntraceableForwardError` naming
+  the line of user code, never a silently specialised graph.
+
+Tracing never runs real computation and never mutates the traced module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import linecache
+import operator
+import sys
+import traceback
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
+
+from .errors import UntraceableForwardError
+from .fake_eval import FakeEvaluator
+
+__all__ = ["TracedProgram", "InputSignature", "trace", "flatten_call", "signature_of", "make_fake_mode"]
+
+try:  # private, stable since torch 2.1; only needed to evaluate leaves mid-trace
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _revert_fx_patches
+except ImportError:  # pragma: no cover - future torch
+    _revert_fx_patches = contextlib.nullcontext  # type: ignore[assignment]
+
+try:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
+except ImportError:  # pragma: no cover
+    _DATA_DEPENDENT = ()
+
+_THIS_FILE = __file__
+_TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSignature:
+    """Hashable description of one call: tree structure, tensor metadata, constants."""
+
+    spec: Any
+    leaves: tuple
+
+    def describe(self) -> str:
+        parts = []
+        for leaf in self.leaves:
+            if leaf[0] == "T":
+                parts.append(f"{str(leaf[2]).replace('torch.', '')}{list(leaf[1])}@{leaf[3]}")
+            else:
+                parts.append(repr(leaf[2]))
+        return "(" + ", ".join(parts) + ")"
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list, Any]:
+    """Flatten ``(args, kwargs)`` into pytree leaves and a spec."""
+    return pytree.tree_flatten((tuple(args), dict(kwargs)))
+
+
+def _leaf_key(leaf: Any) -> tuple:
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(leaf.shape), leaf.dtype, str(leaf.device))
+    try:
+        hash(leaf)
+        return ("C", type(leaf), leaf)
+    except TypeError:
+        return ("C", type(leaf), ("id", id(leaf)))
+
+
+def signature_of(args: tuple, kwargs: dict) -> InputSignature:
+    """The signature a traced graph is specialised on (shapes, dtypes, devices, constants)."""
+    leaves, spec = flatten_call(args, kwargs)
+    return InputSignature(spec, tuple(_leaf_key(l) for l in leaves))
+
+
+def make_fake_mode() -> FakeTensorMode:
+    """A static-shape fake mode that accepts real parameters as inputs."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+# --------------------------------------------------------------------------- program
+
+
+@dataclasses.dataclass
+class TracedProgram:
+    """A traced call: the graph module plus how to map a call onto it and back.
+
+    ``gm`` takes the tensor leaves of the call (in flattening order) and returns
+    a tuple of the tensor leaves of the result.  ``node.meta["val"]`` holds the
+    fake value of every tensor-valued node.
+    """
+
+    gm: fx.GraphModule
+    signature: InputSignature
+    input_names: list[str]  # readable name of each placeholder, e.g. "x", "kwargs.encoder_hidden_states"
+    tensor_positions: list[int]  # which call leaves are placeholders
+    out_spec: Any
+    out_template: list  # output leaves; None where a tensor comes from the graph
+    out_tensor_positions: list[int]
+    model_root: str  # attribute path of the traced model inside gm ("m")
+    batch_size: int | None = None
+    evaluator: FakeEvaluator | None = None
+    fake_inputs: list | None = None  # fake value of each placeholder
+
+    def __call__(self, *args, **kwargs):
+        leaves, _ = flatten_call(args, kwargs)
+        outs = self.gm(*[leaves[i] for i in self.tensor_positions])
+        return self.unflatten_outputs(outs)
+
+    def unflatten_outputs(self, outs: Sequence[torch.Tensor]):
+        result = list(self.out_template)
+        for pos, value in zip(self.out_tensor_positions, outs):
+            result[pos] = value
+        return pytree.tree_unflatten(result, self.out_spec)
+
+    def module_of(self, node: fx.Node) -> nn.Module:
+        """The module a ``call_module`` node calls."""
+        return self.gm.get_submodule(node.target)
+
+    def model_path(self, node: fx.Node) -> str:
+        """Path of a call_module target relative to the traced model."""
+        prefix = self.model_root + "."
+        t = str(node.target)
+        return t[len(prefix):] if t.startswith(prefix) else t
+
+
+# --------------------------------------------------------------------------- tracer
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(l, torch.Tensor) for l in pytree.tree_leaves(value))
+
+
+def _user_location() -> str:
+    """file:line and source of the innermost frame of user code (not torch, not treadfx)."""
+    pkg_dir = _THIS_FILE.rsplit("/", 1)[0]
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        fn = frame.filename
+        if fn.startswith(_TORCH_DIR) or fn.startswith(pkg_dir) or "/contextlib.py" in fn:
+            continue
+        line = (frame.line or linecache.getline(fn, frame.lineno) or "").strip()
+        return f"{fn}:{frame.lineno} in {frame.name}: `{line}`"
+    return "<unknown location>"
+
+
+class _MethodProxy:
+    """``x.method`` on a proxy; calling it records a ``call_method`` node."""
+
+    def __init__(self, owner: "ValueProxy", name: str):
+        self.owner, self.name = owner, name
+
+    def __call__(self, *args, **kwargs):
+        return self.owner.tracer.create_proxy("call_method", self.name, (self.owner,) + args, kwargs)
+
+
+class ValueProxy(fx.Proxy):
+    """A proxy that knows the (fake) value it stands for and answers Python questions with it."""
+
+    @property
+    def value(self) -> Any:
+        return self.node.meta["val"]
+
+    def __getattr__(self, k: str):
+        if k.startswith("__") and k.endswith("__"):
+            raise AttributeError(k)
+        attr = getattr(self.node.meta["val"], k)  # AttributeError propagates, so hasattr() works
+        if callable(attr) and not isinstance(attr, torch.Tensor):
+            return _MethodProxy(self, k)
+        if _has_tensor(attr):
+            return self.tracer.create_proxy("call_function", getattr, (self, k), {})
+        return attr  # shape, dtype, device, ndim, requires_grad ...: specialised
+
+    def __len__(self) -> int:
+        return len(self.node.meta["val"])
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self.node.meta["val"]))])
+
+    def __bool__(self) -> bool:
+        return self.tracer.to_bool(self)
+
+    def __int__(self) -> int:
+        return self.tracer.data_dependent(self, "int()")
+
+    def __float__(self) -> float:
+        return self.tracer.data_dependent(self, "float()")
+
+    def __index__(self) -> int:
+        return self.tracer.data_dependent(self, "use as an index")
+
+    def __setitem__(self, key, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def keys(self):
+        return self.node.meta["val"].keys()
+
+
+class _Recorder(TorchFunctionMode):
+    """Records torch calls that have no proxy inputs but produce tensors (factories, RNG)."""
+
+    def __init__(self, tracer: "SpecializingTracer"):
+        super().__init__()
+        self.tracer = tracer
+        self.paused = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        leaves = pytree.tree_leaves((args, kwargs))
+        if any(isinstance(l, fx.Proxy) for l in leaves):
+            return func(*args, **kwargs)  # Proxy.__torch_function__ records it
+        if getattr(func, "__name__", "") in _NOT_RECORDED or func in _NOT_RECORDED_FUNCS:
+            return func(*args, **kwargs)
+        try:
+            value = self.tracer.evaluate_call(func, args, kwargs)
+        except _DATA_DEPENDENT:
+            value = None
+            has_tensor = False
+        else:
+            has_tensor = _has_tensor(value)
+        if not has_tensor:
+            with self.pause():
+                return func(*args, **kwargs)
+        if is_tensor_method_or_property(func) and args and isinstance(args[0], torch.Tensor):
+            name = func.__name__
+            if name == "__get__":  # tensor-valued property of a constant tensor: x.T, x.mT ...
+                name = getattr(func, "__self__", None).__name__ if hasattr(func, "__self__") else name
+            return self.tracer.create_value_proxy("call_method", name, args, kwargs, value)
+        return self.tracer.create_value_proxy("call_function", func, args, kwargs, value)
+
+    @contextlib.contextmanager
+    def pause(self):
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+
+# Calls whose result must stay a Python/real value during tracing.
+_NOT_RECORDED = {"is_tensor", "is_floating_point", "is_complex", "numel", "dim", "size", "__len__", "__get__", "__set__"}
+_NOT_RECORDED_FUNCS: set = set()
+
+
+class SpecializingTracer(fx.Tracer):
+    """FX tracer that carries fake values beside proxies and specialises non-tensor values."""
+
+    def __init__(self, leaves: Iterable[nn.Module], fake_mode: FakeTensorMode):
+        super().__init__(param_shapes_constant=False)
+        self.leaf_ids = {id(m) for m in leaves}
+        self.fake_mode = fake_mode
+        self.recorder = _Recorder(self)
+        self.evaluator = FakeEvaluator(fake_mode)
+
+    # -- structure ---------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if id(m) in self.leaf_ids:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> ValueProxy:
+        return ValueProxy(node, self)
+
+    # -- values --------------------------------------------------------------
+    def to_fake(self, t: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.to_fake(t)
+
+    def _values(self, tree: Any) -> Any:
+        def conv(x):
+            if isinstance(x, fx.Proxy):
+                return x.node.meta["val"]
+            if isinstance(x, slice):
+                return slice(conv(x.start), conv(x.stop), conv(x.step))
+            if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+                return self.to_fake(x)
+            return x
+
+        return pytree.tree_map(conv, tree)
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        with _revert_fx_patches(), self.recorder.pause(), self.fake_mode:
+            yield
+
+    def evaluate_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        a, k = self._values((args, kwargs))
+        with self._evaluating():
+            return func(*a, **k)
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "get_attr":
+            obj: Any = self.root
+            with _revert_fx_patches():
+                for atom in str(target).split("."):
+                    obj = getattr(obj, atom)
+            return self.to_fake(obj) if isinstance(obj, torch.Tensor) else obj
+        a, k = self._values((args, kwargs))
+        with self._evaluating():
+            if kind == "call_function":
+                return target(*a, **k)
+            if kind == "call_method":
+                return getattr(a[0], target)(*a[1:], **k)
+            if kind == "call_module":
+                return self.evaluator.call_module(self.root.get_submodule(target), a, k)
+        raise AssertionError(kind)
+
+    def create_value_proxy(self, kind, target, args, kwargs, value):
+        proxy = super().create_proxy(kind, target, args, kwargs)
+        proxy.node.meta["val"] = value
+        return proxy
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind in ("placeholder", "output"):
+            return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        try:
+            value = self._evaluate(kind, target, args, kwargs)
+        except _DATA_DEPENDENT as e:
+            raise UntraceableForwardError(
+                f"the forward computes a value that depends on tensor data at {_user_location()} "
+                f"({type(e).__name__}). treadfx specialises the graph on shapes, never on data. "
+                "Fix: move this computation inside one of the repeated blocks (blocks run their own code), "
+                "or pass the value as a Python number."
+            ) from e
+        except UntraceableForwardError:
+            raise
+        except Exception as e:
+            where = f"module `{target}`" if kind == "call_module" else f"`{getattr(target, '__name__', target)}`"
+            raise UntraceableForwardError(
+                f"evaluating {where} on fake tensors failed at {_user_location()}: {type(e).__name__}: {e}. "
+                "Fix: make sure the model runs eagerly on these inputs; if it does, the operation has no fake-tensor "
+                "support: mark its module as a leaf with transform(..., leaf_modules=[...])."
+            ) from e
+        if not _has_tensor(value):
+            return value  # specialised to a Python value; no node
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.node.meta["val"] = value
+        return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.data_dependent(obj, "a Python condition (if/while/and/or/assert)")
+
+    def data_dependent(self, obj: fx.Proxy, what: str):
+        value = obj.node.meta["val"]
+        if isinstance(value, torch.Tensor):
+            raise UntraceableForwardError(
+                f"the forward uses the *data* of tensor `{obj.node.name}` (shape {list(value.shape)}) in {what} "
+                f"at {_user_location()}. treadfx specialises the graph on shapes, never on data. Fix: express it "
+                "with tensor ops (torch.where, masking), move it inside a repeated block, or pass a Python value."
+            )
+        return bool(value) if what.startswith("a Python") else value
+
+    def iter(self, obj: fx.Proxy):
+        return iter(obj)
+
+    def keys(self, obj: fx.Proxy):
+        return obj.node.meta["val"].keys()
+
+    def create_arg(self, a: Any):
+        if isinstance(a, FakeTensor):
+            raise UntraceableForwardError(
+                f"a fake tensor escaped into the graph at {_user_location()}; this is a treadfx bug, please report it"
+            )
+        return super().create_arg(a)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class _Root(nn.Module):
+    """Holds the traced model as ``m`` so that tracer constants never land on the user's module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, *args):  # pragma: no cover - replaced during tracing
+        raise NotImplementedError
+
+
+def _fake_inputs(leaves: list, fake_mode: FakeTensorMode) -> list:
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, FakeTensor) or leaf.device.type == "meta":
+                # a fake from another mode (torch.compile) or a meta tensor: rebuild from metadata
+                with fake_mode:
+                    t = torch.empty_strided(tuple(leaf.shape), tuple(leaf.stride()), dtype=leaf.dtype,
+                                            device=leaf.device if leaf.device.type != "meta" else "cpu")
+                out.append(t)
+            else:
+                out.append(fake_mode.from_tensor(leaf))
+        else:
+            out.append(leaf)
+    return out
+
+
+def _leaf_names(spec: Any, n: int) -> list[str]:
+    """Readable path of every leaf of ``(args, kwargs)``: ``args.0``, ``kwargs.encoder_hidden_states.1``."""
+    names = [f"leaf{i}" for i in range(n)]
+    try:
+        dummy = pytree.tree_unflatten(list(range(n)), spec)
+        paths, _ = pytree.tree_flatten_with_path(dummy)
+        names = []
+        for path, _leaf in paths:
+            atoms = []
+            for p in path:
+                key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
+                atoms.append(str(key))
+            atoms[0] = "args" if atoms[0] == "0" else "kwargs"
+            names.append(".".join(atoms))
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+    return names
+
+
+def trace(
+    model: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    leaves: Iterable[nn.Module],
+    arg_names: Sequence[str] | None = None,
+) -> TracedProgram:
+    """Trace ``forward(model, *args, **kwargs)`` specialised to these inputs.
+
+    Guarantees: the returned program computes what ``forward`` computes for any
+    inputs with the same signature; ``leaves`` appear as single ``call_module``
+    nodes; the model is neither run nor mutated. ``args`` may hold real, meta or
+    fake tensors (only metadata is read).
+    """
+    fake_mode = make_fake_mode()
+    call_leaves, spec = flatten_call(args, kwargs)
+    signature = InputSignature(spec, tuple(_leaf_key(l) for l in call_leaves))
+    fake_leaves = _fake_inputs(call_leaves, fake_mode)
+    tensor_positions = [i for i, l in enumerate(call_leaves) if isinstance(l, torch.Tensor)]
+    names = _leaf_names(spec, len(call_leaves))
+    if arg_names is not None:
+        names = [_readable(n, arg_names) for n in names]
+
+    tracer = SpecializingTracer(leaves, fake_mode)
+    root = _Root(model)
+    out_info: dict[str, Any] = {}
+
+    def traced(root_self, *placeholders):
+        flat = list(fake_leaves)
+        proxies = list(placeholders)
+        for pos in tensor_positions:
+            flat[pos] = proxies.pop(0)
+        call_args, call_kwargs = pytree.tree_unflatten(flat, spec)
+        result = forward(root_self.m, *call_args, **call_kwargs)
+        out_leaves, out_spec = pytree.tree_flatten(result)
+        template, tensor_outs, positions = [], [], []
+        for i, leaf in enumerate(out_leaves):
+            if isinstance(leaf, fx.Proxy):
+                template.append(None)
+                tensor_outs.append(leaf)
+                positions.append(i)
+            elif isinstance(leaf, torch.Tensor):
+                raise UntraceableForwardError(
+                    f"output leaf {i} of the forward is a tensor that does not depend on the inputs; "
+                    "treadfx cannot return it from a traced graph. Fix: return it from a buffer or parameter."
+                )
+            else:
+                template.append(leaf)
+        out_info.update(spec=out_spec, template=template, positions=positions)
+        return tuple(tensor_outs)
+
+    def create_args_for_root(root_fn, is_module, concrete_args=None):
+        placeholders = []
+        for pos in tensor_positions:
+            p = fx.Tracer.create_proxy(tracer, "placeholder", _sanitize(names[pos]), (), {})
+            p.node.meta["val"] = fake_leaves[pos]
+            p.node.meta["input_name"] = names[pos]
+            placeholders.append(p)
+        return traced, [root] + placeholders
+
+    tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
+    with tracer.recorder:
+        graph = tracer.trace(root)
+    gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{type(model).__name__}")
+    batch = None
+    if tensor_positions:
+        first = fake_leaves[tensor_positions[0]]
+        batch = int(first.shape[0]) if first.ndim > 0 else None
+    return TracedProgram(
+        gm=gm,
+        signature=signature,
+        input_names=[names[p] for p in tensor_positions],
+        tensor_positions=tensor_positions,
+        out_spec=out_info["spec"],
+        out_template=out_info["template"],
+        out_tensor_positions=out_info["positions"],
+        model_root="m",
+        batch_size=batch,
+        evaluator=tracer.evaluator,
+        fake_inputs=[fake_leaves[p] for p in tensor_positions],
+    )
+
+
+def _readable(name: str, arg_names: Sequence[str]) -> str:
+    """``args.0`` -> ``x`` using the forward's parameter names."""
+    atoms = name.split(".")
+    if atoms[0] == "args" and len(atoms) > 1 and atoms[1].isdigit() and int(atoms[1]) < len(arg_names):
+        return ".".join([arg_names[int(atoms[1])]] + atoms[2:])
+    if atoms[0] == "kwargs" and len(atoms) > 1:
+        return ".".join(atoms[1:])
+    return name
+
+
+def _sanitize(name: str) -> str:
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return out if out and not out[0].isdigit() else "in_" + out

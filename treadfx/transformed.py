@@ -1,0 +1,529 @@
+"""The transformed model: a drop-in subclass of the user's model class.
+
+``transform`` returns an object of a dynamically created subclass of the
+model's own class (``TreadDiT`` for ``DiT``), with the same submodules, the
+same parameter *objects* and the same ``state_dict`` keys, so ``isinstance``
+checks, ``model.config``, optimizers, EMA, checkpoints and FSDP wrapping keep
+working.  Its ``forward``
+
+* in eval mode (routing not forced) is the original ``forward``, so inference
+  is bit for bit the original model;
+* in train mode looks up the traced-and-routed graph for the call's input
+  signature (shapes, dtypes, devices, non-tensor arguments, training flag,
+  grad and autocast state), tracing it on first use.
+
+``torch.compile`` integration: the class defines the lazy-module protocol
+(``_initialize_hook`` / ``_infer_parameters``), which ``torch.compile`` calls
+eagerly before it traces ``forward`` (with real inputs at the top level, with
+fake ones when the model is called inside a compiled parent), so tracing never
+happens inside a compiled region and there are no graph breaks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect as _inspect
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .blocks import BlockCandidate, block_graph_hash, find_block_candidates
+from .chains import Chain, find_chains
+from .errors import (
+    AmbiguousChainError,
+    CompileTimeTraceError,
+    NoBlocksFoundError,
+    StreamAnalysisError,
+    TokenCountError,
+    TransformError,
+    UntraceableForwardError,
+)
+from .fake_eval import module_structure_key
+from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
+from .ops import RouteSelect, num_kept
+from .planning import RoutePlan, plan_route
+from .routes import Route, check_ratio, resolve_routes
+from .tracing import InputSignature, TracedProgram, signature_of, trace
+from .equivariance import make_order_probe
+
+__all__ = ["TransformConfig", "TreadState", "RoutedProgram", "TreadModule", "is_transformed", "state_of"]
+
+
+@dataclasses.dataclass
+class TransformConfig:
+    routes: tuple[Route, ...]
+    chain: str | int | None = None
+    stream: str | None = None
+    fp32_after_route: bool = False
+    leaf_modules: tuple[str, ...] = ()
+    aux_loss: bool = False
+
+
+@dataclasses.dataclass
+class RouteRecord:
+    """Kept indices of one route in the last routed forward."""
+
+    index: int
+    kept: torch.Tensor  # [B, K] per-sample, or [K] shared
+    num_tokens: int
+
+    @property
+    def shared(self) -> bool:
+        return self.kept.ndim == 1
+
+    def skipped_mask(self, batch: int | None = None) -> torch.Tensor:
+        """Bool [B, N]: True where a token was skipped by this route."""
+        kept = self.kept if not self.shared else self.kept.unsqueeze(0).expand(batch or 1, -1)
+        mask = torch.ones(kept.shape[0], self.num_tokens, dtype=torch.bool, device=kept.device)
+        return mask.scatter(1, kept, False)
+
+
+class RoutedProgram:
+    """A traced, route-rewritten graph for one input signature and mode."""
+
+    def __init__(self, traced: TracedProgram, plans: list[RoutePlan], selects: list[RouteSelect],
+                 chain: Chain, chains: list[Chain], analysis: LayoutAnalysis, trace_seconds: float,
+                 original_gm_code: str):
+        self.traced = traced
+        self.gm = traced.gm
+        self.plans = plans
+        self.selects = selects
+        self.chain = chain
+        self.chains = chains
+        self.analysis = analysis
+        self.n_outputs = len(traced.out_tensor_positions)
+        self.trace_seconds = trace_seconds
+        self.original_code = original_gm_code
+        self.shapes = tuple(
+            (tuple(t.shape), t.dtype) for t in (traced.fake_inputs or [])
+        )
+
+    def matches(self, args: tuple, kwargs: dict) -> bool:
+        from .tracing import flatten_call
+
+        leaves, _ = flatten_call(args, kwargs)
+        tensors = [leaves[i] for i in self.traced.tensor_positions if i < len(leaves)]
+        if len(tensors) != len(self.shapes):
+            return False
+        return all(isinstance(t, torch.Tensor) and tuple(t.shape) == s and t.dtype == d
+                   for t, (s, d) in zip(tensors, self.shapes))
+
+    def run(self, state: "TreadState", args: tuple, kwargs: dict):
+        from .tracing import flatten_call
+
+        leaves, _ = flatten_call(args, kwargs)
+        outs = self.gm(*[leaves[i] for i in self.traced.tensor_positions])
+        user, kept = outs[: self.n_outputs], outs[self.n_outputs:]
+        state.last_kept = list(kept)
+        state.last_program = self
+        return self.traced.unflatten_outputs(user)
+
+
+class TreadState:
+    """Per-transformed-model state, kept out of the module tree (never in state_dict)."""
+
+    def __init__(self, config: TransformConfig, original_class: type, candidates: list[BlockCandidate]):
+        self.config = config
+        self.original_class = original_class
+        self.original_forward: Callable = original_class.forward
+        self.candidates = candidates
+        self.programs: dict[Any, RoutedProgram] = {}
+        self.current: RoutedProgram | None = None
+        self.last_kept: list = []
+        self.last_program: RoutedProgram | None = None
+        self.forced = False
+        self.forced_ratio: float | None = None
+        self.fixed: list | None = None
+        self.hash_cache: dict[Any, str] = {}
+
+    def __deepcopy__(self, memo):
+        new = TreadState(self.config, self.original_class, [])
+        new.forced, new.forced_ratio = self.forced, self.forced_ratio
+        memo[id(self)] = new
+        return new
+
+    # ---------------------------------------------------------------- routing state
+    def ratio_of(self, route_index: int) -> float:
+        if self.forced and self.forced_ratio is not None:
+            return self.forced_ratio
+        return self.config.routes[route_index].ratio
+
+    def active(self, training: bool) -> bool:
+        return self.forced or (training and any(r.ratio > 0 for r in self.config.routes))
+
+    def sync_selects(self) -> None:
+        """Push ratios / forced flags / fixed indices into every built program's route ops."""
+        for prog in self.programs.values():
+            self._sync(prog)
+
+    def _sync(self, prog: RoutedProgram) -> None:
+        for plan, sel in zip(prog.plans, prog.selects):
+            sel.num_keep = num_kept(plan.num_tokens, self.ratio_of(plan.index))
+            sel.forced = self.forced
+            sel.fixed = self.fixed[plan.index] if self.fixed is not None and plan.index < len(self.fixed) else None
+
+
+def is_transformed(model: nn.Module) -> bool:
+    """True for a model returned by ``treadfx.transform``."""
+    return isinstance(model, TreadModule)
+
+
+def state_of(model: nn.Module) -> TreadState:
+    """The TreadState of a transformed model (unwrapping torch.compile / DDP / FSDP wrappers)."""
+    m = unwrap(model)
+    if not isinstance(m, TreadModule):
+        raise TransformError(
+            f"{type(model).__name__} is not a treadfx-transformed model. Fix: call treadfx.transform(model, ...) first."
+        )
+    return m.__dict__["_treadfx"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformed module inside torch.compile / DDP / FSDP / accelerate wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, TreadModule):
+            return model
+        for attr in ("_orig_mod", "module", "_fsdp_wrapped_module"):
+            inner = getattr(model, attr, None) if attr in model.__dict__ or attr in getattr(model, "_modules", {}) else None
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+    return model
+
+
+class TreadModule:
+    """Mixin placed first in the MRO of a transformed model's class."""
+
+    # lazy-module protocol: torch.compile calls _infer_parameters eagerly before tracing forward
+    _initialize_hook = None
+
+    def _infer_parameters(self, module, args, kwargs=None):
+        st: TreadState = self.__dict__["_treadfx"]
+        if st.active(self.training):
+            st.current = _program_for(self, st, tuple(args), dict(kwargs or {}))
+            st._sync(st.current)
+
+    def forward(self, *args, **kwargs):
+        st: TreadState = self.__dict__["_treadfx"]
+        if not st.active(self.training):
+            return st.original_forward(self, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            prog = st.current
+            if prog is None or not prog.matches(args, kwargs):
+                raise CompileTimeTraceError(
+                    "treadfx: torch.compile reached the transformed model with inputs it has not been prepared for. "
+                    "Fix: compile the transformed model itself (torch.compile(model)), or call "
+                    "treadfx.prepare(model, *example_inputs) before compiling a module that contains it."
+                )
+            return prog.run(st, args, kwargs)
+        prog = _program_for(self, st, args, kwargs)
+        st.current = prog
+        st._sync(prog)
+        return prog.run(st, args, kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        st: TreadState | None = self.__dict__.get("_treadfx")
+        if st is not None:  # dtypes/devices changed: traced graphs may have specialised on them
+            st.programs.clear()
+            st.current = None
+        return result
+
+    def __reduce_ex__(self, protocol):
+        st: TreadState = self.__dict__["_treadfx"]
+        plain = object.__new__(st.original_class)
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_treadfx"})
+        return (_rebuild, (plain, st.config))
+
+    def extra_repr(self) -> str:
+        st: TreadState = self.__dict__["_treadfx"]
+        base = super().extra_repr()  # type: ignore[misc]
+        routes = ", ".join(f"{r.start}..{r.end}@{r.ratio:g}" for r in st.config.routes)
+        return (base + ", " if base else "") + f"treadfx routes=[{routes}]"
+
+
+def _rebuild(plain: nn.Module, config: TransformConfig) -> nn.Module:
+    from .api import _attach
+
+    return _attach(plain, config)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def tread_subclass(cls: type) -> type:
+    """The (cached) dynamic subclass ``Tread<cls>`` with TreadModule first in the MRO."""
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Tread{cls.__name__}", (TreadModule, cls), {"__module__": cls.__module__})
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _mode_key(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> tuple:
+    sig = signature_of(args, kwargs)
+    device_type = "cpu"
+    for leaf in sig.leaves:
+        if leaf[0] == "T":
+            device_type = torch.device(leaf[3]).type
+            break
+    try:
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    except (TypeError, AttributeError, RuntimeError):  # pragma: no cover - old torch
+        autocast = (torch.is_autocast_enabled(),)
+    return (sig, model.training, torch.is_grad_enabled(), autocast)
+
+
+def _program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
+    key = _mode_key(model, st, args, kwargs)
+    prog = st.programs.get(key)
+    if prog is None:
+        prog = build_program(model, st, args, kwargs)
+        st.programs[key] = prog
+    return prog
+
+
+def _forward_arg_names(fn: Callable) -> list[str]:
+    try:
+        params = list(_inspect.signature(fn).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _block_carry_fn(prog: TracedProgram):
+    """Maps a block call's outputs to the inputs they carry (same shape; residual path when ambiguous)."""
+    cache: dict[Any, dict[int, int]] = {}
+
+    def carry(node) -> dict[int, Any]:
+        value = node.meta.get("val")
+        outs = list(value) if isinstance(value, (tuple, list)) else [value]
+        ins = []
+        for n in tensor_input_nodes(node):
+            if n not in ins:
+                ins.append(n)
+        result: dict[int, Any] = {}
+        ambiguous: list[int] = []
+        for j, o in enumerate(outs):
+            if not isinstance(o, torch.Tensor) or o.ndim < 2:
+                continue
+            matches = [i for i in ins if isinstance(i.meta.get("val"), torch.Tensor) and
+                       tuple(i.meta["val"].shape) == tuple(o.shape)]
+            if len(matches) == 1:
+                result[j] = matches[0]
+            elif len(matches) > 1:
+                ambiguous.append(j)
+        if ambiguous:
+            module = prog.gm.get_submodule(node.target)
+            key = (module_structure_key(module), tuple(
+                (tuple(i.meta["val"].shape), str(i.meta["val"].dtype)) for i in ins
+                if isinstance(i.meta.get("val"), torch.Tensor)))
+            if key not in cache:
+                cache[key] = _residual_sources(module, node)
+            flat = tensor_input_nodes(node)
+            for j in ambiguous:
+                src = cache[key].get(j)
+                if src is not None and src < len(flat):
+                    result[j] = flat[src]
+        return result
+
+    return carry
+
+
+def _residual_sources(module: nn.Module, node) -> dict[int, int]:
+    """For each output of a block: the single input reached by a same-shape (residual) path inside it."""
+    import torch.fx as fx
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    try:
+        inner = trace(module, type(module).forward, tuple(args), dict(kwargs), leaves=[])
+    except TransformError:
+        return {}
+    phs = [n for n in inner.gm.graph.nodes if n.op == "placeholder"]
+    ph_index = {p: k for k, p in enumerate(phs)}
+    output = next(n for n in inner.gm.graph.nodes if n.op == "output")
+    result = {}
+    for j, out_node in enumerate(output.args[0]):
+        if not isinstance(out_node, fx.Node):
+            continue
+        shape = tuple(out_node.meta["val"].shape)
+        reached, stack, seen = set(), [out_node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            v = n.meta.get("val")
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                continue
+            if n in ph_index:
+                reached.add(ph_index[n])
+            stack.extend(n.all_input_nodes)
+        if len(reached) == 1:
+            pos = inner.out_tensor_positions[j] if j < len(inner.out_tensor_positions) else j
+            result[pos] = next(iter(reached))
+    return result
+
+
+def _pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
+    def carries_image(c: Chain) -> bool:
+        for inp in tensor_input_nodes(c.nodes[0]):
+            info = analysis.token_info(inp)
+            if isinstance(info, TokenInfo) and info.has_image():
+                return True
+        return False
+
+    if config.chain is not None:
+        if isinstance(config.chain, int) and not isinstance(config.chain, bool):
+            if not 0 <= config.chain < len(chains):
+                raise AmbiguousChainError(
+                    f"chain={config.chain} but the model has {len(chains)} chains: "
+                    + "; ".join(f"{k}: {c.name} ({len(c)} blocks)" for k, c in enumerate(chains))
+                    + ". Fix: pass one of those indices or names."
+                )
+            return chains[config.chain]
+        for c in chains:
+            if c.name == config.chain or config.chain in c.name.split("+"):
+                return c
+        raise AmbiguousChainError(
+            f"chain={config.chain!r} names no chain; the model has: "
+            + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
+        )
+    image_chains = [c for c in chains if carries_image(c)]
+    if not image_chains:
+        raise NoBlocksFoundError(
+            "treadfx found repeated blocks ("
+            + "; ".join(f"{c.name}: {len(c)}" for c in chains)
+            + ") but none of them receives the image token stream. Fix: make sure the image (noisy latent) is the "
+            "first tensor argument of forward or name it with stream='<argument>', and that blocks take [B, N, D] tokens."
+        )
+    if len(image_chains) > 1:
+        raise AmbiguousChainError(
+            "the model has several chains of repeated blocks carrying image tokens: "
+            + "; ".join(f"{c.name!r} ({c.describe()})" for c in image_chains)
+            + ". Route indices would be ambiguous. Fix: pass chain='<name>' to transform()."
+        )
+    return image_chains[0]
+
+
+def _image_input_index(prog: TracedProgram, config: TransformConfig) -> int:
+    if config.stream is None:
+        return 0
+    names = prog.input_names
+    for k, name in enumerate(names):
+        if name == config.stream or name.split(".")[0] == config.stream:
+            return k
+    raise StreamAnalysisError(
+        f"stream={config.stream!r} names no tensor input of forward; its tensor inputs are {names}. "
+        "Fix: pass the name of the argument that carries the image (noisy latent)."
+    )
+
+
+def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
+    """Trace, analyse, plan and rewrite for this call; raises TransformError subclasses with fixes."""
+    from treadfx.passes.tread import TreadPass
+
+    t0 = time.perf_counter()
+    cfg = st.config
+    if not st.candidates:
+        st.candidates = _candidates(model, cfg)
+    leaves = [c.module for c in st.candidates]
+    prog = trace(model, st.original_forward, args, kwargs, leaves=leaves,
+                 arg_names=_forward_arg_names(st.original_forward))
+    original_code = prog.gm.code
+    for c in st.candidates:
+        if c.wl_hash is None:
+            key = module_structure_key(c.module)
+            if key not in st.hash_cache:
+                st.hash_cache[key] = block_graph_hash(c.module)
+            c.wl_hash = st.hash_cache[key]
+    chains = find_chains(prog.gm, st.candidates, prog.model_root)
+    if not chains:
+        raise NoBlocksFoundError(
+            f"{type(model).__name__}.forward never calls its repeated blocks "
+            f"({', '.join(c.path for c in st.candidates[:4])}...). Fix: check the forward, or name the blocks with "
+            "leaf_modules=[...]."
+        )
+    image_index = _image_input_index(prog, cfg)
+    analysis = LayoutAnalysis(prog.gm, image_index, [n for c in chains for n in c.nodes], _block_carry_fn(prog))
+    chain = _pick_chain(chains, analysis, cfg)
+    spans = resolve_routes(cfg.routes, len(chain))
+
+    def name_of(node) -> str:
+        if node.op == "placeholder":
+            return f"input `{node.meta.get('input_name', node.name)}`"
+        if node.op == "call_module":
+            return f"output of `{prog.model_path(node)}`"
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem":
+            src = node.args[0]
+            return f"{name_of(src)}[{node.args[1]}]" if isinstance(src, type(node)) else node.name
+        return f"`{node.name}`"
+
+    probe = make_order_probe(prog, analysis)
+    plans = []
+    for i, (route, (s, e)) in enumerate(zip(cfg.routes, spans)):
+        plan = plan_route(prog, analysis, chain, i, route, s, e, name_of, order_probe=probe)
+        keep = num_kept(plan.num_tokens, st.ratio_of(i))
+        if keep < 1 or plan.num_tokens < 1:
+            raise TokenCountError(
+                f"route {i} would keep {keep} of {plan.num_tokens} image tokens. Fix: lower the ratio or use "
+                "larger inputs; at least one token must go through the routed blocks."
+            )
+        plans.append(plan)
+    tread_pass = TreadPass(plans, fp32_after_route=cfg.fp32_after_route, forced=st.forced, training=model.training)
+    tread_pass.requires(prog.gm)
+    tread_pass.call(prog.gm)
+    tread_pass.ensures(prog.gm)
+    routed = RoutedProgram(prog, plans, tread_pass.selects, chain, chains, analysis,
+                           time.perf_counter() - t0, original_code)
+    st._sync(routed)
+    _validate(routed, st)
+    routed.trace_seconds = time.perf_counter() - t0
+    return routed
+
+
+def _validate(routed: RoutedProgram, st: TreadState) -> None:
+    """Fake-run the routed graph with routes active; output metadata must equal the original's."""
+    prog = routed.traced
+    saved = [(s.forced, s.num_keep, s.fixed) for s in routed.selects]
+    try:
+        for sel in routed.selects:
+            sel.forced, sel.fixed = True, None
+        env = prog.evaluator.propagate(prog.gm, list(prog.fake_inputs or []))
+    except Exception as e:
+        raise StreamAnalysisError(
+            f"the routed graph does not run on fake tensors with the routes active: {type(e).__name__}: {e}. "
+            "Fix: report this model to treadfx; meanwhile end the route earlier."
+        ) from e
+    finally:
+        for sel, (f, k, fx_) in zip(routed.selects, saved):
+            sel.forced, sel.num_keep, sel.fixed = f, k, fx_
+    output = next(n for n in prog.gm.graph.nodes if n.op == "output")
+    outs = env[output][: routed.n_outputs]
+    originals = [n.meta.get("val") for n in output.args[0][: routed.n_outputs]]
+    for k, (a, b) in enumerate(zip(outs, originals)):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
+            raise StreamAnalysisError(
+                f"with routing, output {k} has shape {list(a.shape)} {a.dtype} instead of {list(b.shape)} {b.dtype}. "
+                "Fix: end the route before the tensor that changes shape."
+            )
+
+
+def _candidates(model: nn.Module, cfg: TransformConfig) -> list[BlockCandidate]:
+    extra = []
+    for path in cfg.leaf_modules:
+        try:
+            extra.append(model.get_submodule(path))
+        except AttributeError as e:
+            raise NoBlocksFoundError(f"leaf_modules names {path!r}, which is not a submodule. Fix: {e}") from e
+    return find_block_candidates(model, extra)

@@ -28,6 +28,7 @@ from .errors import (
     UnroutableRegionError,
     UntraceableForwardError,
 )
+from .report import Report, inspect
 from .routes import Route
 from .transformed import RouteRecord, is_transformed
 
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
-    "original_class", "is_transformed", "Route", "RouteRecord",
+    "original_class", "is_transformed", "Route", "RouteRecord", "inspect", "Report",
     "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",
     "TokenCountError", "UntraceableForwardError", "StreamAnalysisError", "UnroutableRegionError",
     "CompileTimeTraceError",

@@ -8,7 +8,9 @@ so a depth-28 chain of identical blocks is evaluated once per token count.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -16,7 +18,21 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-__all__ = ["FakeEvaluator", "fake_like", "module_structure_key"]
+__all__ = ["FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs"]
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_logs() -> Iterator[None]:
+    """Silence torch's fake-tensor error logging while probing shapes that are expected to fail."""
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch._subclasses.fake_impls")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
 
 _SIMPLE = (int, float, bool, str, type(None))
 

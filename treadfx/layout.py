@@ -370,10 +370,7 @@ def side_input_layout(
                 return None
         for i in n.all_input_nodes:
             iv = _val(i)
-            if _is_tensor(iv):
-                # keep following the same axis when the input still has it (aligned from the left)
-                if iv.ndim == v.ndim and iv.ndim > ax and int(iv.shape[ax]) == size:
-                    frontier.append((i, ax))
-                elif iv.ndim > 0 and iv.ndim < v.ndim and ax < iv.ndim and int(iv.shape[ax]) == size:
-                    frontier.append((i, ax))
+            # keep following the axis through inputs that still have it at the same position
+            if _is_tensor(iv) and iv.ndim > ax and int(iv.shape[ax]) == size:
+                frontier.append((i, ax))
     return None

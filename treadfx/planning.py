@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 
 from .chains import Chain
 from .errors import StreamAnalysisError, UnroutableRegionError
-from .fake_eval import FakeEvaluator, fake_like
+from .fake_eval import FakeEvaluator, fake_like, quiet_fake_tensor_logs
 from .layout import Layout, LayoutAnalysis, Segment, TokenInfo, image_span, layout_str, side_input_layout
 from .ops import num_kept
 from .routes import Route
@@ -157,6 +157,10 @@ class _Walk:
         self.rset = set(region)
 
     def run(self, gathered: dict[fx.Node, torch.Tensor]) -> tuple[dict[fx.Node, Any], fx.Node | None, Exception | None]:
+        with quiet_fake_tensor_logs():
+            return self._run(gathered)
+
+    def _run(self, gathered: dict[fx.Node, torch.Tensor]) -> tuple[dict[fx.Node, Any], fx.Node | None, Exception | None]:
         env: dict[fx.Node, Any] = {}
 
         def value(n: fx.Node) -> Any:
@@ -264,26 +268,21 @@ def plan_route(
         fixed = False
         if side:
             saved = {inp: entering[inp] for inp, _ in side}
-            for inp, (axis, layout, batched) in side:
-                entering[inp] = ValueDecision(inp, "gather", "side input", "", axis, layout, batched)
-            env2, failed2, _ = walk.run(gathered_values())
-            reached = failed2 is None or region.index(failed2) > region.index(failed)
-            if reached:
-                for inp, _ in side:  # minimise: keep passing what works without gathering
-                    trial = entering[inp]
-                    entering[inp] = saved[inp]
-                    _, f3, _ = walk.run(gathered_values())
-                    if f3 is None or region.index(f3) > region.index(failed):
-                        continue
-                    entering[inp] = trial
+            pos = region.index(failed)
+            for subset in _subsets(side):
                 for inp, _ in side:
-                    d = entering[inp]
-                    if d.action == "gather":
-                        kind = "per-token table without batch dim" if not d.batched else "per-token input"
-                        d.reason = (f"{_node_label(prog, failed)} fails with the full token count "
-                                    f"and runs with the kept ones ({kind})")
-                fixed = True
-            else:
+                    entering[inp] = saved[inp]
+                for inp, (axis, layout, batched) in subset:
+                    entering[inp] = ValueDecision(inp, "gather", "side input", "", axis, layout, batched)
+                _, f2, _ = walk.run(gathered_values())
+                if f2 is None or region.index(f2) > pos:
+                    kind = {True: "per-token input", False: "per-token table without batch dim"}
+                    for inp, (_a, _l, batched) in subset:
+                        entering[inp].reason = (f"{_node_label(prog, failed)} fails with the full token count "
+                                                f"and runs with the kept ones ({kind[batched]})")
+                    fixed = True
+                    break
+            if not fixed:
                 entering.update(saved)
         if not fixed:
             shapes = ", ".join(
@@ -351,6 +350,19 @@ def plan_route(
     decisions = [entering[n] for n in order_in]
     return RoutePlan(index, route, start, end, chain, region, stream, stream_info, n_img, selection, sel_reason,
                      order, order_reason, decisions, leaving)
+
+
+def _subsets(items: list, limit: int = 64):
+    """Non-empty subsets, smallest first (so a coincidental size match is never gathered needlessly)."""
+    from itertools import combinations
+
+    count = 0
+    for r in range(1, len(items) + 1):
+        for combo in combinations(items, r):
+            yield combo
+            count += 1
+            if count >= limit:
+                return
 
 
 def _shape(v: Any) -> tuple:

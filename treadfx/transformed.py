@@ -152,7 +152,7 @@ class TreadState:
         return self.config.routes[route_index].ratio
 
     def active(self, training: bool) -> bool:
-        return self.forced or (training and any(r.ratio > 0 for r in self.config.routes))
+        return self.forced or training
 
     def sync_selects(self) -> None:
         """Push ratios / forced flags / fixed indices into every built program's route ops."""

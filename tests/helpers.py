@@ -1,0 +1,112 @@
+"""Test helpers: small random DiTs, a hand-written TREAD reference, and a graph probe.
+
+The reference follows the algorithm of ../shared/design.md §1 (the official
+CompVis/tread code) directly on the original DiT modules; it shares no code
+with treadfx.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from hypothesis import strategies as st
+
+from treadfx.models.dit import DiT
+
+
+def random_dit(depth: int, width_per_head: int, heads: int, patch: int, grid: int, channels: int = 4,
+               num_classes: int = 7, learn_sigma: bool = True, seed: int = 0) -> DiT:
+    """A DiT whose adaLN and final layers are random (not zero) so that every block matters."""
+    torch.manual_seed(seed)
+    m = DiT(input_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=width_per_head * heads,
+            depth=depth, num_heads=heads, mlp_ratio=2.0, class_dropout_prob=0.0, num_classes=num_classes,
+            learn_sigma=learn_sigma, zero_init=False)
+    for blk in m.blocks:  # adaLN-Zero would make every block the identity at init
+        torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.05)
+    return m
+
+
+def dit_inputs(m: DiT, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = m.x_embedder.img_size
+    x = torch.randn(batch, m.in_channels, size, size, generator=g)
+    t = torch.rand(batch, generator=g) * 1000
+    y = torch.randint(0, m.y_embedder.num_classes, (batch,), generator=g)
+    return x, t, y
+
+
+@st.composite
+def dit_configs(draw, max_depth: int = 6):
+    heads = draw(st.integers(1, 3))
+    return dict(
+        depth=draw(st.integers(2, max_depth)),
+        width_per_head=draw(st.sampled_from([4, 8])),
+        heads=heads,
+        patch=draw(st.sampled_from([1, 2, 4])),
+        grid=draw(st.integers(2, 5)),
+        batch=draw(st.integers(1, 3)),
+    )
+
+
+@st.composite
+def routes_for(draw, depth: int, max_routes: int = 3):
+    """1..max_routes non-overlapping increasing (start, end, ratio) routes on a chain of `depth` blocks."""
+    n = draw(st.integers(1, max(1, min(max_routes, depth))))
+    cuts = sorted(draw(st.lists(st.integers(0, depth - 1), min_size=2 * n, max_size=2 * n, unique=True)) if depth >= 2 * n
+                  else [0, depth - 1])
+    routes = []
+    for i in range(0, len(cuts) - 1, 2):
+        ratio = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]) | st.floats(0.0, 0.95))
+        routes.append((cuts[i], cuts[i + 1], ratio))
+    return routes
+
+
+def random_kept(batch: int, n: int, keep: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, n, generator=g).argsort(dim=1)[:, :keep]
+
+
+def reference_tread(model: DiT, x, t, y, routes: Sequence[tuple[int, int, float]], kept: Sequence[torch.Tensor]):
+    """Hand-written TREAD forward of the reference DiT (official algorithm), with given kept indices."""
+    h = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y, model.training)
+    saved = None
+    for i, block in enumerate(model.blocks):
+        for r, (s, _e, _ratio) in enumerate(routes):
+            if i == s and kept[r] is not None:
+                saved = h
+                idx = kept[r].unsqueeze(-1).expand(-1, -1, h.shape[-1])
+                h = torch.gather(h, 1, idx)
+        h = block(h, c)
+        for r, (_s, e, _ratio) in enumerate(routes):
+            if i == e and kept[r] is not None:
+                idx = kept[r].unsqueeze(-1).expand(-1, -1, h.shape[-1])
+                h = saved.scatter(1, idx, h)
+    h = model.final_layer(h, c)
+    return model.unpatchify(h)
+
+
+class GraphProbe(fx.Interpreter):
+    """Runs a routed graph, records every node's value, and lets a test replace node values."""
+
+    def __init__(self, gm: fx.GraphModule, overrides: dict[str, Any] | None = None):
+        super().__init__(gm)
+        self.overrides = overrides or {}
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = self.overrides[n.name](super().run_node(n)) if n.name in self.overrides else super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def route_nodes(gm: fx.GraphModule, route: int) -> dict[str, list[fx.Node]]:
+    """The select / gather / scatter nodes of one route."""
+    out: dict[str, list[fx.Node]] = {"select": [], "gather": [], "scatter": []}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target).startswith(f"treadfx_route{route}_"):
+            kind = str(n.target).split("_")[-1].rstrip("0123456789")
+            out.setdefault(kind, []).append(n)
+    return out

@@ -1,0 +1,245 @@
+"""Property-based graph tests over random DiT configurations and random routes.
+
+Each test draws a DiT (depth, width, heads, patch, grid, batch) and a set of
+valid routes, transforms it, and checks one invariant of the routed graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, strategies as st
+
+import treadfx
+from treadfx.transformed import state_of
+
+from helpers import GraphProbe, dit_configs, dit_inputs, random_dit, random_kept, reference_tread, route_nodes, routes_for
+
+
+@st.composite
+def cases(draw, max_depth: int = 6):
+    cfg = draw(dit_configs(max_depth=max_depth))
+    routes = draw(routes_for(cfg["depth"]))
+    seed = draw(st.integers(0, 2**16))
+    return cfg, routes, seed
+
+
+def build(cfg, routes, seed):
+    batch = cfg["batch"]
+    m = random_dit(**{k: v for k, v in cfg.items() if k != "batch"}, seed=seed)
+    tm = treadfx.transform(m, routes=routes)
+    args = dit_inputs(m, batch, seed=seed + 1)
+    return m, tm, args
+
+
+def routed_program(tm, args):
+    treadfx.prepare(tm, *args)
+    return state_of(tm).current
+
+
+def fixed_all(prog, batch: int, seed: int, plan):
+    """Fixed kept indices for every live route; the probed route's are returned too."""
+    kept = []
+    for p in prog.plans:
+        kept.append(random_kept(batch, p.num_tokens, p.num_keep, seed + p.index) if p.num_keep < p.num_tokens else None)
+    return kept, kept[plan.index]
+
+
+def active_route(prog, draw_index: int):
+    """A route of the program that actually drops tokens, or None."""
+    live = [p for p in prog.plans if p.num_keep < p.num_tokens]
+    return live[draw_index % len(live)] if live else None
+
+
+@given(cases())
+def test_output_shape_preserved(case):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    out = tm(*args)
+    m.eval()
+    assert out.shape == m(*args).shape
+
+
+@given(cases())
+def test_eval_equals_original_exactly(case):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    tm(*args)  # trace and route once in training
+    tm.eval()
+    m.eval()
+    assert torch.equal(tm(*args), m(*args))
+
+
+@given(cases())
+def test_ratio_zero_is_identity(case):
+    cfg, routes, seed = case
+    routes = [(s, e, 0.0) for s, e, _ in routes]
+    m, tm, args = build(cfg, routes, seed)
+    assert torch.equal(tm(*args), m(*args))  # both in training mode, no dropout in the model
+    assert all(r.kept is None for r in treadfx.last_routes(tm)) or treadfx.last_routes(tm) == []
+
+
+@given(cases(), st.integers(0, 10))
+def test_matches_hand_written_tread_exactly(case, pick):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    kept = []
+    for plan in prog.plans:
+        keep = plan.num_keep
+        kept.append(random_kept(cfg["batch"], plan.num_tokens, keep, seed + plan.index) if keep < plan.num_tokens
+                    else None)
+    with treadfx.fixed_routes(tm, kept):
+        out = tm(*args)
+    ref = reference_tread(m, *args, routes, kept)
+    assert torch.equal(out, ref)
+    params_t = [p for p in tm.parameters() if p.requires_grad]
+    params_m = [p for p in m.parameters() if p.requires_grad]
+    w = torch.randn_like(out)
+    g_t = torch.autograd.grad((out * w).sum(), params_t, allow_unused=True)
+    g_m = torch.autograd.grad((ref * w).sum(), params_m, allow_unused=True)
+    for a, b in zip(g_t, g_m):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@given(cases(), st.integers(0, 10))
+def test_skipped_tokens_leave_bit_identical(case, pick):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    plan = active_route(prog, pick)
+    if plan is None:
+        return
+    nodes = route_nodes(prog.gm, plan.index)
+    probe = GraphProbe(prog.gm)
+    probe.run(*args)
+    kept = probe.values[nodes["select"][0].name]
+    stream = probe.values[nodes["select"][0].args[0].name]
+    restored = probe.values[nodes["scatter"][0].name]
+    skipped = torch.ones(stream.shape[:2], dtype=torch.bool).scatter(1, kept, False)
+    assert torch.equal(restored[skipped], stream[skipped])
+
+
+@given(cases(), st.integers(0, 10))
+def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, pick):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    plan = active_route(prog, pick)
+    if plan is None:
+        return
+    nodes = route_nodes(prog.gm, plan.index)
+    probe = GraphProbe(prog.gm)
+    probe.run(*args)
+    kept = probe.values[nodes["select"][0].name]
+    stream = probe.values[nodes["select"][0].args[0].name]
+    restored = probe.values[nodes["scatter"][0].name]
+    _, t, y = args
+    c = m.t_embedder(t) + m.y_embedder(y, True)
+    h = torch.gather(stream, 1, kept.unsqueeze(-1).expand(-1, -1, stream.shape[-1]))
+    for i in range(plan.start, plan.end + 1):
+        h = m.blocks[i](h, c)
+    assert torch.equal(torch.gather(restored, 1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), h)
+
+
+@given(cases(), st.integers(0, 10))
+def test_kept_tokens_do_not_depend_on_skipped_tokens(case, pick):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    plan = active_route(prog, pick)
+    if plan is None:
+        return
+    nodes = route_nodes(prog.gm, plan.index)
+    select = nodes["select"][0]
+    all_kept, fixed = fixed_all(prog, cfg["batch"], seed, plan)
+    with treadfx.fixed_routes(tm, all_kept):
+        base = GraphProbe(prog.gm)
+        base.run(*args)
+        skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
+
+        def perturb(v):
+            v = v.clone()
+            v[skipped] = v[skipped] * 3.0 + 1.0
+            return v
+
+        other = GraphProbe(prog.gm, {select.args[0].name: perturb})
+        other.run(*args)
+    scat = nodes["scatter"][0].name
+    a, b = base.values[scat], other.values[scat]
+    assert torch.equal(a[~skipped], b[~skipped])
+    assert torch.equal(b[skipped], other.values[select.args[0].name][skipped])
+
+
+@given(cases(), st.integers(0, 10))
+def test_skipped_tokens_get_no_gradient_through_routed_blocks(case, pick):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    plan = active_route(prog, pick)
+    if plan is None:
+        return
+    nodes = route_nodes(prog.gm, plan.index)
+    select = nodes["select"][0]
+    all_kept, fixed = fixed_all(prog, cfg["batch"], seed, plan)
+    leaf = {}
+
+    def make_leaf(v):
+        leaf["x"] = v.detach().requires_grad_(True)
+        return leaf["x"]
+
+    with treadfx.fixed_routes(tm, all_kept):
+        probe = GraphProbe(prog.gm, {select.args[0].name: make_leaf})
+        probe.run(*args)
+    restored = probe.values[nodes["scatter"][0].name]
+    skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
+    w = torch.randn_like(restored)
+    (g_kept,) = torch.autograd.grad((restored * w * (~skipped).unsqueeze(-1)).sum(), leaf["x"], retain_graph=True)
+    assert torch.count_nonzero(g_kept[skipped]) == 0  # nothing flows from kept outputs to skipped inputs
+    (g_skip,) = torch.autograd.grad((restored * w * skipped.unsqueeze(-1)).sum(), leaf["x"])
+    assert torch.equal(g_skip[skipped], w[skipped])  # skipped tokens: identity path only
+    assert torch.count_nonzero(g_skip[~skipped]) == 0
+
+
+@given(cases())
+def test_routed_graph_lints_and_every_route_op_reads_its_indices(case):
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    prog.gm.graph.lint()
+    for plan in prog.plans:
+        nodes = route_nodes(prog.gm, plan.index)
+        assert len(nodes["select"]) == 1
+        for n in nodes["gather"] + nodes["scatter"]:
+            assert n.args[-1] is nodes["select"][0]
+        # the gather precedes block `start` and the scatter follows block `end`
+        order = {n: i for i, n in enumerate(prog.gm.graph.nodes)}
+        assert order[nodes["gather"][0]] < order[plan.chain.nodes[plan.start]]
+        assert order[nodes["scatter"][0]] > order[plan.chain.nodes[plan.end]]
+
+
+@given(cases(max_depth=4))
+def test_flops_drop_by_the_predicted_amount(case):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    report = treadfx.inspect(tm, *args)
+    assert report.routed_flops == report.predicted_routed_flops
+    # independent expectation: real tensors, the original blocks at N and at K tokens
+    x, t, y = args
+    c = (m.t_embedder(t) + m.y_embedder(y, True)).detach()
+
+    def block_flops(i, tokens):
+        h0 = torch.randn(cfg["batch"], tokens, m.pos_embed.shape[-1], requires_grad=True)
+        c0 = c.clone().requires_grad_(True)
+        h, cc = h0 * 1, c0 * 1  # non-leaf inputs, as inside the model
+        with FlopCounterMode(display=False) as fc:
+            out = m.blocks[i](h, cc)
+            torch.autograd.grad(out.sum(), [h, cc] + [p for p in m.blocks[i].parameters()])
+        return fc.get_total_flops()
+
+    saving = 0
+    for r in report.routes:
+        for i in range(r.start, r.end + 1):
+            saving += block_flops(i, r.num_tokens) - block_flops(i, r.num_keep)
+    assert report.dense_flops - report.routed_flops == saving

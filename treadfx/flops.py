@@ -1,0 +1,49 @@
+"""Counting forward+backward FLOPs on fake tensors (no computation, any model size, any device).
+
+Counts come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+convolutions, attention), so gathers, scatters and elementwise ops count zero
+in routed and dense runs alike.  The backward pass is taken with
+``torch.autograd.grad`` so no ``.grad`` of a real parameter is ever written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from .fake_eval import FakeEvaluator
+
+__all__ = ["fwd_bwd_flops"]
+
+
+def fwd_bwd_flops(evaluator: FakeEvaluator, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                  params: list[torch.Tensor], backward: bool = True) -> int:
+    """FLOPs of ``fn(*args, **kwargs)`` plus, if ``backward``, the gradient of its float outputs'
+    sum with respect to the float inputs that require grad and ``params``."""
+    a, k = evaluator.fakeify((args, kwargs))
+    real_params = [p for p in params if p.requires_grad]  # autograd leaves stay the real parameters
+    counter = FlopCounterMode(display=False)
+    with evaluator.mode:
+        # FlopCounterMode's module tracker cannot hook leaf tensors under autograd.grad: use views
+        # (and detach: fake values from a trace carry the history of the whole model before them)
+        a, k = pytree.tree_map(
+            lambda x: x.detach().requires_grad_(True).view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad
+            else x, (a, k))
+    with evaluator.mode, counter:
+        out = fn(*a, **k)
+        if backward:
+            outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = [x for x in pytree.tree_leaves((a, k)) if isinstance(x, torch.Tensor) and x.requires_grad]
+            wrt += real_params
+            if outs and wrt:
+                total = sum(o.float().sum() for o in outs)
+                torch.autograd.grad(total, wrt, allow_unused=True)
+    return int(counter.get_total_flops())
+
+
+def module_params(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]

@@ -1,0 +1,260 @@
+"""``treadfx.inspect``: what the pass saw and decided, and what it saves.
+
+The report lists the chains of repeated blocks (with indices, module paths and
+block kinds), the token stream and its layout, and for every route exactly
+which tensors are gathered, scattered or passed through and why.  It counts
+forward+backward FLOPs of the dense model and of the routed graph on fake
+tensors, predicts the routed count from per-node counts at N and K tokens, and
+derives the ideal speedup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .fake_eval import _meta_key, module_structure_key
+from .flops import fwd_bwd_flops, module_params
+from .layout import layout_str
+from .transformed import RoutedProgram, TreadState, _program_for, is_transformed, state_of, unwrap
+
+__all__ = ["Report", "RouteReport", "inspect"]
+
+
+@dataclasses.dataclass
+class TensorDecision:
+    action: str
+    name: str
+    role: str
+    layout: str | None
+    axis: int | None
+    reason: str
+
+
+@dataclasses.dataclass
+class RouteReport:
+    index: int
+    start: int
+    end: int
+    start_module: str
+    end_module: str
+    ratio: float
+    num_tokens: int
+    num_keep: int
+    selection: str
+    selection_reason: str
+    order: str
+    order_reason: str
+    stream_layout: str
+    tensors: list[TensorDecision]
+
+
+@dataclasses.dataclass
+class ChainReport:
+    index: int
+    name: str
+    length: int
+    selected: bool
+    blocks: list[dict]  # {"index", "path", "class", "kind"}
+
+
+@dataclasses.dataclass
+class Report:
+    """What ``treadfx.inspect`` found; ``str(report)`` prints it, ``report.to_dict()`` serialises it."""
+
+    model: str
+    inputs: list[str]
+    chains: list[ChainReport]
+    stream_input: str
+    stream_shape: list[int]
+    stream_layout: str
+    routes: list[RouteReport]
+    dense_flops: int
+    routed_flops: int
+    predicted_routed_flops: int
+    trace_seconds: float
+    graph_code: str = dataclasses.field(repr=False, default="")
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.dense_flops / self.routed_flops if self.routed_flops else float("inf")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("graph_code", None)
+        d["ideal_speedup"] = self.ideal_speedup
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        lines = [f"treadfx report for {self.model}", f"  inputs: {', '.join(self.inputs)}"]
+        for c in self.chains:
+            mark = "*" if c.selected else " "
+            lines.append(f" {mark}chain {c.index} `{c.name}`: {c.length} blocks")
+            runs: list[list[dict]] = []
+            for b in c.blocks:
+                if runs and runs[-1][-1]["kind"] == b["kind"] and runs[-1][-1]["class"] == b["class"]:
+                    runs[-1].append(b)
+                else:
+                    runs.append([b])
+            for run in runs:
+                a, z = run[0], run[-1]
+                lines.append(f"      [{a['index']:>3}..{z['index']:<3}] {a['path']} .. {z['path']}  "
+                             f"{a['class']} (WL {a['kind'][:8]}) x{len(run)}")
+        lines.append(f"  token stream: input `{self.stream_input}` -> {self.stream_shape} layout {self.stream_layout}")
+        for r in self.routes:
+            lines.append(
+                f"  route {r.index}: blocks {r.start}..{r.end} ({r.start_module} .. {r.end_module}), ratio {r.ratio:g}: "
+                f"keep {r.num_keep} of {r.num_tokens} image tokens"
+            )
+            lines.append(f"    selection: {r.selection} ({r.selection_reason})")
+            lines.append(f"    order:     {r.order} ({r.order_reason})")
+            for t in r.tensors:
+                lay = f" {t.layout} axis {t.axis}" if t.layout else ""
+                lines.append(f"    {t.action:<7} {t.name}: {t.role}{lay} -- {t.reason}")
+        lines.append(
+            f"  FLOPs fwd+bwd: dense {self.dense_flops / 1e9:.3f} G, routed {self.routed_flops / 1e9:.3f} G "
+            f"(predicted {self.predicted_routed_flops / 1e9:.3f} G) -> ideal speedup {self.ideal_speedup:.3f}x"
+        )
+        lines.append(f"  trace + analysis + rewrite: {self.trace_seconds:.2f} s")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module):
+    flags = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _name(prog: RoutedProgram, node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"input `{node.meta.get('input_name', node.name)}`"
+    if node.op == "call_module":
+        return f"output of `{prog.traced.model_path(node)}`"
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem" and isinstance(node.args[0], fx.Node):
+        return f"{_name(prog, node.args[0])}[{node.args[1]}]"
+    return f"`{node.name}` ({getattr(node.target, '__name__', node.target)})"
+
+
+def _dense_value(n: fx.Node) -> Any:
+    """The value a node has without routing (route ops are looked through to their input)."""
+    while "treadfx" in n.meta and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n.meta.get("val")
+
+
+def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
+    """Σ over region nodes of (FLOPs at N tokens - FLOPs at K tokens), each counted on its own."""
+    traced = prog.traced
+    ev = traced.evaluator
+    saved = [(s.forced, s.fixed) for s in prog.selects]
+    try:
+        for s in prog.selects:
+            s.forced, s.fixed = True, None
+        env = ev.propagate(traced.gm, list(traced.fake_inputs or []))
+    finally:
+        for s, (f, x) in zip(prog.selects, saved):
+            s.forced, s.fixed = f, x
+    total = 0
+    cache: dict[Any, int] = {}
+    for plan in prog.plans:
+        for node in plan.region:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            dense_args = fx.node.map_arg((node.args, node.kwargs), _dense_value)
+            routed_args = fx.node.map_arg((node.args, node.kwargs), lambda n: env.get(n, n.meta.get("val")))
+            if node.op == "call_module":
+                mod = traced.gm.get_submodule(node.target)
+                fn, params = mod, module_params(mod)
+            elif node.op == "call_function":
+                fn, params = node.target, []
+            else:
+                name = node.target
+                fn, params = (lambda *a, _n=name, **k: getattr(a[0], _n)(*a[1:], **k)), []
+            struct = module_structure_key(fn) if isinstance(fn, nn.Module) else (node.op, node.target)
+            for sign, (a, k) in ((1, dense_args), (-1, routed_args)):
+                key = (struct, _meta_key((tuple(a), dict(k))))
+                if key not in cache:
+                    cache[key] = fwd_bwd_flops(ev, fn, tuple(a), dict(k), params)
+                total += sign * cache[key]
+    return total
+
+
+def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
+    """Analyse ``model`` on these example inputs and return (printable) :class:`Report`.
+
+    ``model`` may be a transformed model (its routes are reported) or a plain
+    one (analysed with the paper default route, blocks 2..depth-4, ratio 0.5).
+    The model's mode, parameters and gradients are left as they were.
+    """
+    from .api import transform
+
+    m = unwrap(model)
+    if not is_transformed(m):
+        m = transform(m)
+    st = state_of(m)
+    with _train_mode(m):
+        prog = _program_for(m, st, tuple(args), dict(kwargs))
+        traced = prog.traced
+        ev = traced.evaluator
+        dense = fwd_bwd_flops(ev, lambda *a, **k: st.original_forward(m, *a, **k), tuple(args), dict(kwargs),
+                              module_params(m))
+        saved = [(s.forced, s.fixed) for s in prog.selects]
+        try:
+            for s in prog.selects:
+                s.forced, s.fixed = True, None
+            routed = fwd_bwd_flops(ev, traced.gm, tuple(traced.fake_inputs or []), {}, module_params(m))
+        finally:
+            for s, (f, x) in zip(prog.selects, saved):
+                s.forced, s.fixed = f, x
+        predicted = dense - _predicted_savings(prog, st)
+
+    chains = []
+    for ci, c in enumerate(prog.chains):
+        blocks = [{"index": i, "path": p, "class": cls, "kind": h or ""}
+                  for i, (p, cls, h) in enumerate(zip(c.paths, c.classes, c.hashes))]
+        chains.append(ChainReport(ci, c.name, len(c), c is prog.chain, blocks))
+    routes = []
+    for plan in prog.plans:
+        tensors = []
+        for d in plan.entering + plan.leaving:
+            tensors.append(TensorDecision(d.action, _name(prog, d.node), d.role,
+                                          layout_str(d.layout) if d.layout else None, d.axis, d.reason))
+        for seg in plan.extra_tokens:
+            tensors.append(TensorDecision("keep", f"{seg.length} {seg.kind} token(s) of the stream", "extra tokens",
+                                          None, None, "never routed: only image tokens are selected"))
+        routes.append(RouteReport(
+            plan.index, plan.start, plan.end, plan.chain.paths[plan.start], plan.chain.paths[plan.end],
+            st.ratio_of(plan.index), plan.num_tokens, plan.num_keep, plan.selection, plan.selection_reason,
+            plan.order, plan.order_reason, layout_str(plan.stream_info.layout), tensors,
+        ))
+    first = prog.plans[0] if prog.plans else None
+    stream_val = first.stream.meta.get("val") if first else None
+    image_ph = prog.analysis.image_ph
+    return Report(
+        model=type(m).__name__.removeprefix("Tread"),
+        inputs=[f"{n}{list(v.shape)}" for n, v in zip(traced.input_names, traced.fake_inputs or [])],
+        chains=chains,
+        stream_input=image_ph.meta.get("input_name", image_ph.name),
+        stream_shape=list(stream_val.shape) if isinstance(stream_val, torch.Tensor) else [],
+        stream_layout=layout_str(first.stream_info.layout) if first else "",
+        routes=routes,
+        dense_flops=dense,
+        routed_flops=routed,
+        predicted_routed_flops=predicted,
+        trace_seconds=prog.trace_seconds,
+        graph_code=traced.gm.code,
+    )

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 __all__ = ["FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs"]
 
@@ -35,6 +35,13 @@ def quiet_fake_tensor_logs() -> Iterator[None]:
             lg.setLevel(lv)
 
 _SIMPLE = (int, float, bool, str, type(None))
+
+try:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    _DATA_DEPENDENT: tuple = (DataDependentOutputException, DynamicOutputShapeException)
+except ImportError:  # pragma: no cover
+    _DATA_DEPENDENT = ()
 
 
 def module_structure_key(m: nn.Module) -> tuple:
@@ -116,10 +123,42 @@ class FakeEvaluator:
         if hit is not None:
             return self._renew(hit)
         a, k = self.fakeify((args, kwargs))
-        with self.mode:
-            out = module(*a, **k)
+        try:
+            with self.mode:
+                # .forward, not __call__: the module's own hooks (FSDP, logging) and a regional
+                # compile wrapper belong to real calls, not to shape inference
+                out = module.forward(*a, **k)
+        except _DATA_DEPENDENT:
+            out = self._real_fallback(module, a, k)
         self._memo[key] = out
         return out
+
+    def _real_fallback(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Output metadata of a module whose forward branches on data: run it once on random real inputs."""
+
+        def real(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if x.is_floating_point():
+                return torch.randn(tuple(x.shape), dtype=x.dtype, device=x.device)
+            if x.dtype == torch.bool:
+                return torch.ones(tuple(x.shape), dtype=x.dtype, device=x.device)
+            return torch.zeros(tuple(x.shape), dtype=x.dtype, device=x.device)
+
+        grad = any(p.requires_grad for p in module.parameters()) or any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves((args, kwargs)))
+        with unset_fake_temporarily(), torch.no_grad():
+            out = module.forward(*pytree.tree_map(real, args), **pytree.tree_map(real, kwargs))
+
+        def fake(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            f = fake_like(x, self.mode)
+            if grad and f.is_floating_point():
+                f.requires_grad_(True)
+            return f
+
+        return pytree.tree_map(fake, out)
 
     def call(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         a, k = self.fakeify((args, kwargs))

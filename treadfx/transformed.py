@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .blocks import BlockCandidate, block_graph_hash, find_block_candidates
 from .chains import Chain, find_chains
@@ -163,7 +164,29 @@ class TreadState:
         for plan, sel in zip(prog.plans, prog.selects):
             sel.num_keep = num_kept(plan.num_tokens, self.ratio_of(plan.index))
             sel.forced = self.forced
-            sel.fixed = self.fixed[plan.index] if self.fixed is not None and plan.index < len(self.fixed) else None
+            fixed = self.fixed[plan.index] if self.fixed is not None and plan.index < len(self.fixed) else None
+            if fixed is not None:
+                _check_fixed(fixed, plan)
+            sel.fixed = fixed
+
+
+def _check_fixed(kept: torch.Tensor, plan: RoutePlan) -> None:
+    per_sample = plan.selection == "per_sample"
+    n = plan.num_tokens
+    ok = isinstance(kept, torch.Tensor) and not kept.is_floating_point() and kept.ndim == (2 if per_sample else 1)
+    if ok:
+        k = kept.shape[-1]
+        ok = 1 <= k <= n and (kept.numel() == 0 or (int(kept.min()) >= 0 and int(kept.max()) < n))
+    if not ok:
+        shape = list(kept.shape) if isinstance(kept, torch.Tensor) else type(kept).__name__
+        form = "[B, K] (per-sample selection)" if per_sample else "[K] (shared selection: one subset for the batch)"
+        raise TokenCountError(
+            f"fixed kept indices for route {plan.index} have shape {shape}: a route must keep between 1 and {n} of "
+            f"the {n} image tokens, as {form}. Fix: pass K >= 1 indices per sample."
+            if per_sample else
+            f"fixed kept indices for route {plan.index} have shape {shape}: a route must keep between 1 and {n} of "
+            f"the {n} image tokens, as {form}. Fix: pass K >= 1 integer indices below {n}."
+        )
 
 
 def is_transformed(model: nn.Module) -> bool:
@@ -198,11 +221,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class TreadModule:
-    """Mixin placed first in the MRO of a transformed model's class."""
+class TreadModule(LazyModuleMixin):
+    """Mixin placed first in the MRO of a transformed model's class.
 
-    # lazy-module protocol: torch.compile calls _infer_parameters eagerly before tracing forward
+    It speaks torch's lazy-module protocol (``LazyModuleMixin``): dynamo calls
+    ``_infer_parameters`` eagerly, outside the compiled region, before it
+    traces a call of this module, both for ``torch.compile(model)`` (real
+    inputs) and when the model is called inside another compiled module
+    (fake inputs).  That is where treadfx traces a new input signature.  The
+    model never has uninitialized parameters and saves its state like a plain
+    ``nn.Module``.
+    """
+
+    cls_to_become = None
     _initialize_hook = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)  # not LazyModuleMixin's variant
+
+    def initialize_parameters(self, *args, **kwargs) -> None:  # nothing is lazy
+        return None
 
     def _infer_parameters(self, module, args, kwargs=None):
         st: TreadState = self.__dict__["_treadfx"]
@@ -227,6 +265,17 @@ class TreadModule:
         st.current = prog
         st._sync(prog)
         return prog.run(st, args, kwargs)
+
+    def compile(self, *args, **kwargs) -> None:
+        """In-place ``torch.compile`` (like ``nn.Module.compile``) that prepares each new signature eagerly first."""
+        compiled = torch.compile(self._call_impl, *args, **kwargs)
+
+        def call(*a, **k):
+            if not torch.compiler.is_compiling():
+                self._infer_parameters(self, a, k)
+            return compiled(*a, **k)
+
+        self._compiled_call_impl = call
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
@@ -436,8 +485,8 @@ def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -
     t0 = time.perf_counter()
     cfg = st.config
     if not st.candidates:
-        st.candidates = _candidates(model, cfg)
-    leaves = [c.module for c in st.candidates]
+        st.candidates = find_block_candidates(model)
+    leaves = [c.module for c in st.candidates] + [model.get_submodule(p) for p in cfg.leaf_modules]
     prog = trace(model, st.original_forward, args, kwargs, leaves=leaves,
                  arg_names=_forward_arg_names(st.original_forward))
     original_code = prog.gm.code
@@ -517,13 +566,3 @@ def _validate(routed: RoutedProgram, st: TreadState) -> None:
                 f"with routing, output {k} has shape {list(a.shape)} {a.dtype} instead of {list(b.shape)} {b.dtype}. "
                 "Fix: end the route before the tensor that changes shape."
             )
-
-
-def _candidates(model: nn.Module, cfg: TransformConfig) -> list[BlockCandidate]:
-    extra = []
-    for path in cfg.leaf_modules:
-        try:
-            extra.append(model.get_submodule(path))
-        except AttributeError as e:
-            raise NoBlocksFoundError(f"leaf_modules names {path!r}, which is not a submodule. Fix: {e}") from e
-    return find_block_candidates(model, extra)

@@ -1,0 +1,140 @@
+"""torch.compile: no graph breaks, one graph per mode and per distinct kept-token count, every compile path.
+
+Graph breaks and recompiles are decided by dynamo before any backend runs, so
+the dynamo "eager" backend measures them exactly and fast on CPU; one test
+uses "aot_eager" to also trace the backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import treadfx
+from treadfx.models.dit import DiT
+
+
+def small_dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=5, num_heads=2, num_classes=10,
+               class_dropout_prob=0.1, zero_init=False)
+
+
+def inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_fullgraph_no_breaks_and_no_recompiles_across_train_eval_train():
+    tm = treadfx.transform(small_dit(), start=1, end=3)
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    x, t, y = inputs()
+    for mode in ["train", "eval", "train", "eval", "train", "train"]:
+        getattr(tm, mode)()
+        out = cm(x, t, y)
+        if mode == "train":
+            out.square().mean().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert dict(counters["recompiles"]) == {}
+    assert graphs() == 2  # one graph for training (routed), one for eval (the original forward)
+
+
+def test_aot_eager_backward_matches_eager_with_fixed_routes():
+    m = small_dit()
+    m.y_embedder.dropout_prob = 0.0
+    tm = treadfx.transform(m, start=1, end=3)
+    x, t, y = inputs()
+    kept = [torch.rand(3, 16).argsort(1)[:, :8]]
+    with treadfx.fixed_routes(tm, kept):
+        eager = tm(x, t, y)
+        g_eager = torch.autograd.grad(eager.square().mean(), list(tm.blocks[2].parameters()))
+        cm = torch.compile(tm, fullgraph=True, backend="aot_eager")
+        comp = cm(x, t, y)
+        g_comp = torch.autograd.grad(comp.square().mean(), list(tm.blocks[2].parameters()))
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_one_graph_per_distinct_kept_count_not_per_ratio():
+    tm = treadfx.transform(small_dit(), start=1, end=3, ratio=0.5)
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    x, t, y = inputs()
+    cm(x, t, y)  # N = 16 tokens, K = 8
+    base = graphs()
+    for ratio, new in [(0.45, True), (0.5, False), (0.46, False), (0.25, True), (0.26, False)]:
+        # 0.45 -> K=16-7=9, 0.46 -> K=9, 0.25 -> K=12, 0.26 -> K=12
+        before = graphs()
+        treadfx.set_ratio(tm, ratio)
+        cm(x, t, y)
+        assert (graphs() > before) == new, ratio
+    assert graphs() == base + 2
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_force_routing_compiles_once_per_guidance_rate():
+    tm = treadfx.transform(small_dit(), start=1, end=3).eval()
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    x, t, y = inputs()
+    cm(x, t, y)
+    n0 = graphs()
+    for _ in range(3):
+        with treadfx.force_routing(tm, ratio=0.25):
+            out = cm(x, t, y)
+        assert out.shape == (3, 8, 8, 8)
+    assert graphs() == n0 + 1
+    cm(x, t, y)  # back to plain eval: no new graph
+    assert graphs() == n0 + 1
+    assert len(treadfx.last_routes(tm)[0].kept[0]) == 12
+
+
+def test_compiled_inside_a_parent_module_without_prepare():
+    tm = treadfx.transform(small_dit(), start=1, end=3)
+
+    class Loss(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, y):
+            return self.net(x, t, y).square().mean()
+
+    loss = torch.compile(Loss(tm), fullgraph=True, backend="eager")(*inputs())
+    loss.backward()
+    assert dict(counters["graph_break"]) == {}
+    assert treadfx.last_routes(tm)[0].kept.shape == (3, 8)
+    assert all(p.grad is not None for p in tm.blocks[2].parameters())
+
+
+def test_in_place_module_compile():
+    tm = treadfx.transform(small_dit(), start=1, end=3)
+    tm.compile(fullgraph=True, backend="eager")
+    out = tm(*inputs())
+    assert out.shape == (3, 8, 8, 8)
+    assert treadfx.last_routes(tm)[0].kept.shape == (3, 8)
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_new_input_signature_compiles_a_new_graph_without_breaks():
+    tm = treadfx.transform(small_dit(), start=1, end=3)
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    cm(*inputs(3))
+    cm(*inputs(5))
+    assert treadfx.last_routes(tm)[0].kept.shape == (5, 8)
+    assert dict(counters["graph_break"]) == {}

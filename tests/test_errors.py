@@ -1,0 +1,238 @@
+"""Every bad input raises a TransformError subclass naming the problem and the fix, and corrupts nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import treadfx
+from treadfx.models.dit import DiT
+
+
+def small_dit(depth: int = 6) -> DiT:
+    torch.manual_seed(0)
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_classes=10,
+               class_dropout_prob=0.0, zero_init=False)
+
+
+def inputs(batch: int = 2):
+    return torch.randn(batch, 4, 8, 8), torch.rand(batch), torch.randint(0, 10, (batch,))
+
+
+def test_every_error_is_a_transform_error():
+    for cls in (treadfx.InvalidRatioError, treadfx.InvalidRouteError, treadfx.NoBlocksFoundError,
+                treadfx.AmbiguousChainError, treadfx.TokenCountError, treadfx.UntraceableForwardError,
+                treadfx.StreamAnalysisError, treadfx.UnroutableRegionError, treadfx.CompileTimeTraceError):
+        assert issubclass(cls, treadfx.TransformError)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, float("nan")])
+def test_ratio_outside_unit_interval(ratio):
+    with pytest.raises(treadfx.InvalidRatioError, match=re.escape(
+            f"ratio={ratio!r} is outside [0, 1): it is the fraction of tokens skipped, and at least one token must "
+            "stay. Fix: use a value such as 0.5 (the paper default); 0 disables routing.")):
+        treadfx.transform(small_dit(), start=1, end=2, ratio=ratio)
+
+
+def test_ratio_not_a_number():
+    with pytest.raises(treadfx.InvalidRatioError, match=re.escape(
+            "ratio must be a number in [0, 1), got '0.5' (str). Fix: pass the fraction of tokens to skip, "
+            "e.g. ratio=0.5.")):
+        treadfx.transform(small_dit(), start=1, end=2, ratio="0.5")
+
+
+def test_start_after_end():
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape(
+            "route start=4 comes after end=2. Fix: start must be <= end (end is inclusive).")):
+        treadfx.transform(small_dit(), start=4, end=2)
+
+
+def test_start_out_of_range_at_transform_time():
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape(
+            "route 0 end=6 is out of range: the model has 6 repeated blocks (blocks.0 ... blocks.5), so valid "
+            "indices are -6..5. Fix: choose end inside the chain; negative indices count from the end.")):
+        treadfx.transform(small_dit(), start=1, end=6)
+
+
+def test_negative_indices_resolving_backwards_at_trace_time():
+    tm = treadfx.transform(small_dit(), start=4, end=-3)  # -3 is block 3 in a chain of 6
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape(
+            "route 0: start=4 resolves to block 4, after end=-3 (block 3) in a chain of 6 blocks. "
+            "Fix: start must be <= end (end is inclusive).")):
+        tm(*inputs())
+
+
+def test_overlapping_routes():
+    tm = treadfx.transform(small_dit(), routes=[(0, 2, 0.5), (2, 4, 0.5)])
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape(
+            "route 1 (blocks 2..4) overlaps route 0 (blocks 0..2). Fix: give routes in increasing order with no "
+            "shared block; a route starts after the previous one ends.")):
+        tm(*inputs())
+
+
+def test_unordered_routes():
+    tm = treadfx.transform(small_dit(), routes=[(3, 4, 0.5), (0, 1, 0.5)])
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape("route 1 (blocks 0..1) comes before route 0")):
+        tm(*inputs())
+
+
+def test_start_and_routes_together():
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape(
+            "pass either routes=[...] or start/end, not both. Fix: drop start/end or routes.")):
+        treadfx.transform(small_dit(), start=1, end=2, routes=[(1, 2, 0.5)])
+
+
+def test_only_start_given():
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape("start=1 and end=None: give both or neither.")):
+        treadfx.transform(small_dit(), start=1)
+
+
+def test_no_repeated_blocks():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    with pytest.raises(treadfx.NoBlocksFoundError, match=re.escape(
+            "Sequential has no repeated blocks: no ModuleList/Sequential holds two or more submodules of the same "
+            "class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, diffusers and timm do).")):
+        treadfx.transform(model)
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class TwoTowers(nn.Module):
+    """Two independent chains over the same image tokens: route indices are ambiguous."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.tower_a = nn.ModuleList([Block(d) for _ in range(3)])
+        self.tower_b = nn.ModuleList([Block(d) for _ in range(3)])
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, b = h, h
+        for blk in self.tower_a:
+            a = blk(a)
+        for blk in self.tower_b:
+            b = blk(b)
+        return a + b
+
+
+def test_several_chains_make_indices_ambiguous():
+    tm = treadfx.transform(TwoTowers(), start=0, end=1)
+    with pytest.raises(treadfx.AmbiguousChainError, match=re.escape(
+            "the model has several chains of repeated blocks carrying image tokens: 'tower_a' (3 blocks: "
+            "tower_a[0..2] Block x3); 'tower_b' (3 blocks: tower_b[0..2] Block x3). Route indices would be ambiguous. "
+            "Fix: pass chain='<name>' to transform().")):
+        tm(torch.randn(2, 5, 4))
+
+
+def test_naming_the_chain_resolves_the_ambiguity():
+    m = TwoTowers()
+    tm = treadfx.transform(m, start=0, end=1, chain="tower_b")
+    x = torch.randn(2, 6, 4)
+    out = tm(x)
+    assert out.shape == (2, 6, 8)
+    report = treadfx.inspect(tm, x)
+    assert [c.name for c in report.chains if c.selected] == ["tower_b"]
+
+
+def test_unknown_chain_name():
+    tm = treadfx.transform(TwoTowers(), start=0, end=1, chain="tower_c")
+    with pytest.raises(treadfx.AmbiguousChainError, match=re.escape(
+            "chain='tower_c' names no chain; the model has: 'tower_a' (3 blocks); 'tower_b' (3 blocks). "
+            "Fix: pass one of those names.")):
+        tm(torch.randn(2, 5, 4))
+
+
+def test_fixed_indices_with_no_kept_token():
+    tm = treadfx.transform(small_dit(), start=1, end=2)
+    with pytest.raises(treadfx.TokenCountError, match=re.escape(
+            "fixed kept indices for route 0 have shape [2, 0]: a route must keep between 1 and 16 of the 16 image "
+            "tokens, as [B, K] (per-sample selection). Fix: pass K >= 1 indices per sample.")):
+        with treadfx.fixed_routes(tm, [torch.zeros(2, 0, dtype=torch.long)]):
+            tm(*inputs())
+
+
+class DataBranch(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(4)])
+
+    def forward(self, x):
+        h = self.embed(x)
+        if h.mean() > 0:  # a branch on tensor data
+            h = -h
+        for blk in self.blocks:
+            h = blk(h)
+        return h
+
+
+def test_untraceable_data_dependent_branch_names_the_line():
+    tm = treadfx.transform(DataBranch(), start=1, end=2)
+    with pytest.raises(treadfx.UntraceableForwardError) as info:
+        tm(torch.randn(2, 5, 4))
+    msg = str(info.value)
+    assert msg.startswith("the forward uses the *data* of tensor `gt` (shape []) in a Python condition "
+                          "(if/while/and/or/assert) at ")
+    assert "test_errors.py:" in msg and "in forward: `if h.mean() > 0:  # a branch on tensor data`" in msg
+    assert msg.endswith("Fix: express it with tensor ops (torch.where, masking), move it inside a repeated block, "
+                        "or pass a Python value.")
+
+
+def test_stream_argument_that_does_not_exist():
+    tm = treadfx.transform(small_dit(), start=1, end=2, stream="latents")
+    with pytest.raises(treadfx.StreamAnalysisError, match=re.escape(
+            "stream='latents' names no tensor input of forward; its tensor inputs are ['x', 't', 'y']. Fix: pass the "
+            "name of the argument that carries the image (noisy latent).")):
+        tm(*inputs())
+
+
+def test_already_transformed():
+    tm = treadfx.transform(small_dit(), start=1, end=2)
+    with pytest.raises(treadfx.TransformError, match=re.escape("this model is already transformed by treadfx.")):
+        treadfx.transform(tm)
+
+
+def test_not_a_module():
+    with pytest.raises(treadfx.TransformError, match=re.escape(
+            "transform() needs a torch.nn.Module, got function. Fix: pass the model.")):
+        treadfx.transform(lambda x: x)
+
+
+def test_failed_trace_leaves_the_original_model_usable_and_unchanged():
+    m = DataBranch()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tm = treadfx.transform(m, start=1, end=2)
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(treadfx.UntraceableForwardError):
+        tm(x)
+    assert type(m) is DataBranch
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m(x).shape == (2, 5, 8)
+    tm.eval()
+    assert torch.equal(tm(x), m.eval()(x))  # eval never traces
+
+
+def test_set_ratio_validates():
+    tm = treadfx.transform(small_dit(), start=1, end=2)
+    with pytest.raises(treadfx.InvalidRatioError):
+        treadfx.set_ratio(tm, 1.0)
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape("route=3 but the model has 1 routes. Fix: use 0..0.")):
+        treadfx.set_ratio(tm, 0.3, route=3)
+
+
+def test_helpers_on_an_untransformed_model():
+    with pytest.raises(treadfx.TransformError, match=re.escape(
+            "DiT is not a treadfx-transformed model. Fix: call treadfx.transform(model, ...) first.")):
+        treadfx.set_ratio(small_dit(), 0.5)

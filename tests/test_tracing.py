@@ -1,0 +1,196 @@
+"""The specialising tracer: what plain symbolic_trace cannot do, and what it must never do."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import treadfx
+from treadfx.blocks import block_graph_hash, find_block_candidates
+from treadfx.models.dit import DiT
+from treadfx.tracing import signature_of, trace
+from treadfx.transformed import state_of
+
+
+def small_dit(dropout: float = 0.0) -> DiT:
+    torch.manual_seed(0)
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10,
+               class_dropout_prob=dropout, zero_init=False)
+
+
+def inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def test_plain_symbolic_trace_fails_on_dit_but_treadfx_traces_it():
+    m = small_dit()
+    with pytest.raises(Exception):
+        fx.symbolic_trace(m)  # int(x.shape[1] ** 0.5) in unpatchify, assert in patch embedding
+    prog = trace(m, DiT.forward, inputs(), {}, leaves=list(m.blocks))
+    blocks = [n for n in prog.gm.graph.nodes if n.op == "call_module" and ".blocks." in f".{n.target}"]
+    assert [n.target for n in blocks] == [f"m.blocks.{i}" for i in range(4)]
+    m.eval()
+    assert torch.equal(prog(*inputs()), m(*inputs()))
+
+
+def test_shapes_are_specialised_per_signature():
+    tm = treadfx.transform(small_dit(), start=1, end=2)
+    tm(*inputs(3))
+    tm(*inputs(5))
+    tm(*inputs(3))
+    assert len(state_of(tm).programs) == 2
+    code = state_of(tm).current.gm.code
+    assert "reshape(shape = (3, 4, 4, 2, 2, 8))" in code  # int(N ** 0.5) became a constant
+
+
+def test_random_ops_are_recorded_not_frozen():
+    m = small_dit(dropout=0.5)  # label dropout draws torch.rand(B) in the forward
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.0)  # ratio 0: routes draw no random numbers
+    x, t, y = inputs(8)
+    outs = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        outs.append(tm(x, t, y))
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+    torch.manual_seed(1)
+    assert torch.equal(m(x, t, y), outs[0])  # same RNG stream as the original forward
+    assert "torch.rand(8" in state_of(tm).current.gm.code
+
+
+def test_non_tensor_arguments_are_part_of_the_signature():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(3)])
+
+        def forward(self, x, scale: float = 1.0, flip: bool = False):
+            for b in self.blocks:
+                x = b(x)
+            x = x * scale
+            return x.flip(1) if flip else x
+
+    tm = treadfx.transform(Net(), start=0, end=1)
+    x = torch.randn(2, 6, 4)
+    tm(x)
+    tm(x, 2.0)
+    tm(x, scale=2.0, flip=True)
+    tm(x, 1.0)
+    assert len(state_of(tm).programs) == 4
+    tm.eval()
+    net = Net()
+    net.load_state_dict(tm.state_dict())
+    assert torch.equal(tm(x, scale=2.0, flip=True), net(x, scale=2.0, flip=True))
+
+
+@dataclasses.dataclass
+class Output:
+    sample: torch.Tensor
+    note: str
+
+
+class Pair(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def test_structured_outputs_round_trip():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)])
+
+        def forward(self, x, mode: str = "dict"):
+            for b in self.blocks:
+                x = b(x)
+            if mode == "dict":
+                return {"out": x, "aux": [x.sum(), None]}
+            return Pair(x, -x)
+
+    torch.utils._pytree.register_dataclass(Output) if hasattr(torch.utils._pytree, "register_dataclass") else None
+    tm = treadfx.transform(Net(), start=0, end=1)
+    x = torch.randn(2, 6, 4)
+    d = tm(x)
+    assert set(d) == {"out", "aux"} and d["aux"][1] is None and d["out"].shape == (2, 6, 4)
+    p = tm(x, mode="pair")
+    assert isinstance(p, Pair) and torch.equal(p.a, -p.b)
+
+
+def test_tracing_does_not_run_or_mutate_the_model():
+    m = small_dit()
+    calls = []
+    for b in m.blocks:
+        b.register_forward_hook(lambda *a: calls.append(1))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    attrs = {name: sorted(mod.__dict__) for name, mod in m.named_modules()}
+    trace(m, DiT.forward, inputs(), {}, leaves=list(m.blocks))
+    assert calls == []  # blocks are evaluated on fake tensors only (their hooks belong to real calls)
+    assert attrs == {name: sorted(mod.__dict__) for name, mod in m.named_modules()}
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_traces_from_fake_inputs_as_torch_compile_provides_them():
+    m = small_dit()
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) for a in inputs())
+    prog = trace(m, DiT.forward, fake, {}, leaves=list(m.blocks))
+    assert signature_of(fake, {}) == signature_of(inputs(), {})
+    m.eval()
+    assert torch.equal(prog(*inputs()), m(*inputs()))
+
+
+def test_blocks_found_by_module_structure_and_confirmed_by_graph_hash():
+    class Skip(nn.Module):
+        def __init__(self, skip):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.skip = nn.Linear(8, 4) if skip else None
+
+        def forward(self, x, s=None):
+            if self.skip is not None:
+                x = self.skip(torch.cat([x, s], -1))
+            return x + self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ins = nn.ModuleList([Skip(False) for _ in range(2)])
+            self.mid = Skip(False)
+            self.outs = nn.ModuleList([Skip(True) for _ in range(2)])
+            self.head = nn.Linear(4, 4)
+
+    net = Net()
+    cands = find_block_candidates(net)
+    assert [c.path for c in cands] == ["ins.0", "ins.1", "mid", "outs.0", "outs.1"]
+    hashes = [block_graph_hash(c.module) for c in cands]
+    assert hashes[0] == hashes[1] == hashes[2] and hashes[3] == hashes[4] and hashes[0] != hashes[3]
+
+
+def test_leaf_modules_are_not_traced_into():
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > -1e9 else x  # data-dependent: untraceable unless it is a leaf
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = Opaque()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.GELU()) for _ in range(3)])
+
+        def forward(self, x):
+            x = self.pre(x)
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    with pytest.raises(treadfx.UntraceableForwardError):
+        treadfx.transform(Net(), start=0, end=1)(torch.randn(2, 5, 4))
+    tm = treadfx.transform(Net(), start=0, end=1, leaf_modules=["pre"])
+    assert tm(torch.randn(2, 5, 4)).shape == (2, 5, 4)
+    assert any(n.target == "m.pre" for n in state_of(tm).current.gm.graph.nodes)

@@ -48,6 +48,12 @@ class TreadPass(PassBase):
                 raise ValueError(f"TreadPass: plan {plan.index} names nodes not in this graph: {missing[:5]}")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        first_op = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first_op):
+            # optional inputs of every route: tokens that must stay, and the forward counter for seeded routes
+            self.keep_ph = graph.placeholder("treadfx_keep", default_value=None)
+            self.step_ph = graph.placeholder("treadfx_step", default_value=None)
         idx_nodes: dict[int, fx.Node] = {}
         selects: dict[int, RouteSelect] = {}
         for plan in reversed(self.plans):
@@ -78,12 +84,13 @@ class TreadPass(PassBase):
         first = plan.chain.nodes[plan.start]
         i = plan.index
         per_sample = plan.selection == "per_sample"
-        select = RouteSelect(i, plan.num_tokens, plan.num_keep, plan.order == "sorted", not per_sample)
+        select = RouteSelect(i, plan.num_tokens, plan.num_keep, plan.order == "sorted", not per_sample,
+                             seed=plan.route.seed)
         select.train(self.training)
         select.forced = self.forced
         gm.add_submodule(f"treadfx_route{i}_select", select)
         with graph.inserting_before(first):
-            idx = graph.call_module(f"treadfx_route{i}_select", (plan.stream,))
+            idx = graph.call_module(f"treadfx_route{i}_select", (plan.stream, self.keep_ph, self.step_ph))
         self.touched.append(idx)
 
         order = {n: k for k, n in enumerate(graph.nodes)}

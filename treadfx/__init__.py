@@ -10,9 +10,11 @@ from .api import (
     clone_module_tree,
     fixed_routes,
     force_routing,
+    keep_tokens,
     last_routes,
     original_class,
     prepare,
+    routing_guidance,
     set_ratio,
     transform,
 )
@@ -28,7 +30,9 @@ from .errors import (
     UnroutableRegionError,
     UntraceableForwardError,
 )
+from .loss import RouteLoss, route_loss, token_map
 from .report import Report, inspect
+from .schedule import RatioSchedule
 from .routes import Route
 from .transformed import RouteRecord, is_transformed
 
@@ -37,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
     "original_class", "is_transformed", "Route", "RouteRecord", "inspect", "Report",
+    "keep_tokens", "routing_guidance", "route_loss", "RouteLoss", "token_map", "RatioSchedule",
     "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",
     "TokenCountError", "UntraceableForwardError", "StreamAnalysisError", "UnroutableRegionError",
     "CompileTimeTraceError",

@@ -25,7 +25,7 @@ from .transformed import (
 
 __all__ = [
     "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
-    "original_class",
+    "original_class", "keep_tokens", "routing_guidance",
 ]
 
 
@@ -80,7 +80,9 @@ def transform(
     order: str = "auto",
     selection: str = "auto",
     fp32_after_route: bool = False,
+    seed: int | None = None,
     aux_loss: bool = False,
+    mae_weight: float = 0.0,
     leaf_modules: Sequence[str] = (),
     inplace: bool = False,
     example_inputs: tuple | None = None,
@@ -99,8 +101,13 @@ def transform(
     tokens skipped.  ``routes=[(start, end, ratio), ...]`` or
     :class:`~treadfx.Route` objects give several routes.  ``chain`` names the
     chain when a model has several, ``stream`` names the forward argument that
-    carries the image tokens.  Tracing happens on the first training call for
-    each input signature, or now if ``example_inputs`` is given.
+    carries the image tokens.  ``order``/``selection``/``seed`` set the
+    selection of every route given as a tuple (see :class:`~treadfx.Route`).
+    ``aux_loss=True`` derives the pixel->token mapping for
+    :func:`~treadfx.route_loss` at trace time (and reports it in ``inspect``);
+    ``mae_weight`` is that loss's default MAE weight.  Tracing happens on the
+    first training call for each input signature, or now if
+    ``example_inputs`` is given.
     """
     if not isinstance(model, nn.Module):
         raise TransformError(f"transform() needs a torch.nn.Module, got {type(model).__name__}. Fix: pass the model.")
@@ -115,7 +122,9 @@ def transform(
             "(DDP / FSDP / torch.compile)."
         )
     check_ratio(ratio)
-    route_specs = normalize_routes(routes, start, end, ratio, order, selection)
+    if isinstance(mae_weight, bool) or not isinstance(mae_weight, (int, float)) or mae_weight < 0:
+        raise TransformError(f"mae_weight={mae_weight!r} must be a number >= 0. Fix: 0 (off) or e.g. 0.1.")
+    route_specs = normalize_routes(routes, start, end, ratio, order, selection, seed)
     for path in leaf_modules:
         try:
             model.get_submodule(path)
@@ -139,7 +148,7 @@ def transform(
                 )
     config = TransformConfig(
         routes=route_specs, chain=chain, stream=stream, fp32_after_route=fp32_after_route,
-        leaf_modules=tuple(leaf_modules), aux_loss=aux_loss,
+        leaf_modules=tuple(leaf_modules), aux_loss=bool(aux_loss), mae_weight=float(mae_weight),
     )
     target = model if inplace else clone_module_tree(model)
     out = _attach(target, config)
@@ -165,6 +174,7 @@ def prepare(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         prog = _program_for(m, st, tuple(args), dict(kwargs))
         st.current = prog
         st._sync(prog)
+        st.prime(prog, tuple(args), dict(kwargs))
     return model
 
 
@@ -235,3 +245,49 @@ def fixed_routes(model: nn.Module, kept: Sequence[torch.Tensor | None]) -> Itera
     finally:
         st.fixed = prev
         st.sync_selects()
+
+
+@contextlib.contextmanager
+def keep_tokens(model: nn.Module, mask: torch.Tensor | None) -> Iterator[nn.Module]:
+    """Inside the block, tokens marked in ``mask`` are kept first by every route.
+
+    ``mask`` is bool ``[B, N]`` per image token, or ``[B, H, W]`` / ``[B, C, H, W]``
+    in the image input's space (a token is marked if any of its pixels is).
+    A marked token is never routed as long as a sample marks at most K tokens
+    (eagerly checked: :class:`~treadfx.TokenCountError` otherwise).  Use it for
+    masked-loss training (segmentation, inpainting regions).
+    """
+    st = state_of(model)
+    prev = st.keep
+    st.keep = mask
+    try:
+        yield model
+    finally:
+        st.keep = prev
+
+
+def routing_guidance(model: nn.Module, *args: Any, scale: float, rate: float = 0.5, base_rate: float = 0.0,
+                     **kwargs: Any) -> Any:
+    """TREAD guidance: ``v(rate) + scale * (v(base_rate) - v(rate))`` (CompVis/tread ``rf.py``).
+
+    ``v(g)`` is the model's forward with routing forced at selection rate
+    ``g`` (``base_rate=0`` is the plain forward).  Works on the transformed
+    model or its ``torch.compile`` wrapper; compiles at most one graph per
+    rate, so a sampling loop does not recompile per step.  Structured outputs
+    (tuples, dataclasses) are combined leaf by leaf.
+    """
+    import torch.utils._pytree as pytree
+
+    check_ratio(rate, "routing_guidance rate")
+    check_ratio(base_rate, "routing_guidance base_rate")
+    with force_routing(model, ratio=rate):
+        weak = model(*args, **kwargs)
+    if base_rate == 0 and not unwrap(model).training:
+        strong = model(*args, **kwargs)  # eval: the original forward, no extra graph
+    else:
+        with force_routing(model, ratio=base_rate):
+            strong = model(*args, **kwargs)
+    return pytree.tree_map(
+        lambda w, s: w + scale * (s - w) if isinstance(w, torch.Tensor) and w.is_floating_point() else w,
+        weak, strong,
+    )

@@ -188,7 +188,7 @@ class FakeEvaluator:
         it = iter(inputs)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
-                env[node] = next(it)
+                env[node] = next(it, node.args[0] if node.args else None)  # optional inputs default to None
                 continue
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
             if node.op == "output":

@@ -19,7 +19,30 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["RouteSelect", "RouteGather", "RouteScatter", "AutocastDisabled", "num_kept"]
+__all__ = ["RouteSelect", "RouteGather", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys"]
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix on int64 tensors (multipliers < 2^31, so nothing overflows int64)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def hashed_keys(seed: int, step: torch.Tensor | None, rows: int, cols: int, device) -> torch.Tensor:
+    """Pseudo-random int64 keys [rows, cols], a pure function of (seed, step, position).
+
+    Counter-based, so it is reproducible across devices and runs and compiles
+    without a ``torch.Generator``; ``step`` is a 0-dim int64 tensor that the
+    caller advances once per forward.
+    """
+    counter = step if step is not None else torch.zeros((), dtype=torch.int64, device=device)
+    mix = _hash32((counter.to(torch.int64) & _M32) * 0x27D4EB2F + (seed & _M32) * 0x165667B1)
+    pos = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    return _hash32(pos * 0x61C88647 + mix)
 
 
 def num_kept(num_tokens: int, ratio: float) -> int:
@@ -46,13 +69,15 @@ class RouteSelect(nn.Module):
     order-dependent blocks (scans) require.
     """
 
-    def __init__(self, route_index: int, num_tokens: int, num_keep: int, sorted_order: bool, shared: bool):
+    def __init__(self, route_index: int, num_tokens: int, num_keep: int, sorted_order: bool, shared: bool,
+                 seed: int | None = None):
         super().__init__()
         self.route_index = route_index
         self.num_tokens = num_tokens
         self.num_keep = num_keep
         self.sorted_order = sorted_order
         self.shared = shared
+        self.seed = seed
         self.forced = False
         self.fixed: torch.Tensor | None = None  # indices to use instead of drawing (tests, replays)
 
@@ -61,7 +86,9 @@ class RouteSelect(nn.Module):
         order = "sorted" if self.sorted_order else "random order"
         return f"route={self.route_index}, N={self.num_tokens}, K={self.num_keep}, {mode}, {order}"
 
-    def forward(self, ref: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, ref: torch.Tensor, keep: torch.Tensor | None = None,
+                step: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Kept indices; ``keep`` [B, N] marks tokens that are kept first (never routed if at most K per sample)."""
         if not (self.training or self.forced):
             return None
         if self.fixed is not None:
@@ -69,7 +96,13 @@ class RouteSelect(nn.Module):
         if self.num_keep >= self.num_tokens:
             return None
         rows = 1 if self.shared else ref.shape[0]
-        noise = torch.rand(rows, self.num_tokens, device=ref.device)
+        if self.seed is None:
+            noise = torch.rand(rows, self.num_tokens, device=ref.device)
+        else:
+            noise = hashed_keys(self.seed + self.route_index, step, rows, self.num_tokens, ref.device)
+        if keep is not None:
+            marked = keep.any(dim=0, keepdim=True) if self.shared else keep
+            noise = noise.masked_fill(marked, -1)
         idx = noise.argsort(dim=1)[:, : self.num_keep]
         if self.sorted_order:
             idx = idx.sort(dim=1).values

@@ -22,6 +22,7 @@ import torch.nn as nn
 from .fake_eval import _meta_key, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
+from .loss import program_token_map
 from .transformed import RoutedProgram, TreadState, _program_for, is_transformed, state_of, unwrap
 
 __all__ = ["Report", "RouteReport", "inspect"]
@@ -53,6 +54,7 @@ class RouteReport:
     order_reason: str
     stream_layout: str
     tensors: list[TensorDecision]
+    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -79,6 +81,7 @@ class Report:
     routed_flops: int
     predicted_routed_flops: int
     trace_seconds: float
+    token_map: str = ""
     graph_code: str = dataclasses.field(repr=False, default="")
 
     @property
@@ -117,6 +120,7 @@ class Report:
             )
             lines.append(f"    selection: {r.selection} ({r.selection_reason})")
             lines.append(f"    order:     {r.order} ({r.order_reason})")
+            lines.append(f"    random:    " + ("torch global RNG" if r.seed is None else f"counter-based hash, seed {r.seed}"))
             for t in r.tensors:
                 lay = f" {t.layout} axis {t.axis}" if t.layout else ""
                 lines.append(f"    {t.action:<7} {t.name}: {t.role}{lay} -- {t.reason}")
@@ -124,6 +128,7 @@ class Report:
             f"  FLOPs fwd+bwd: dense {self.dense_flops / 1e9:.3f} G, routed {self.routed_flops / 1e9:.3f} G "
             f"(predicted {self.predicted_routed_flops / 1e9:.3f} G) -> ideal speedup {self.ideal_speedup:.3f}x"
         )
+        lines.append(f"  pixel -> token map (route_loss, keep_tokens): {self.token_map}")
         lines.append(f"  trace + analysis + rewrite: {self.trace_seconds:.2f} s")
         return "\n".join(lines)
 
@@ -239,7 +244,7 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         routes.append(RouteReport(
             plan.index, plan.start, plan.end, plan.chain.paths[plan.start], plan.chain.paths[plan.end],
             st.ratio_of(plan.index), plan.num_tokens, plan.num_keep, plan.selection, plan.selection_reason,
-            plan.order, plan.order_reason, layout_str(plan.stream_info.layout), tensors,
+            plan.order, plan.order_reason, layout_str(plan.stream_info.layout), tensors, plan.route.seed,
         ))
     first = prog.plans[0] if prog.plans else None
     stream_val = first.stream.meta.get("val") if first else None
@@ -256,5 +261,6 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         routed_flops=routed,
         predicted_routed_flops=predicted,
         trace_seconds=prog.trace_seconds,
+        token_map=program_token_map(prog).describe() if prog.plans else "",
         graph_code=traced.gm.code,
     )

@@ -47,6 +47,10 @@ class Route:
     ``selection``: "per_sample" draws a subset per sample (official), "shared"
     one subset for the whole batch, "auto" uses shared only when a side input
     without batch dimension (a RoPE table) must be gathered.
+    ``seed``: None draws with torch's global RNG (reproducible with
+    ``torch.manual_seed``); an int uses a counter-based hash of (seed, forward
+    count, position), reproducible across devices and compile-friendly.
+    ``aux_loss``: whether this route counts in :func:`treadfx.route_loss`.
     """
 
     start: int
@@ -54,6 +58,8 @@ class Route:
     ratio: float = 0.5
     order: str = "auto"
     selection: str = "auto"
+    seed: int | None = None
+    aux_loss: bool = True
 
     def __post_init__(self) -> None:
         for name in ("start", "end"):
@@ -65,6 +71,8 @@ class Route:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
         if self.order not in ORDERS:
             raise InvalidRouteError(f"route order={self.order!r} is not one of {ORDERS}. Fix: use order='auto'.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidRouteError(f"route seed={self.seed!r} must be a non-negative int or None. Fix: e.g. seed=0.")
         if self.selection not in SELECTIONS:
             raise InvalidRouteError(
                 f"route selection={self.selection!r} is not one of {SELECTIONS}. Fix: use selection='auto'."
@@ -82,6 +90,7 @@ def normalize_routes(
     ratio: float,
     order: str = "auto",
     selection: str = "auto",
+    seed: int | None = None,
 ) -> tuple[Route, ...]:
     """Routes from either ``routes=[...]`` or ``start/end/ratio``; validates everything knowable without a trace."""
     if routes is not None and (start is not None or end is not None):
@@ -94,7 +103,7 @@ def normalize_routes(
             )
         if start is None:
             start, end = 2, -4
-        return (Route(start, end, ratio, order, selection),)
+        return (Route(start, end, ratio, order, selection, seed),)
     if isinstance(routes, (Route, tuple)) and not (
         isinstance(routes, tuple) and routes and isinstance(routes[0], (Route, tuple, list, dict))
     ):
@@ -104,10 +113,10 @@ def normalize_routes(
         if isinstance(r, Route):
             out.append(r)
         elif isinstance(r, dict):
-            out.append(Route(**{"order": order, "selection": selection, **r}))
+            out.append(Route(**{"order": order, "selection": selection, "seed": seed, **r}))
         elif isinstance(r, (tuple, list)) and len(r) in (2, 3):
             s, e, *rest = r
-            out.append(Route(s, e, rest[0] if rest else ratio, order, selection))
+            out.append(Route(s, e, rest[0] if rest else ratio, order, selection, seed))
         else:
             raise InvalidRouteError(
                 f"routes[{i}]={r!r} is not a route. Fix: use (start, end, ratio) tuples or treadfx.Route objects."

@@ -61,6 +61,7 @@ class TransformConfig:
     fp32_after_route: bool = False
     leaf_modules: tuple[str, ...] = ()
     aux_loss: bool = False
+    mae_weight: float = 0.0
 
 
 @dataclasses.dataclass
@@ -101,6 +102,8 @@ class RoutedProgram:
         self.shapes = tuple(
             (tuple(t.shape), t.dtype) for t in (traced.fake_inputs or [])
         )
+        self.seeded = any(s.seed is not None for s in selects)
+        self.token_map = None
 
     def matches(self, args: tuple, kwargs: dict) -> bool:
         from .tracing import flatten_call
@@ -116,7 +119,12 @@ class RoutedProgram:
         from .tracing import flatten_call
 
         leaves, _ = flatten_call(args, kwargs)
-        outs = self.gm(*[leaves[i] for i in self.traced.tensor_positions])
+        tensors = [leaves[i] for i in self.traced.tensor_positions]
+        keep = state.keep_mask(self, tensors)
+        step = state.step_counter(tensors) if self.seeded else None
+        outs = self.gm(*tensors, keep, step)
+        if step is not None:
+            step.add_(1)
         user, kept = outs[: self.n_outputs], outs[self.n_outputs:]
         state.last_kept = list(kept)
         state.last_program = self
@@ -138,7 +146,49 @@ class TreadState:
         self.forced = False
         self.forced_ratio: float | None = None
         self.fixed: list | None = None
+        self.keep: torch.Tensor | None = None
+        self.steps: dict[str, torch.Tensor] = {}
         self.hash_cache: dict[Any, str] = {}
+
+    def keep_mask(self, prog: "RoutedProgram", tensors: list) -> torch.Tensor | None:
+        """The active keep mask as [B, N] bool image-token mask, or None."""
+        if self.keep is None:
+            return None
+        from .loss import program_token_map
+
+        mask = program_token_map(prog).per_token(self.keep, reduce="any")
+        if not torch.compiler.is_compiling():
+            most = int(mask.sum(dim=1).max()) if mask.numel() else 0
+            for plan, sel in zip(prog.plans, prog.selects):
+                if sel.num_keep < plan.num_tokens and most > sel.num_keep:
+                    raise TokenCountError(
+                        f"the keep mask marks {most} tokens of one sample, but route {plan.index} keeps only "
+                        f"{sel.num_keep} of {plan.num_tokens}; marked tokens would be routed. Fix: lower the route "
+                        f"ratio to at most {1 - most / plan.num_tokens:.3f}, or mark fewer tokens."
+                    )
+        return mask
+
+    def prime(self, prog: "RoutedProgram", args: tuple, kwargs: dict) -> None:
+        """Create per-device state eagerly, so that a compiled forward never creates it."""
+        if prog.seeded:
+            from .tracing import flatten_call
+
+            leaves, _ = flatten_call(args, kwargs)
+            tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
+            with torch._subclasses.fake_tensor.unset_fake_temporarily():  # fake args come from torch.compile
+                self.step_counter(tensors)
+
+    def step_counter(self, tensors: list) -> torch.Tensor:
+        """The forward counter of seeded routes, one 0-dim int64 tensor per device."""
+        device = tensors[0].device if tensors else torch.device("cpu")
+        if device.type == "meta":
+            device = torch.device("cpu")
+        key = str(device)
+        step = self.steps.get(key)
+        if step is None:
+            step = torch.zeros((), dtype=torch.int64, device=device)
+            self.steps[key] = step
+        return step
 
     def __deepcopy__(self, memo):
         new = TreadState(self.config, self.original_class, [])
@@ -247,10 +297,12 @@ class TreadModule(LazyModuleMixin):
         if st.active(self.training):
             st.current = _program_for(self, st, tuple(args), dict(kwargs or {}))
             st._sync(st.current)
+            st.prime(st.current, tuple(args), dict(kwargs or {}))
 
     def forward(self, *args, **kwargs):
         st: TreadState = self.__dict__["_treadfx"]
         if not st.active(self.training):
+            st.last_program = None  # route_loss of a non-routed forward is the plain mean
             return st.original_forward(self, *args, **kwargs)
         if torch.compiler.is_compiling():
             prog = st.current
@@ -537,6 +589,10 @@ def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -
                            time.perf_counter() - t0, original_code)
     st._sync(routed)
     _validate(routed, st)
+    if cfg.aux_loss:
+        from .loss import program_token_map
+
+        program_token_map(routed)
     routed.trace_seconds = time.perf_counter() - t0
     return routed
 

@@ -1,0 +1,154 @@
+"""Selection options: seeds, token order, ratio schedules, and routing guidance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import given, strategies as st
+from torch._dynamo.utils import counters
+
+import treadfx
+from treadfx.models.dit import DiT
+from treadfx.ops import hashed_keys
+
+
+def small_dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=5, num_heads=2, num_classes=10,
+               class_dropout_prob=0.0, zero_init=False)
+
+
+def inputs(batch: int = 3):
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def kept_sequence(tm, steps: int, batch: int = 3):
+    out = []
+    for _ in range(steps):
+        tm(*inputs(batch))
+        out.append([r.kept.clone() for r in treadfx.last_routes(tm)])
+    return out
+
+
+def test_seeded_selection_is_reproducible_and_advances_per_forward():
+    a = kept_sequence(treadfx.transform(small_dit(), routes=[(0, 1, 0.5), (3, 4, 0.25)], seed=3), 4)
+    torch.manual_seed(12345)  # the global RNG plays no part
+    b = kept_sequence(treadfx.transform(small_dit(), routes=[(0, 1, 0.5), (3, 4, 0.25)], seed=3), 4)
+    c = kept_sequence(treadfx.transform(small_dit(), routes=[(0, 1, 0.5), (3, 4, 0.25)], seed=4), 4)
+    assert all(torch.equal(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb))
+    assert not torch.equal(a[0][0], a[1][0])  # each forward draws anew
+    assert not torch.equal(a[0][0], c[0][0])  # another seed, another sequence
+    assert not torch.equal(a[0][0][:, :4], a[0][1][:, :4])  # routes of one forward differ
+
+
+def test_seeded_selection_compiles_once_and_matches_eager():
+    torch._dynamo.reset()
+    counters.clear()
+    eager = kept_sequence(treadfx.transform(small_dit(), start=1, end=3, seed=9), 3)
+    tm = treadfx.transform(small_dit(), start=1, end=3, seed=9)
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    compiled = []
+    for _ in range(3):
+        cm(*inputs())
+        compiled.append([r.kept.clone() for r in treadfx.last_routes(tm)])
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(eager, compiled))
+    assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}
+    torch._dynamo.reset()
+
+
+@given(st.integers(0, 2**31), st.integers(0, 10**6), st.integers(1, 4), st.integers(2, 64))
+def test_hashed_keys_are_a_pure_function_of_seed_step_and_position(seed, step, rows, cols):
+    s = torch.tensor(step)
+    k1 = hashed_keys(seed, s, rows, cols, "cpu")
+    k2 = hashed_keys(seed, s, rows, cols, "cpu")
+    assert torch.equal(k1, k2) and k1.dtype == torch.int64
+    assert int(k1.min()) >= 0 and int(k1.max()) < 2**32
+    assert k1.unique().numel() >= rows * cols - 1  # (almost) no ties: a usable permutation key
+
+
+def test_hashed_keys_are_roughly_uniform():
+    keys = torch.cat([hashed_keys(7, torch.tensor(s), 4, 256, "cpu").flatten() for s in range(50)]).double() / 2**32
+    hist = torch.histc(keys, bins=10, min=0, max=1)
+    expected = keys.numel() / 10
+    assert float(((hist - expected) ** 2 / expected).sum()) < 40  # chi-square, 9 d.o.f.: p << 1e-4 if it fails
+
+
+@given(st.integers(1, 4), st.sampled_from([0.25, 0.5, 0.75]))
+def test_sorted_order_keeps_relative_order(batch, ratio):
+    tm = treadfx.transform(small_dit(), start=1, end=3, ratio=ratio, order="sorted")
+    tm(*inputs(batch))
+    (rec,) = treadfx.last_routes(tm)
+    assert torch.equal(rec.kept, rec.kept.sort(dim=1).values)
+    assert rec.kept.shape == (batch, 16 - int(16 * ratio))
+    assert all(row.unique().numel() == row.numel() for row in rec.kept)
+
+
+def test_ratio_schedule_values_off_switch_and_quantisation():
+    tm = treadfx.transform(small_dit(), start=1, end=3, ratio=0.5)
+    sched = treadfx.RatioSchedule(tm, total_steps=100, kind="linear", start=0.5, end=0.25, off_after=0.9, quantum=0.05)
+    assert sched.ratio_at(0) == pytest.approx(0.5)
+    assert sched.ratio_at(99 // 2) == pytest.approx(0.4)  # 0.5 - 0.25*0.4949 = 0.376 -> 0.4 after rounding
+    assert sched.ratio_at(89) == pytest.approx(0.3)  # 0.5 - 0.25*89/99 = 0.275 -> 0.3
+    assert sched.ratio_at(90) == 0.0  # off for the last 10 %
+    cos = treadfx.RatioSchedule(tm, total_steps=11, kind="cosine", start=0.6, end=0.2, quantum=0)
+    assert cos.ratio_at(0) == pytest.approx(0.6) and cos.ratio_at(10) == pytest.approx(0.2)
+    assert cos.ratio_at(5) == pytest.approx(0.4)
+    values = {sched.ratio_at(s) for s in range(100)}
+    assert len(values) <= 7  # 0.5 .. 0.25 in steps of 0.05, plus 0
+
+
+def test_ratio_schedule_drives_the_model_without_a_graph_per_value():
+    torch._dynamo.reset()
+    counters.clear()
+    tm = treadfx.transform(small_dit(), start=1, end=3, ratio=0.5)
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    sched = treadfx.RatioSchedule(tm, total_steps=40, kind="linear", start=0.5, end=0.3, off_after=0.8, quantum=0.1)
+    seen_k = set()
+    for _ in range(40):
+        r = sched.step()
+        cm(*inputs())
+        recs = treadfx.last_routes(tm)
+        seen_k.add(recs[0].kept.shape[1] if recs else 16)
+        assert math.isclose(tm._treadfx.config.routes[0].ratio, r)
+    assert seen_k == {8, 10, 12, 16}  # ratios 0.5, 0.4, 0.3 and off
+    assert counters["stats"]["unique_graphs"] == len(seen_k)
+    state = sched.state_dict()
+    again = treadfx.RatioSchedule(tm, total_steps=40, kind="linear", start=0.5, end=0.3, off_after=0.8, quantum=0.1)
+    again.load_state_dict(state)
+    assert again.current_step == 40 and again.step() == 0.0
+    torch._dynamo.reset()
+
+
+def test_routing_guidance_combines_two_forced_forwards():
+    tm = treadfx.transform(small_dit(), start=1, end=3).eval()
+    x, t, y = inputs()
+    kept = [torch.rand(3, 16).argsort(1)[:, :8]]
+    with treadfx.fixed_routes(tm, kept):
+        g = treadfx.routing_guidance(tm, x, t, y, scale=2.5, rate=0.5)
+        with treadfx.force_routing(tm, 0.5):
+            weak = tm(x, t, y)
+    strong = tm(x, t, y)  # eval: the original model
+    assert torch.allclose(g, weak + 2.5 * (strong - weak))
+    with treadfx.fixed_routes(tm, kept):
+        torch.testing.assert_close(treadfx.routing_guidance(tm, x, t, y, scale=1.0, rate=0.5), strong)
+        assert torch.equal(treadfx.routing_guidance(tm, x, t, y, scale=0.0, rate=0.5), weak)
+
+
+def test_routing_guidance_in_a_compiled_sampling_loop_compiles_once_per_rate():
+    torch._dynamo.reset()
+    counters.clear()
+    tm = treadfx.transform(small_dit(), start=1, end=3).eval()
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    x, _, y = inputs()
+    with torch.no_grad():
+        for step in range(6):
+            t = torch.full((3,), 1.0 - step / 6)
+            v = treadfx.routing_guidance(cm, x, t, y, scale=1.5, rate=0.5, base_rate=0.25)
+            x = x - v[:, :4] / 6  # learn_sigma: the first 4 channels are the prediction
+    assert counters["stats"]["unique_graphs"] == 2  # one per rate (0.5 and 0.25)
+    assert dict(counters["graph_break"]) == {}
+    torch._dynamo.reset()

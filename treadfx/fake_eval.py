@@ -89,13 +89,30 @@ def fake_like(t: torch.Tensor, mode: FakeTensorMode, shape: tuple | None = None)
     return out
 
 
+class _Meta:
+    """Metadata of a tensor (shape, stride, dtype, device, requires_grad), independent of any fake mode."""
+
+    __slots__ = ("shape", "stride", "dtype", "device", "requires_grad")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.stride = tuple(t.shape), tuple(t.stride())
+        self.dtype, self.device, self.requires_grad = t.dtype, t.device, t.requires_grad
+
+
+_OUTPUT_META: dict[tuple, Any] = {}  # process-wide: (module structure, input metadata) -> output metadata
+_OUTPUT_META_LIMIT = 4096
+
+
 class FakeEvaluator:
-    """Runs modules, functions and graph nodes on fake tensors of one fake mode."""
+    """Runs modules, functions and graph nodes on fake tensors of one fake mode.
+
+    Module calls are memoised process-wide by (structure, input metadata):
+    the output *metadata* is stored and rebuilt as fresh fakes in this mode.
+    """
 
     def __init__(self, mode: FakeTensorMode):
         self.mode = mode
         self._structure: dict[int, tuple] = {}
-        self._memo: dict[tuple, Any] = {}
         self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to_fake(self, t: torch.Tensor) -> torch.Tensor:
@@ -110,8 +127,17 @@ class FakeEvaluator:
     def fakeify(self, tree: Any) -> Any:
         return pytree.tree_map(lambda x: self.to_fake(x) if isinstance(x, torch.Tensor) else x, tree)
 
-    def _renew(self, tree: Any) -> Any:
-        return pytree.tree_map(lambda x: fake_like(x, self.mode) if isinstance(x, torch.Tensor) else x, tree)
+    def _rebuild(self, tree: Any) -> Any:
+        def build(m):
+            if not isinstance(m, _Meta):
+                return m
+            with self.mode:
+                out = torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=m.device)
+            if m.requires_grad:
+                out.requires_grad_(True)
+            return out
+
+        return pytree.tree_map(build, tree, is_leaf=lambda x: isinstance(x, _Meta))
 
     def call_module(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         sk = self._structure.get(id(module))
@@ -119,9 +145,9 @@ class FakeEvaluator:
             sk = module_structure_key(module)
             self._structure[id(module)] = sk
         key = (sk, _meta_key((args, kwargs)), torch.is_grad_enabled(), torch.is_autocast_enabled())
-        hit = self._memo.get(key)
+        hit = _OUTPUT_META.get(key)
         if hit is not None:
-            return self._renew(hit)
+            return self._rebuild(hit)
         a, k = self.fakeify((args, kwargs))
         try:
             with self.mode:
@@ -130,7 +156,9 @@ class FakeEvaluator:
                 out = module.forward(*a, **k)
         except _DATA_DEPENDENT:
             out = self._real_fallback(module, a, k)
-        self._memo[key] = out
+        if len(_OUTPUT_META) >= _OUTPUT_META_LIMIT:
+            _OUTPUT_META.clear()
+        _OUTPUT_META[key] = pytree.tree_map(lambda x: _Meta(x) if isinstance(x, torch.Tensor) else x, out)
         return out
 
     def _real_fallback(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -154,6 +154,9 @@ def _name(prog: RoutedProgram, node: fx.Node) -> str:
     return f"`{node.name}` ({getattr(node.target, '__name__', node.target)})"
 
 
+_NODE_FLOPS: dict[Any, int] = {}  # process-wide: (structure, input metadata) -> fwd+bwd FLOPs
+
+
 def _dense_value(n: fx.Node) -> Any:
     """The value a node has without routing (route ops are looked through to their input)."""
     while "treadfx" in n.meta and isinstance(n.args[0], fx.Node):
@@ -174,7 +177,7 @@ def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
         for s, (f, x) in zip(prog.selects, saved):
             s.forced, s.fixed = f, x
     total = 0
-    cache: dict[Any, int] = {}
+    cache = _NODE_FLOPS
     for plan in prog.plans:
         for node in plan.region:
             if node.op not in ("call_module", "call_function", "call_method"):
@@ -191,7 +194,7 @@ def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
                 fn, params = (lambda *a, _n=name, **k: getattr(a[0], _n)(*a[1:], **k)), []
             struct = module_structure_key(fn) if isinstance(fn, nn.Module) else (node.op, node.target)
             for sign, (a, k) in ((1, dense_args), (-1, routed_args)):
-                key = (struct, _meta_key((tuple(a), dict(k))))
+                key = (struct, _meta_key((tuple(a), dict(k))))  # the metadata includes the device
                 if key not in cache:
                     cache[key] = fwd_bwd_flops(ev, fn, tuple(a), dict(k), params)
                 total += sign * cache[key]

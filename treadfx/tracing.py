@@ -305,8 +305,9 @@ class SpecializingTracer(fx.Tracer):
         return pytree.tree_map(conv, tree)
 
     @contextlib.contextmanager
-    def _evaluating(self):
-        with _revert_fx_patches(), self.recorder.pause(), self.fake_mode:
+    def _evaluating(self, revert: bool = False):
+        # FX's patches (nn.Module.__call__/__getattr__, autowrapped functions) only matter when module code runs
+        with (_revert_fx_patches() if revert else contextlib.nullcontext()), self.recorder.pause(), self.fake_mode:
             yield
 
     def evaluate_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -322,7 +323,7 @@ class SpecializingTracer(fx.Tracer):
                     obj = getattr(obj, atom)
             return self.to_fake(obj) if isinstance(obj, torch.Tensor) else obj
         a, k = self._values((args, kwargs))
-        with self._evaluating():
+        with self._evaluating(revert=kind == "call_module"):
             if kind == "call_function":
                 return target(*a, **k)
             if kind == "call_method":

@@ -357,6 +357,7 @@ def _rebuild(plain: nn.Module, config: TransformConfig) -> nn.Module:
 
 
 _SUBCLASSES: dict[type, type] = {}
+_HASHES: dict[Any, str] = {}  # module structure -> WL hash (same structure, same code path, same graph)
 
 
 def tread_subclass(cls: type) -> type:
@@ -545,9 +546,9 @@ def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -
     for c in st.candidates:
         if c.wl_hash is None:
             key = module_structure_key(c.module)
-            if key not in st.hash_cache:
-                st.hash_cache[key] = block_graph_hash(c.module)
-            c.wl_hash = st.hash_cache[key]
+            if key not in _HASHES:
+                _HASHES[key] = block_graph_hash(c.module)
+            c.wl_hash = _HASHES[key]
     chains = find_chains(prog.gm, st.candidates, prog.model_root)
     if not chains:
         raise NoBlocksFoundError(

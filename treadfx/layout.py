@@ -252,6 +252,13 @@ class LayoutAnalysis:
         for j, v in enumerate(outs):
             src = carry.get(j)
             inf = self.info.get(src) if src is not None else None
+            if inf is None and _is_tensor(v):
+                # unresolved carry (e.g. U-ViT: x and skip of one shape meet in a feature-dim cat):
+                # fine if every input of the output's shape has the same layout
+                same = {self.info.get(i) for i in node.all_input_nodes
+                        if _is_tensor(_val(i)) and tuple(_val(i).shape) == tuple(v.shape)}
+                if len(same) == 1:
+                    inf = next(iter(same))
             if isinstance(inf, TokenInfo) and _is_tensor(v) and v.ndim > inf.axis and v.shape[inf.axis] == inf.length:
                 infos.append(inf)
             elif _is_tensor(v) and self._seq(node, v):

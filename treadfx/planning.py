@@ -260,8 +260,8 @@ def plan_route(
         side = []
         for inp in _inputs_of(failed):
             d = entering.get(inp)
-            if d is None or d.action != "pass" or d.role == "text stream":
-                continue
+            if d is None or d.action != "pass":
+                continue  # (a "text" input can be position ids that feed a per-token table: the probe decides)
             cand = _side_candidate(gm, inp, n_img, known_layouts, analysis)
             if cand is not None:
                 side.append((inp, cand))
@@ -311,7 +311,7 @@ def plan_route(
                 if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
                     i = u.args[1]
                     leaving.append(_leaving_decision(u, orig[i], new[i], analysis.token_info(node, i), stream_info,
-                                                     n_img, stream.meta["val"], name_of))
+                                                     n_img, stream.meta["val"], name_of, node is last))
                 else:
                     raise UnroutableRegionError(
                         f"route {index}: {_node_label(prog, node)} returns a tuple that is used whole after the route "
@@ -319,7 +319,7 @@ def plan_route(
                     )
         else:
             leaving.append(_leaving_decision(node, orig, new, analysis.token_info(node), stream_info, n_img,
-                                             stream.meta["val"], name_of))
+                                             stream.meta["val"], name_of, node is last))
 
     # ---- selection and order
     unbatched = [d for d in entering.values() if d.action == "gather" and not d.batched]
@@ -434,7 +434,7 @@ def _side_candidate(gm: fx.GraphModule, inp: fx.Node, n_img: int, known: list[La
 
 
 def _leaving_decision(node: fx.Node, orig: Any, new: Any, info: TokenInfo | None, stream_info: TokenInfo,
-                      n_img: int, stream_val: torch.Tensor, name_of) -> ValueDecision:
+                      n_img: int, stream_val: torch.Tensor, name_of, is_stream: bool = True) -> ValueDecision:
     if not isinstance(orig, torch.Tensor):
         return ValueDecision(node, "pass", "value", "not a tensor")
     if tuple(orig.shape) == tuple(new.shape):
@@ -462,7 +462,7 @@ def _leaving_decision(node: fx.Node, orig: Any, new: Any, info: TokenInfo | None
             f"{name_of(node)} leaves the route with {n} image tokens where the stream had {n_img}. Fix: end the route "
             "before the token count changes."
         )
-    role = "token stream" if info.layout == stream_info.layout else "skip connection"
+    role = "token stream" if is_stream else "skip connection"
     return ValueDecision(node, "scatter", role,
                          "carries kept image tokens; skipped ones are restored from the stream at route-out",
                          info.axis, info.layout, True)

@@ -45,6 +45,13 @@ def hashed_keys(seed: int, step: torch.Tensor | None, rows: int, cols: int, devi
     return _hash32(pos * 0x61C88647 + mix)
 
 
+def _rank() -> int:
+    """This process's rank in the default process group, 0 when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def num_kept(num_tokens: int, ratio: float) -> int:
     """K = N - int(N * ratio): tokens a route keeps (the official rounding)."""
     return num_tokens - int(num_tokens * ratio)
@@ -78,6 +85,8 @@ class RouteSelect(nn.Module):
         self.sorted_order = sorted_order
         self.shared = shared
         self.seed = seed
+        # seeded selection mixes in the distributed rank, so each rank draws its own routes
+        self.rank = _rank()
         self.forced = False
         self.fixed: torch.Tensor | None = None  # indices to use instead of drawing (tests, replays)
 
@@ -99,7 +108,8 @@ class RouteSelect(nn.Module):
         if self.seed is None:
             noise = torch.rand(rows, self.num_tokens, device=ref.device)
         else:
-            noise = hashed_keys(self.seed + self.route_index, step, rows, self.num_tokens, ref.device)
+            noise = hashed_keys(self.seed + self.route_index + (self.rank << 20), step, rows, self.num_tokens,
+                                ref.device)
         if keep is not None:
             marked = keep.any(dim=0, keepdim=True) if self.shared else keep
             noise = noise.masked_fill(marked, -1)

@@ -1,0 +1,180 @@
+"""What the pass decides on each backbone of issue 3, as ``treadfx.inspect`` reports it.
+
+The expectations are written from the architectures (which tensor is the
+image stream, which are side inputs, skips, text streams, extra tokens), not
+from treadfx's output: a wrong routing decision fails here even when the
+numbers happen to line up.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import treadfx
+
+from backbone_refs import CASES, build_case, kept_for, sample_of
+
+# per case: selection, order, stream layout, and per route the multiset of (action, role) decisions
+G, P, S, K = "gather", "pass", "scatter", "keep"
+EXPECTED = {
+    # RoPE tables [N, d] have no batch dim: one subset for the batch; t/y conditioning passes through
+    "sit_rope_grid": ("shared", "random", "[image 16]",
+                      [{(G, "token stream"): 1, (P, "conditioning"): 1, (G, "side input"): 2, (S, "token stream"): 1}]),
+    # per-sample positions give batched tables [B, N, d]: per-sample selection is possible
+    "sit_rope_pos": ("per_sample", "random", "[image 16]",
+                     [{(G, "token stream"): 1, (P, "conditioning"): 1, (G, "side input"): 2, (S, "token stream"): 1}]),
+    # per-token timesteps: the modulation [B, N, D] is a side input to gather, not conditioning
+    "sit_rope_per_token_t": ("shared", "random", "[image 16]",
+                             [{(G, "token stream"): 1, (G, "side input"): 3, (S, "token stream"): 1}]),
+    "sit_rope_grid_per_sample": ("per_sample", "random", "[image 16]",
+                                 [{(G, "token stream"): 1, (P, "conditioning"): 1, (G, "side input"): 2,
+                                   (S, "token stream"): 1}]),
+    # route 0 = blocks 1..2 (in_blocks.1, in_blocks.2): the skip made by in_blocks.1 is consumed after the route,
+    # so it is scattered; route 1 = blocks 4..5 (out_blocks.0, .1) consumes skips of in_blocks.2 and .1: gathered
+    "uvit_two_routes": ("per_sample", "random", "[extra 2 | image 16]",
+                        [{(G, "token stream"): 1, (S, "skip connection"): 1, (S, "token stream"): 1,
+                          (K, "extra tokens"): 1},
+                         {(G, "token stream"): 1, (G, "skip connection"): 2, (S, "token stream"): 1,
+                          (K, "extra tokens"): 1}]),
+    # a route over in_blocks.0..2 + mid: all three skips are produced inside and consumed after
+    "uvit_uncond_skips_out": ("per_sample", "random", "[extra 1 | image 16]",
+                              [{(G, "token stream"): 1, (S, "skip connection"): 3, (S, "token stream"): 1,
+                                (K, "extra tokens"): 1}]),
+    # the scan is order dependent: kept tokens keep their relative order
+    "ssm": ("per_sample", "sorted", "[image 16]",
+            [{(G, "token stream"): 1, (P, "conditioning"): 1, (S, "token stream"): 1}]),
+    "vit_sequential_registers": ("per_sample", "random", "[extra 4 | image 16]",
+                                 [{(G, "token stream"): 1, (S, "token stream"): 1, (K, "extra tokens"): 1}]),
+    "vit_list_back_registers": ("per_sample", "random", "[extra 1 | image 16 | extra 3]",
+                                [{(G, "token stream"): 1, (S, "token stream"): 1, (K, "extra tokens"): 2}]),
+    "diffusers_dit": ("per_sample", "random", "[image 16]",
+                      [{(G, "token stream"): 1, (P, "conditioning"): 2, (S, "token stream"): 1}]),
+    # cross-attention: the text stays whole
+    "diffusers_pixart": ("per_sample", "random", "[image 16]",
+                         [{(G, "token stream"): 1, (P, "text stream"): 1, (P, "conditioning"): 1,
+                           (S, "token stream"): 1}]),
+    # joint blocks: the text stream goes in and out of the route untouched
+    "diffusers_sd3": ("per_sample", "random", "[image 16]",
+                      [{(G, "token stream"): 1, (P, "text stream"): 2, (P, "conditioning"): 1,
+                        (S, "token stream"): 1}]),
+    "diffusers_sd3_text_len_eq_tokens": ("per_sample", "random", "[image 16]",
+                                         [{(G, "token stream"): 1, (P, "text stream"): 2, (P, "conditioning"): 1,
+                                           (S, "token stream"): 1}]),
+    # RoPE (cos, sin) [T + N, d] without batch dim: image rows gathered, text rows kept; shared selection
+    "diffusers_flux": ("shared", "random", "[image 16]",
+                       [{(G, "token stream"): 1, (P, "text stream"): 2, (P, "conditioning"): 1,
+                         (G, "side input"): 2, (S, "token stream"): 1}]),
+}
+
+
+@functools.cache
+def report(case_id: str):
+    _m, tm, args, kwargs = build_case(CASES[case_id])
+    return treadfx.inspect(tm, *args, **kwargs)
+
+
+def test_every_case_has_expectations():
+    assert set(EXPECTED) == set(CASES)
+
+
+@pytest.mark.parametrize("case_id", list(EXPECTED))
+def test_inspect_lists_what_each_route_gathers_scatters_and_passes(case_id):
+    selection, order, layout, per_route = EXPECTED[case_id]
+    r = report(case_id)
+    assert r.stream_layout == layout
+    assert len(r.routes) == len(per_route)
+    for route, expected in zip(r.routes, per_route):
+        assert route.selection == selection
+        assert route.order == order
+        got = collections.Counter((t.action, t.role) for t in route.tensors)
+        assert dict(got) == expected
+        assert all(t.reason for t in route.tensors)  # every decision says why
+        text = str(r)
+        for t in route.tensors:
+            assert f"{t.action:<7} {t.name}: {t.role}" in text
+
+
+def test_flux_rope_decision_keeps_text_rows():
+    r = report("diffusers_flux")
+    rope = [t for t in r.routes[0].tensors if t.role == "side input"]
+    # [T + N, d] tables: the 5 text rows lead and are never routed; the 16 image rows are gathered on axis 0
+    assert [(t.layout, t.axis) for t in rope] == [("[extra 5 | image 16]", 0)] * 2
+
+
+def test_ambiguous_streams_follow_the_documented_rule_and_the_override():
+    """SD3 with text length == image tokens: two [B, 16, D] streams. Rule: the stream of the image input.
+
+    ``stream=`` names the forward argument to route instead.
+    """
+    r = report("diffusers_sd3_text_len_eq_tokens")
+    assert r.stream_input == "hidden_states"
+    _m, tm, args, kwargs = build_case(CASES["diffusers_sd3_text_len_eq_tokens"], stream="encoder_hidden_states")
+    r2 = treadfx.inspect(tm, *args, **kwargs)
+    assert r2.stream_input == "encoder_hidden_states"
+    gathered = [t.name for t in r2.routes[0].tensors if t.action == "gather"]
+    # joint blocks return (text, image): the override routes output [0]
+    assert gathered == ["output of `transformer_blocks.0`[0]"]
+
+
+def test_negative_control_without_rope_gather_fails():
+    """The classic hand-written bug (RoPE rows not gathered) cannot even run the routed blocks.
+
+    treadfx's output equals the reference that gathers them.
+    """
+    case = CASES["diffusers_flux"]
+    m, tm, args, kwargs = build_case(case)
+    r = report("diffusers_flux")
+    kept = [kept_for(route, seed=3) for route in r.routes]
+    tm.train()
+    with treadfx.fixed_routes(tm, kept):
+        out = sample_of(tm(*args, **kwargs))
+    good = case.reference(m, case.spans, kept, *args, **kwargs)
+    assert torch.equal(out, good)
+    with pytest.raises(RuntimeError, match="must match the size of tensor b"):
+        case.reference(m, case.spans, kept, *args, gather_side=False, **kwargs)
+
+
+class _PosBlock(nn.Module):
+    """A block that adds its own learned [N, D] table: it only runs at the full token count."""
+
+    def __init__(self, n, d):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(n, d))
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.lin(x + self.pos)
+
+
+class _PosNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.blocks = nn.ModuleList([_PosBlock(16, 8) for _ in range(4)])
+
+    def forward(self, x):
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+
+def test_unsupported_pattern_names_the_block_and_the_tensor():
+    tm = treadfx.transform(_PosNet(), start=1, end=2)
+    with pytest.raises(treadfx.UnroutableRegionError) as e:
+        tm(torch.randn(2, 16, 3))
+    msg = str(e.value)
+    assert msg.startswith("route 0 (chain blocks 1..2): block `blocks.1` cannot run on the kept tokens (15 of 16 in "
+                          "the probe). Inputs: output of `blocks.0`=[2, 16, 8].")
+    assert re.search(r"torch.Size\(\[16, 8\]\)", msg)
+    assert msg.endswith("Fix: end the route before this operation, or make the tensor it needs token-aligned; "
+                        "treadfx never routes a region it cannot prove shape-consistent.")
+    # and in eval the model still runs as the original
+    tm.eval()
+    assert tm(torch.randn(2, 16, 3)).shape == (2, 16, 8)

@@ -157,3 +157,23 @@ def test_moving_the_model_drops_traced_graphs_and_retraces():
     assert state_of(tm).current is not first
     tm.eval(), m.eval()
     assert torch.equal(tm(*inputs()), m(*inputs()))
+
+
+def test_tracing_inside_autocast_leaves_the_autocast_cast_cache_clean():
+    """The first routed call traces on fake tensors inside the user's autocast region; later real forwards in the
+    same region (which reuse autocast's cached bf16 weights) must compute exactly what a fresh region computes."""
+    from helpers import dit_inputs, random_dit
+
+    m = random_dit(depth=5, width_per_head=8, heads=2, patch=2, grid=4)
+    x, t, y = dit_inputs(m, 3)
+    m.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = m(x, t, y)
+    tm = treadfx.transform(m, start=1, end=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = tm(x, t, y)  # trace + analysis + routed forward, same region
+        assert routed.dtype == torch.bfloat16
+        with torch.no_grad():
+            assert torch.equal(m(x, t, y), fresh)
+            tm.eval()
+            assert torch.equal(tm(x, t, y), fresh)

@@ -4,6 +4,11 @@
 
 In training, a random fraction ``ratio`` of the image tokens skips chain blocks
 ``start..end`` and re-enters unchanged; in eval the model is the original one.
+
+    model = treadfx.diffmoe(model, num_experts=8)
+
+replaces each (or every other) block's feed-forward with DiffMoE experts fed
+from a batch-level token pool, with a capacity predictor for inference.
 """
 
 from .api import (
@@ -21,6 +26,8 @@ from .api import (
 from .errors import (
     AmbiguousChainError,
     CompileTimeTraceError,
+    FFNNotFoundError,
+    InvalidMoEConfigError,
     InvalidRatioError,
     InvalidRouteError,
     NoBlocksFoundError,
@@ -30,6 +37,8 @@ from .errors import (
     UnroutableRegionError,
     UntraceableForwardError,
 )
+from .moe import DiffMoELayer, DiffMoEStats, diffmoe_loss, diffmoe_stats
+from .passes.diffmoe import diffmoe
 from .loss import RouteLoss, route_loss, token_map
 from .report import Report, inspect
 from .schedule import RatioSchedule
@@ -45,4 +54,7 @@ __all__ = [
     "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",
     "TokenCountError", "UntraceableForwardError", "StreamAnalysisError", "UnroutableRegionError",
     "CompileTimeTraceError",
+    "diffmoe", "diffmoe_loss", "diffmoe_stats", "DiffMoELayer", "DiffMoEStats", "FFNNotFoundError",
+    "InvalidMoEConfigError",
 ]
+

@@ -59,3 +59,14 @@ class UnroutableRegionError(TransformError):
 
 class CompileTimeTraceError(TransformError, RuntimeError):
     """A new input signature reached the model while torch.compile was tracing it."""
+
+
+class InvalidMoEConfigError(TransformError, ValueError):
+    """A ``treadfx.diffmoe`` argument out of range (num_experts, capacity, decay, noise, loss weight)."""
+
+
+class FFNNotFoundError(TransformError):
+    """``treadfx.diffmoe`` found no (or several) feed-forward submodules in a block; name it with ``ffn=``."""
+
+
+__all__ += ["InvalidMoEConfigError", "FFNNotFoundError"]

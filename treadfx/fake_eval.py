@@ -44,6 +44,23 @@ except ImportError:  # pragma: no cover
     _DATA_DEPENDENT = ()
 
 
+@contextlib.contextmanager
+def autocast_cache_off() -> Iterator[None]:
+    """Disable autocast's cast cache while fake tensors flow through the model.
+
+    Under ``torch.autocast`` the cache keeps the low-precision copy of each
+    parameter for the rest of the autocast region; a fake evaluation would
+    otherwise leave fake copies there, and the next real forward in the same
+    region would compute with them.
+    """
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
+
+
 def module_structure_key(m: nn.Module) -> tuple:
     """Everything about a module tree that can change the metadata of its outputs."""
     parts = []

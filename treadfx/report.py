@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .fake_eval import _meta_key, module_structure_key
+from .fake_eval import _meta_key, autocast_cache_off, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
 from .loss import program_token_map
@@ -82,6 +82,7 @@ class Report:
     predicted_routed_flops: int
     trace_seconds: float
     token_map: str = ""
+    diffmoe: Any = None  # DiffMoEStats of a training step (models converted with treadfx.diffmoe), else None
     graph_code: str = dataclasses.field(repr=False, default="")
 
     @property
@@ -91,6 +92,7 @@ class Report:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("graph_code", None)
+        d["diffmoe"] = self.diffmoe.to_dict() if self.diffmoe is not None else None
         d["ideal_speedup"] = self.ideal_speedup
         return d
 
@@ -129,6 +131,9 @@ class Report:
             f"(predicted {self.predicted_routed_flops / 1e9:.3f} G) -> ideal speedup {self.ideal_speedup:.3f}x"
         )
         lines.append(f"  pixel -> token map (route_loss, keep_tokens): {self.token_map}")
+        if self.diffmoe is not None:
+            lines.append("  " + str(self.diffmoe).replace("\n", "\n  ") + "\n  (a training step: each expert takes k "
+                         "tokens of the pool; FLOPs above include the experts, router and predictor)")
         lines.append(f"  trace + analysis + rewrite: {self.trace_seconds:.2f} s")
         return "\n".join(lines)
 
@@ -201,6 +206,34 @@ def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
     return total
 
 
+def _diffmoe_training_stats(m: nn.Module, prog: RoutedProgram):
+    """Planned DiffMoE compute of one training step: pool S = tokens entering each converted block (kept ones inside
+    a route), or None when the model has no DiffMoE layers."""
+    from .moe import diffmoe_layers, diffmoe_stats
+
+    layers = diffmoe_layers(m)
+    if not layers:
+        return None
+    pools: dict[str, int] = {}
+    chain = prog.chain
+    for path, layer in layers:
+        for i, (node, bpath) in enumerate(zip(chain.nodes, chain.paths)):
+            if not path.startswith(bpath + "."):
+                continue
+            inside = [plan for plan in prog.plans if plan.start <= i <= plan.end]
+            # inside a route the block's inputs are gathered values: size them from the stream at route-out
+            # (and after a route from the stream too: the scattered value is a new node without a recorded value)
+            streams = [plan.stream.meta.get("val") for plan in (inside or prog.plans)]
+            vals = streams if inside else [a.meta.get("val") for a in node.all_input_nodes] + streams
+            x = next((v for v in vals if isinstance(v, torch.Tensor) and v.ndim == 3 and v.shape[-1] == layer.dim),
+                     None)
+            if x is None:
+                continue
+            tokens = int(x.shape[1]) - sum(plan.num_tokens - plan.num_keep for plan in inside)
+            pools[path] = int(x.shape[0]) * tokens
+    return diffmoe_stats(m, pools)
+
+
 def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     """Analyse ``model`` on these example inputs and return (printable) :class:`Report`.
 
@@ -214,7 +247,7 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not is_transformed(m):
         m = transform(m)
     st = state_of(m)
-    with _train_mode(m):
+    with _train_mode(m), autocast_cache_off():
         prog = _program_for(m, st, tuple(args), dict(kwargs))
         traced = prog.traced
         ev = traced.evaluator
@@ -265,5 +298,6 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         predicted_routed_flops=predicted,
         trace_seconds=prog.trace_seconds,
         token_map=program_token_map(prog).describe() if prog.plans else "",
+        diffmoe=_diffmoe_training_stats(m, prog),
         graph_code=traced.gm.code,
     )

@@ -42,7 +42,7 @@ from .errors import (
     TransformError,
     UntraceableForwardError,
 )
-from .fake_eval import module_structure_key
+from .fake_eval import autocast_cache_off, module_structure_key
 from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
 from .ops import RouteSelect, num_kept
 from .planning import RoutePlan, plan_route
@@ -532,7 +532,15 @@ def _image_input_index(prog: TracedProgram, config: TransformConfig) -> int:
 
 
 def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
-    """Trace, analyse, plan and rewrite for this call; raises TransformError subclasses with fixes."""
+    """Trace, analyse, plan and rewrite for this call; raises TransformError subclasses with fixes.
+
+    Safe inside ``torch.autocast``: the analysis leaves nothing in autocast's cast cache.
+    """
+    with autocast_cache_off():
+        return _build_program(model, st, args, kwargs)
+
+
+def _build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
     from treadfx.passes.tread import TreadPass
 
     t0 = time.perf_counter()

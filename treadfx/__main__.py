@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--patch", type=int, default=2, choices=[2, 4, 8], help="reference DiT patch size")
     ins.add_argument("--resolution", type=int, default=256, help="image resolution in pixels (latent = /8)")
     ins.add_argument("--batch", type=int, default=2)
-    ins.add_argument("--input", action="append", metavar="SHAPE[:DTYPE]",
+    ins.add_argument("--input", "--input-shape", dest="input", action="append", metavar="SHAPE[:DTYPE]",
                      help="positional example input for a factory, e.g. 2,4,32,32 or 2:long (repeat)")
     ins.add_argument("--kwarg", action="append", metavar="NAME=SHAPE[:DTYPE]", help="keyword example input")
     ins.add_argument("--start", type=int, default=2)

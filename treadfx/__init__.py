@@ -19,6 +19,8 @@ from .api import (
     last_routes,
     original_class,
     prepare,
+    routing_step,
+    set_routing_step,
     routing_guidance,
     set_ratio,
     transform,
@@ -50,7 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
     "original_class", "is_transformed", "Route", "RouteRecord", "inspect", "Report",
-    "keep_tokens", "routing_guidance", "route_loss", "RouteLoss", "token_map", "RatioSchedule",
+    "keep_tokens", "routing_guidance", "routing_step", "set_routing_step", "route_loss", "RouteLoss", "token_map", "RatioSchedule",
     "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",
     "TokenCountError", "UntraceableForwardError", "StreamAnalysisError", "UnroutableRegionError",
     "CompileTimeTraceError",

@@ -216,6 +216,24 @@ def set_ratio(model: nn.Module, ratio: float, route: int | None = None) -> None:
     st.sync_selects()
 
 
+def routing_step(model: nn.Module) -> int:
+    """The forward count that seeded selection (``seed=``) has reached; save it with a checkpoint.
+
+    Seeded routes are a pure function of (seed, route, rank, this count), so
+    ``set_routing_step(model, routing_step(saved))`` on resume continues the
+    exact sequence of routes instead of replaying the first ones.
+    """
+    return state_of(model).routing_step()
+
+
+def set_routing_step(model: nn.Module, step: int) -> None:
+    """Make the next seeded forward draw the routes of forward number ``step`` (works on a compiled model)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TransformError(f"set_routing_step(step={step!r}): step must be an int >= 0. Fix: pass the value "
+                             "treadfx.routing_step(model) returned when the checkpoint was saved.")
+    state_of(model).set_routing_step(step)
+
+
 def last_routes(model: nn.Module) -> list[RouteRecord]:
     """Kept indices of each route in the last routed forward (empty before the first)."""
     st = state_of(model)

@@ -61,6 +61,24 @@ def autocast_cache_off() -> Iterator[None]:
         torch.set_autocast_cache_enabled(enabled)
 
 
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+@contextlib.contextmanager
+def _unsharded(module: nn.Module, evaluator: "FakeEvaluator") -> Iterator[None]:
+    """While shape inference runs ``module.forward`` without hooks, show its FSDP2-sharded (DTensor) parameters
+    as fake full tensors, as FSDP's pre-forward hook would in a real call."""
+    sharded = {n: evaluator.to_fake(p) for n, p in module.named_parameters() if _is_dtensor(p)}
+    if not sharded:
+        yield
+        return
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(module, sharded, strict=False):
+        yield
+
+
 def module_structure_key(m: nn.Module) -> tuple:
     """Everything about a module tree that can change the metadata of its outputs."""
     parts = []
@@ -137,7 +155,12 @@ class FakeEvaluator:
             return t
         hit = self._fakes.get(id(t))
         if hit is None or hit[0] is not t:
-            hit = (t, self.mode.from_tensor(t))
+            if _is_dtensor(t):  # a shard (FSDP2 between forwards): fake the full tensor its forward will see
+                with self.mode:
+                    full = torch.empty(tuple(t.shape), dtype=t.dtype, device=t.device)
+                hit = (t, full.requires_grad_(t.requires_grad) if full.is_floating_point() else full)
+            else:
+                hit = (t, self.mode.from_tensor(t))
             self._fakes[id(t)] = hit
         return hit[1]
 
@@ -167,7 +190,7 @@ class FakeEvaluator:
             return self._rebuild(hit)
         a, k = self.fakeify((args, kwargs))
         try:
-            with self.mode:
+            with self.mode, _unsharded(module, self):
                 # .forward, not __call__: the module's own hooks (FSDP, logging) and a regional
                 # compile wrapper belong to real calls, not to shape inference
                 out = module.forward(*a, **k)

@@ -85,8 +85,6 @@ class RouteSelect(nn.Module):
         self.sorted_order = sorted_order
         self.shared = shared
         self.seed = seed
-        # seeded selection mixes in the distributed rank, so each rank draws its own routes
-        self.rank = _rank()
         self.forced = False
         self.fixed: torch.Tensor | None = None  # indices to use instead of drawing (tests, replays)
 
@@ -108,7 +106,9 @@ class RouteSelect(nn.Module):
         if self.seed is None:
             noise = torch.rand(rows, self.num_tokens, device=ref.device)
         else:
-            noise = hashed_keys(self.seed + self.route_index + (self.rank << 20), step, rows, self.num_tokens,
+            # the distributed rank (read per call: the graph may be traced before init_process_group) is mixed
+            # in, so each rank draws its own routes
+            noise = hashed_keys(self.seed + self.route_index + (_rank() << 20), step, rows, self.num_tokens,
                                 ref.device)
         if keep is not None:
             marked = keep.any(dim=0, keepdim=True) if self.shared else keep

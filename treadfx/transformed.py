@@ -148,6 +148,7 @@ class TreadState:
         self.fixed: list | None = None
         self.keep: torch.Tensor | None = None
         self.steps: dict[str, torch.Tensor] = {}
+        self.base_step = 0  # where new step counters start (set_routing_step, copies, unpickling)
         self.hash_cache: dict[Any, str] = {}
 
     def keep_mask(self, prog: "RoutedProgram", tensors: list) -> torch.Tensor | None:
@@ -186,12 +187,23 @@ class TreadState:
         key = str(device)
         step = self.steps.get(key)
         if step is None:
-            step = torch.zeros((), dtype=torch.int64, device=device)
+            step = torch.full((), self.base_step, dtype=torch.int64, device=device)
             self.steps[key] = step
         return step
 
+    def routing_step(self) -> int:
+        """Forwards counted by seeded selection so far (the largest per-device counter)."""
+        return max([self.base_step] + [int(v) for v in self.steps.values()])
+
+    def set_routing_step(self, step: int) -> None:
+        """Continue seeded selection from forward number ``step`` (in place: compiled graphs keep their input)."""
+        self.base_step = int(step)
+        for v in self.steps.values():
+            v.fill_(int(step))
+
     def __deepcopy__(self, memo):
         new = TreadState(self.config, self.original_class, [])
+        new.base_step = self.routing_step()
         new.forced, new.forced_ratio = self.forced, self.forced_ratio
         memo[id(self)] = new
         return new
@@ -341,7 +353,7 @@ class TreadModule(LazyModuleMixin):
         st: TreadState = self.__dict__["_treadfx"]
         plain = object.__new__(st.original_class)
         plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_treadfx"})
-        return (_rebuild, (plain, st.config))
+        return (_rebuild, (plain, st.config, st.routing_step()))
 
     def extra_repr(self) -> str:
         st: TreadState = self.__dict__["_treadfx"]
@@ -350,10 +362,12 @@ class TreadModule(LazyModuleMixin):
         return (base + ", " if base else "") + f"treadfx routes=[{routes}]"
 
 
-def _rebuild(plain: nn.Module, config: TransformConfig) -> nn.Module:
+def _rebuild(plain: nn.Module, config: TransformConfig, step: int = 0) -> nn.Module:
     from .api import _attach
 
-    return _attach(plain, config)
+    out = _attach(plain, config)
+    out.__dict__["_treadfx"].base_step = step
+    return out
 
 
 _SUBCLASSES: dict[type, type] = {}

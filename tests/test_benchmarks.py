@@ -152,3 +152,23 @@ def test_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
         parse_args(argv + ["--device", "cpu"])
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_diffmoe_benchmark_reports_dense_diffmoe_and_diffmoe_tread():
+    from benchmarks.diffmoe_step import MODELS
+
+    res = _run("benchmarks.diffmoe_step", "--model", "tiny", "--steps", "2", "--warmup", "1", "--json")
+    v = res["variants"]
+    assert list(v) == ["dense", "diffmoe", "diffmoe+tread"]
+    for r in v.values():
+        assert r["time_ratio"] == pytest.approx(r["median_ms"] / v["dense"]["median_ms"], rel=1e-12)
+        assert r["flops_ratio"] == pytest.approx(r["flops_per_step"] / v["dense"]["flops_per_step"], rel=1e-12)
+    # capacity 1.0: the experts together take every pool token once, so the activated parameters are the dense
+    # ones plus, per converted layer (every other block), the router (D*E, no bias) and the predictor (D->D->E)
+    d, e, depth = MODELS["tiny"]["hidden_size"], res["experts"], MODELS["tiny"]["depth"]
+    extra = (depth // 2) * (d * e + d * d + d + d * e + e)
+    assert v["dense"]["activated_params"] == v["dense"]["total_params"]
+    assert v["diffmoe"]["activated_params"] == v["dense"]["total_params"] + extra
+    assert v["diffmoe"]["total_params"] > v["diffmoe"]["activated_params"]  # E expert copies exist
+    # routing halves the tokens of most blocks: fewer FLOPs than DiffMoE alone and than dense
+    assert v["diffmoe+tread"]["flops_per_step"] < v["dense"]["flops_per_step"] < v["diffmoe"]["flops_per_step"]

@@ -222,7 +222,8 @@ def _uvit_t(timesteps, dim):
 # ------------------------------------------------------------------ diffusers: TREAD in forward hooks
 @contextlib.contextmanager
 def routed_by_hooks(chain: Sequence[nn.Module], start: int, end: int, kept: torch.Tensor, *,
-                    out_index: int | None = None, rope_offset: int | None = None, gather_rope: bool = True):
+                    out_index: int | None = None, rope_offset: int | None = None, gather_rope: bool = True,
+                    rope_arg: int | None = None, prefix_at_route_in: int = 0):
     """Route the original diffusers model by hand while it runs its own forward.
 
     Before ``chain[start]``: save the image stream (``hidden_states``, first
@@ -231,6 +232,10 @@ def routed_by_hooks(chain: Sequence[nn.Module], start: int, end: int, kept: torc
     (``[T + N, d]``, text rows first) by the text rows plus the kept image
     rows (``rope_offset`` = T). After ``chain[end]``: put the processed image
     tokens (the output, or its element ``out_index``) back into the saved stream.
+    ``rope_arg``: the position of ``image_rotary_emb`` when blocks get it
+    positionally. ``prefix_at_route_in``: the route ends in a block whose
+    output is ``[text | image]`` concatenated (AuraFlow's single-stream
+    blocks) with this many text tokens in front; only the image part is put back.
     """
     saved: dict[str, torch.Tensor] = {}
 
@@ -244,12 +249,20 @@ def routed_by_hooks(chain: Sequence[nn.Module], start: int, end: int, kept: torc
         return args, kwargs
 
     def side_inputs(mod, args, kwargs):
+        if not gather_rope:
+            return args, kwargs
+        if rope_arg is not None and len(args) > rope_arg:
+            rope = tuple(take_table(tb, kept, rope_offset or 0) for tb in args[rope_arg])
+            return args[:rope_arg] + (rope,) + tuple(args[rope_arg + 1:]), kwargs
         rope = kwargs.get("image_rotary_emb")
-        if rope is not None and gather_rope:
+        if rope is not None:
             kwargs = {**kwargs, "image_rotary_emb": tuple(take_table(tb, kept, rope_offset) for tb in rope)}
         return args, kwargs
 
     def route_in(mod, args, kwargs, output):
+        if out_index is None and prefix_at_route_in:
+            t = prefix_at_route_in
+            return torch.cat([output[:, :t], put(saved["h"], output[:, t:], kept)], dim=1)
         if out_index is None:
             return put(saved["h"], output, kept)
         out = list(output)
@@ -267,13 +280,66 @@ def routed_by_hooks(chain: Sequence[nn.Module], start: int, end: int, kept: torc
             h.remove()
 
 
-def diffusers_reference(chain_of: Callable[[nn.Module], list], out_index=None, rope_offset=None):
+def diffusers_reference(chain_of: Callable[[nn.Module], list], out_index=None, rope_offset=None, **hook_kwargs):
     def ref(m, routes, kept, *args, gather_side: bool = True, **kwargs):
         (start, end), = routes
         with routed_by_hooks(chain_of(m), start, end, kept[0], out_index=out_index, rope_offset=rope_offset,
-                             gather_rope=gather_side):
+                             gather_rope=gather_side, **hook_kwargs):
             return sample_of(m(*args, **kwargs))
     return ref
+
+
+def hunyuan_reference(m: nn.Module, routes, kept, *args, **kwargs) -> torch.Tensor:
+    """HunyuanDiT with TREAD by hand, in hooks on its blocks, including its long skips.
+
+    Block ``i > L // 2`` concatenates the output of block ``L - 1 - i`` (its
+    skip). As in ``uvit_reference``: a skip produced inside route r and
+    consumed after it is put back into the stream saved at r's route-out; a
+    full skip consumed inside route r is taken with r's indices; RoPE rows
+    (``[N, d]``, image only) are taken in every routed block.
+    """
+    blocks = list(m.blocks)
+    depth = len(blocks)
+    span_of = {i: r for r, (s, e) in enumerate(routes) for i in range(s, e + 1)}
+    saved: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def hook(mod, args, kwargs):
+            h = args[0]
+            for r, (s, _e) in enumerate(routes):
+                if s == i:
+                    saved[r] = h
+                    h = take(h, kept[r])
+            kwargs = dict(kwargs)
+            r = span_of.get(i)
+            if r is not None:
+                kwargs["image_rotary_emb"] = tuple(take_table(tb, kept[r]) for tb in kwargs["image_rotary_emb"])
+            if kwargs.get("skip") is not None:
+                skip, producer = kwargs["skip"], depth - 1 - i
+                made_in = span_of.get(producer)
+                if made_in is not None and made_in != r:  # made inside an earlier route: full again
+                    skip = put(saved[made_in], skip, kept[made_in])
+                if r is not None and made_in != r:
+                    skip = take(skip, kept[r])
+                kwargs["skip"] = skip
+            return (h,) + tuple(args[1:]), kwargs
+        return hook
+
+    def post(i):
+        def hook(mod, args, kwargs, output):
+            for r, (_s, e) in enumerate(routes):
+                if e == i:
+                    output = put(saved[r], output, kept[r])
+            return output
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        return sample_of(m(*args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------ the cases
@@ -361,6 +427,40 @@ def _flux():
     return m
 
 
+def _auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(0)
+    m = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                   num_single_dit_layers=3, attention_head_dim=8, num_attention_heads=2,
+                                   joint_attention_dim=12, caption_projection_dim=16, out_channels=4,
+                                   pos_embed_max_size=16)
+    _randomize_zero_linears(m)
+    return m
+
+
+def _cogview4():
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    m = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
+                                   num_attention_heads=2, out_channels=4, text_embed_dim=12, time_embed_dim=16,
+                                   condition_dim=4, pos_embed_max_size=16, sample_size=8)
+    _randomize_zero_linears(m)
+    return m
+
+
+def _hunyuan():
+    from diffusers import HunyuanDiT2DModel
+
+    torch.manual_seed(0)
+    m = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
+                          hidden_size=16, num_layers=6, cross_attention_dim=12, cross_attention_dim_t5=16,
+                          pooled_projection_dim=8, text_len=5, text_len_t5=5, learn_sigma=False)
+    _randomize_zero_linears(m)
+    return m
+
+
 def _randomize_zero_linears(m: nn.Module) -> None:
     """diffusers zero-initialises some output layers (e.g. PixArt's); make every layer matter."""
     g = _gen(123)
@@ -396,6 +496,29 @@ def _flux_inputs():
         "encoder_hidden_states": torch.randn(BATCH, 5, 12, generator=g),
         "pooled_projections": torch.randn(BATCH, 10, generator=g), "timestep": torch.tensor([0.1, 0.2]),
         "img_ids": torch.randn(16, 3, generator=g), "txt_ids": torch.randn(5, 3, generator=g)}
+
+
+def _text_image_inputs(seed, text_dim=12):
+    g = _gen(seed)
+    return (torch.randn(BATCH, 4, 8, 8, generator=g),), {
+        "encoder_hidden_states": torch.randn(BATCH, 5, text_dim, generator=g),
+        "timestep": torch.tensor([100.0, 200.0])}
+
+
+def _cogview4_inputs():
+    args, kwargs = _text_image_inputs(6)
+    size = torch.tensor([[64.0, 64.0]] * BATCH)
+    return args, {**kwargs, "original_size": size, "target_size": size, "crop_coords": torch.zeros(BATCH, 2)}
+
+
+def _hunyuan_inputs():
+    args, kwargs = _text_image_inputs(7)
+    g = _gen(8)
+    return args, {**kwargs, "text_embedding_mask": torch.ones(BATCH, 5),
+                  "encoder_hidden_states_t5": torch.randn(BATCH, 5, 16, generator=g),
+                  "text_embedding_mask_t5": torch.ones(BATCH, 5), "image_meta_size": torch.randn(BATCH, 6, generator=g),
+                  "style": torch.zeros(BATCH, dtype=torch.long),
+                  "image_rotary_emb": (torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g))}
 
 
 def _flux_chain(m):
@@ -441,6 +564,16 @@ CASES: dict[str, Case] = {c.id: c for c in [
     # a route from the double-stream into the single-stream blocks; RoPE [T + N, d], no batch dim
     Case("diffusers_flux", _flux, _flux_inputs, [(1, 3, 0.5)],
          diffusers_reference(_flux_chain, out_index=1, rope_offset=5)),
+    # joint (MMDiT) blocks into single blocks that take [8 registers | 5 text | image] concatenated
+    Case("diffusers_auraflow", _auraflow, lambda: _text_image_inputs(9), [(1, 2, 0.5)],
+         diffusers_reference(lambda m: list(m.joint_transformer_blocks) + list(m.single_transformer_blocks),
+                             out_index=None, prefix_at_route_in=13)),
+    # joint attention, RoPE (cos, sin) [N, d] over the image tokens only, passed positionally
+    Case("diffusers_cogview4", _cogview4, _cogview4_inputs, [(1, 2, 0.5)],
+         diffusers_reference(lambda m: list(m.transformer_blocks), out_index=0, rope_arg=3)),
+    # U-Net-like long skips (block i > 3 concatenates block 5 - i's output), RoPE [N, d]; route 0 makes the
+    # skip of block 4, route 1 consumes the skips of blocks 1 and 0
+    Case("diffusers_hunyuan_skips", _hunyuan, _hunyuan_inputs, [(1, 2, 0.5), (4, 5, 0.25)], hunyuan_reference),
 ]}
 
 

@@ -70,6 +70,22 @@ EXPECTED = {
     "diffusers_flux": ("shared", "random", "[image 16]",
                        [{(G, "token stream"): 1, (P, "text stream"): 2, (P, "conditioning"): 1,
                          (G, "side input"): 2, (S, "token stream"): 1}]),
+    # the registers + text stream goes through the joint block untouched; the route ends in a single block,
+    # whose output is [registers | text | image]: its image part is scattered
+    "diffusers_auraflow": ("per_sample", "random", "[image 16]",
+                           [{(G, "token stream"): 1, (P, "text stream"): 1, (P, "conditioning"): 1,
+                             (S, "token stream"): 1}]),
+    # RoPE over image tokens only, no batch dim: shared selection; the text stream goes in and out untouched
+    "diffusers_cogview4": ("shared", "random", "[image 16]",
+                           [{(G, "token stream"): 1, (P, "text stream"): 2, (P, "conditioning"): 1,
+                             (G, "side input"): 2, (S, "token stream"): 1}]),
+    # route 0 (blocks 1..2) makes the skip block 4 consumes: scattered; route 1 (blocks 4..5) consumes the skips
+    # of blocks 1 and 0: gathered. Text (CLIP + T5 concatenated) passes; RoPE [N, d] is gathered in both routes
+    "diffusers_hunyuan_skips": ("shared", "random", "[image 16]",
+                                [{(G, "token stream"): 1, (P, "text stream"): 1, (P, "conditioning"): 1,
+                                  (G, "side input"): 2, (S, "skip connection"): 1, (S, "token stream"): 1},
+                                 {(G, "token stream"): 1, (P, "text stream"): 1, (P, "conditioning"): 1,
+                                  (G, "side input"): 2, (G, "skip connection"): 2, (S, "token stream"): 1}]),
 }
 
 
@@ -178,3 +194,49 @@ def test_unsupported_pattern_names_the_block_and_the_tensor():
     # and in eval the model still runs as the original
     tm.eval()
     assert tm(torch.randn(2, 16, 3)).shape == (2, 16, 8)
+
+
+def test_sana_grid_ffn_is_refused_naming_the_block_and_the_operation():
+    """Sana's Mix-FFN folds the tokens back into the H x W grid for a depthwise conv: not token-wise, never routed."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                               num_layers=3, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                               cross_attention_dim=16, caption_channels=12, sample_size=8, patch_size=1)
+    tm = treadfx.transform(m, start=1, end=1, ratio=0.5)
+    x, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12), torch.tensor([10.0, 20.0])
+    with pytest.raises(treadfx.UnroutableRegionError) as e:
+        tm(x, encoder_hidden_states=text, timestep=t)
+    msg = str(e.value)
+    assert msg.startswith("route 0 (chain blocks 1..1): block `transformer_blocks.1` cannot run on the kept tokens "
+                          "(63 of 64 in the probe). Inputs: output of `transformer_blocks.0`=[2, 64, 16]")
+    assert "unflatten: Provided sizes [8, 8] don't multiply up to the size of dim 1 (63)" in msg
+    assert msg.endswith("treadfx never routes a region it cannot prove shape-consistent.")
+    tm.eval()
+    m.eval()
+    with torch.no_grad():  # the refused model is still the original in eval
+        assert torch.equal(tm(x, encoder_hidden_states=text, timestep=t).sample,
+                           m(x, encoder_hidden_states=text, timestep=t).sample)
+
+
+def test_lumina2_data_dependent_forward_is_refused_naming_the_line():
+    """Lumina2 reads mask lengths as Python numbers outside its blocks: a graph specialised on shapes cannot hold it."""
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    m = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=3,
+                                  num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+                                  cap_feat_dim=12, axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tm = treadfx.transform(m, start=1, end=1, ratio=0.5)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.rand(2),
+                  encoder_hidden_states=torch.randn(2, 5, 12), encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(treadfx.UntraceableForwardError) as e:
+        tm(**inputs)
+    msg = str(e.value)
+    assert msg.startswith("the forward computes a value that depends on tensor data at ")
+    assert "transformer_lumina2.py" in msg and "`l_effective_cap_len = attention_mask.sum(dim=1).tolist()`" in msg
+    assert msg.endswith("Fix: move this computation inside one of the repeated blocks (blocks run their own code), "
+                        "or pass the value as a Python number.")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the model is left as it was

@@ -2,7 +2,8 @@
 
 Our own backbones (``treadfx.models``: SiT/LightningDiT with 2D RoPE, U-ViT,
 a Mamba-style SSM, a ViT with class and register tokens) and diffusers' DiT,
-PixArt-alpha, SD3 (MMDiT) and Flux, with tiny random configurations. For each:
+PixArt-alpha, SD3 (MMDiT), Flux, AuraFlow, CogView4 and HunyuanDiT (long
+skips), with tiny random configurations. For each:
 
 * eval output equals the original model exactly;
 * a training step runs forward + backward, reaches the same parameters as the
@@ -113,13 +114,17 @@ def test_fixed_routes_match_hand_written_reference(case_id):
     # the same modules run the same operations on the same values: bit-identical
     assert torch.equal(out, ref)
     w = torch.randn_like(out)
-    for a, b in zip(_grads(out, tm, w), _grads(ref, m, w)):
+    grads, ref_grads = _grads(out, tm, w), _grads(ref, m, w)
+    # parameters whose exact gradient is 0 (a key bias under softmax) carry rounding noise only: floor the
+    # tolerance at a small fraction of the largest gradient of the model
+    floor = 1e-5 * max(float(b.abs().max()) for b in ref_grads if b is not None)
+    for a, b in zip(grads, ref_grads):
         assert (a is None) == (b is None)
         if a is not None:
             # gradients of the saved stream are summed from the gather and the scatter in an order that
             # depends on the autograd graph (treadfx: gather/scatter; reference: indexing/index_put)
             # (U-ViT skips add more such sums), so compare relative to the gradient's scale
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + floor)
 
 
 @pytest.mark.parametrize("case_id", IDS)

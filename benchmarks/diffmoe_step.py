@@ -32,6 +32,7 @@ MODELS = {
 
 
 def build(name: str, variant: str, args, device: torch.device) -> torch.nn.Module:
+    """The tiny/S/B DiT of ``name`` as ``variant`` (dense, diffmoe or diffmoe+tread), seeded identically."""
     torch.manual_seed(0)
     m = DiT(**MODELS[name], class_dropout_prob=0.1)
     if variant != "dense":
@@ -43,6 +44,7 @@ def build(name: str, variant: str, args, device: torch.device) -> torch.nn.Modul
 
 
 def make_step(model, opt, batch, device, amp):
+    """A closure running one training step (rectified-flow loss + ``diffmoe_loss``, backward, AdamW)."""
     x, t, y = batch
 
     def step():
@@ -60,6 +62,7 @@ def make_step(model, opt, batch, device, amp):
 
 
 def run(args) -> dict:
+    """Time all variants interleaved; return per-variant median step time, FLOPs and parameter counts with ratios to dense."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda"
     cfg = MODELS[args.model]
@@ -111,6 +114,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    """Command-line entry point: parse flags, run, print a table or one JSON object."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.diffmoe_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
     p.add_argument("--steps", type=int, default=10)

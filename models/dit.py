@@ -26,6 +26,7 @@ __all__ = [
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x * (1 + scale) + shift`` with per-sample ``shift``/``scale`` broadcast over tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -115,6 +116,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Token-wise feed-forward ``fc1 -> GELU(tanh) -> fc2``, as in DiT."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -144,6 +147,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and linear projection of each token to its patch of output channels."""
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -157,6 +162,8 @@ class FinalLayer(nn.Module):
 
 @dataclass(frozen=True)
 class DiTConfig:
+    """The constructor arguments of ``DiT`` (defaults: DiT-XL/2 at 256 px latents)."""
+
     input_size: int = 32
     patch_size: int = 2
     in_channels: int = 4
@@ -262,6 +269,7 @@ class DiT(nn.Module):
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """The fixed 2D sin-cos position table of the DiT paper, ``[grid_size**2, embed_dim]``, row-major."""
     grid_h = np.arange(grid_size, dtype=np.float32)
     grid_w = np.arange(grid_size, dtype=np.float32)
     grid = np.meshgrid(grid_w, grid_h)
@@ -300,16 +308,20 @@ def dit(size: str = "XL", patch: int = 2, **kwargs) -> DiT:
 
 
 def DiT_S_2(**kw) -> DiT:
+    """DiT-S/2 (depth 12, width 384, 6 heads, patch 2)."""
     return dit("S", 2, **kw)
 
 
 def DiT_B_2(**kw) -> DiT:
+    """DiT-B/2 (depth 12, width 768, 12 heads, patch 2)."""
     return dit("B", 2, **kw)
 
 
 def DiT_L_2(**kw) -> DiT:
+    """DiT-L/2 (depth 24, width 1024, 16 heads, patch 2)."""
     return dit("L", 2, **kw)
 
 
 def DiT_XL_2(**kw) -> DiT:
+    """DiT-XL/2 (depth 28, width 1152, 16 heads, patch 2)."""
     return dit("XL", 2, **kw)

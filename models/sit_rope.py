@@ -144,6 +144,8 @@ class SiTRoPEBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated norm and linear projection of each token to its patch of output channels."""
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False)
@@ -159,6 +161,8 @@ class FinalLayer(nn.Module):
 
 @dataclass(frozen=True)
 class SiTRoPEConfig:
+    """The constructor arguments of ``SiTRoPE``."""
+
     input_size: int = 32
     patch_size: int = 2
     in_channels: int = 4

@@ -124,6 +124,8 @@ class SSMBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated norm and linear projection of each token to its patch of output channels."""
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -137,6 +139,8 @@ class FinalLayer(nn.Module):
 
 @dataclass(frozen=True)
 class SSMConfig:
+    """The constructor arguments of ``DiffusionSSM``."""
+
     input_size: int = 32
     patch_size: int = 2
     in_channels: int = 4

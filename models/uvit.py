@@ -47,6 +47,8 @@ def unpatchify(x: torch.Tensor, channels: int = 3) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (fused qkv, scaled dot-product)."""
+
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None):
         super().__init__()
         self.num_heads = num_heads
@@ -64,6 +66,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Token-wise feed-forward ``fc1 -> GELU -> fc2``."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -110,6 +114,8 @@ class PatchEmbed(nn.Module):
 
 @dataclass(frozen=True)
 class UViTConfig:
+    """The constructor arguments of ``UViT``."""
+
     img_size: int = 32
     patch_size: int = 2
     in_chans: int = 4

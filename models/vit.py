@@ -34,6 +34,8 @@ __all__ = ["DiffusionViT", "ViTBlock", "ViTConfig", "diffusion_vit", "tiny_vit"]
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (fused qkv, scaled dot-product)."""
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
@@ -50,6 +52,8 @@ class Attention(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT / timm ``LayerScale``)."""
+
     def __init__(self, dim: int, init_values: float = 1e-5):
         super().__init__()
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
@@ -59,6 +63,8 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Token-wise feed-forward ``fc1 -> GELU -> fc2``."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -90,6 +96,8 @@ class ViTBlock(nn.Module):
 
 @dataclass(frozen=True)
 class ViTConfig:
+    """The constructor arguments of ``DiffusionViT``."""
+
     img_size: int = 32
     patch_size: int = 2
     in_chans: int = 4

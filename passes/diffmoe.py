@@ -303,6 +303,8 @@ def _check_number(name: str, value: Any, ok, rule: str, fix: str) -> float:
 
 @dataclasses.dataclass
 class DiffMoEConfig:
+    """The validated arguments of ``diffmoe`` (experts, capacity, which blocks, predictor and threshold settings)."""
+
     num_experts: int = 8
     capacity: float = 1.0
     interleave: bool = True

@@ -100,6 +100,7 @@ def _cmd_demo(ns: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `python -m treadfx` argument parser: the `demo` and `inspect` commands and their flags."""
     p = argparse.ArgumentParser(prog="python -m treadfx", description="TREAD token routing as a torch.fx pass.")
     sub = p.add_subparsers(dest="command", metavar="{demo,inspect}")
     sub.add_parser("demo", help="train a small DiT dense vs TREAD on a bundled data set (python -m treadfx demo -h)",

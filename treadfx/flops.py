@@ -46,4 +46,5 @@ def fwd_bwd_flops(evaluator: FakeEvaluator, fn: Callable[..., Any], args: tuple,
 
 
 def module_params(module: nn.Module) -> list[torch.Tensor]:
+    """The trainable parameters of ``module`` (those a backward pass computes gradients for)."""
     return [p for p in module.parameters() if p.requires_grad]

@@ -34,6 +34,8 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
+    """A run of ``length`` tokens of one kind (image, text or extra) along the token axis."""
+
     kind: str  # "image" | "text" | "extra"
     length: int
 
@@ -58,6 +60,7 @@ class TokenInfo:
 
 
 def layout_str(layout: Layout) -> str:
+    """The layout as printed by ``inspect``, e.g. ``[extra 1 | image 256]``."""
     return "[" + " | ".join(f"{s.kind} {s.length}" for s in layout) + "]"
 
 

@@ -51,6 +51,7 @@ def token_map(model) -> TokenMap:
 
 
 def program_token_map(prog: RoutedProgram) -> TokenMap:
+    """The pixel->token map of a routed program, derived once from its patch embedding and cached on it."""
     tm = getattr(prog, "token_map", None)
     if tm is None:
         plan = prog.plans[0]

@@ -30,6 +30,8 @@ __all__ = ["Report", "RouteReport", "inspect"]
 
 @dataclasses.dataclass
 class TensorDecision:
+    """What a route does with one tensor (gather, scatter, pass or keep), its role, and why."""
+
     action: str
     name: str
     role: str
@@ -40,6 +42,8 @@ class TensorDecision:
 
 @dataclasses.dataclass
 class RouteReport:
+    """One route as planned: its blocks, ratio, kept count, selection, order and tensor decisions."""
+
     index: int
     start: int
     end: int
@@ -59,6 +63,8 @@ class RouteReport:
 
 @dataclasses.dataclass
 class ChainReport:
+    """One chain of repeated blocks found in the graph, with its blocks' paths and classes."""
+
     index: int
     name: str
     length: int

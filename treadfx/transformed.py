@@ -55,6 +55,8 @@ __all__ = ["TransformConfig", "TreadState", "RoutedProgram", "TreadModule", "is_
 
 @dataclasses.dataclass
 class TransformConfig:
+    """The validated arguments of ``transform`` (routes and options), shared by every traced graph of the model."""
+
     routes: tuple[Route, ...]
     chain: str | int | None = None
     stream: str | None = None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import treadfx
-from treadfx.models.dit import TimestepEmbedder
+from treadfx.models.dit import DiT, TimestepEmbedder
 
 from helpers import dit_inputs, random_dit, random_kept, reference_tread
 
@@ -169,3 +169,31 @@ def test_fp32_after_route_is_a_no_op_without_autocast_and_in_eval(setup):
     m.eval()
     with autocast():
         assert torch.equal(tm(x, t, y), m(x, t, y))
+
+
+def test_a_model_traced_in_fp32_does_not_leak_dtypes_into_a_later_trace_under_cpu_autocast():
+    """Shape inference is memoised process-wide per module structure; CPU autocast must be part of that key.
+
+    Regression: after a model of the same structure was traced without autocast (here a trace that then
+    failed on overlapping routes), tracing a second one under CPU autocast reused float32 output dtypes of
+    the first while other modules computed in bfloat16, and planning failed ("output 0 has shape [...]
+    torch.bfloat16 instead of [...] torch.float32").
+    """
+    def model():
+        torch.manual_seed(0)
+        return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2, num_classes=10,
+                   class_dropout_prob=0.0, zero_init=False)
+
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randint(0, 10, (2,))
+    with pytest.raises(treadfx.InvalidRouteError):  # an fp32 trace fills the memo, then fails
+        treadfx.transform(model(), routes=[(0, 2, 0.5), (2, 4, 0.5)])(x, t, y)
+    second = model()
+    tm = treadfx.transform(second, start=1, end=2, fp32_after_route=True)
+    with autocast():
+        dense = second(x, t, y)
+        tm(x, t, y)  # traced and planned under autocast
+        routed = tm(x, t, y)
+    assert routed.dtype == dense.dtype == BF16 and routed.shape == dense.shape
+    tm.eval()
+    with autocast():
+        assert torch.equal(tm(x, t, y), second.eval()(x, t, y))

@@ -44,6 +44,25 @@ except ImportError:  # pragma: no cover
     _DATA_DEPENDENT = ()
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def dtype_state() -> tuple:
+    """Everything global that decides output dtypes: autocast on/off and its dtype per device type, default dtype.
+
+    Part of the key of the process-wide output-metadata memo, so a module
+    evaluated outside autocast is never reused for a call inside it (CPU
+    autocast included: ``torch.is_autocast_enabled()`` alone only sees CUDA).
+    """
+    out: list = [torch.get_default_dtype()]
+    for dev in _AUTOCAST_DEVICES:
+        try:
+            out.append((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        except (RuntimeError, TypeError, AttributeError, ValueError):  # device type unknown to this build
+            continue
+    return tuple(out)
+
+
 @contextlib.contextmanager
 def autocast_cache_off() -> Iterator[None]:
     """Disable autocast's cast cache while fake tensors flow through the model.
@@ -184,7 +203,7 @@ class FakeEvaluator:
         if sk is None:
             sk = module_structure_key(module)
             self._structure[id(module)] = sk
-        key = (sk, _meta_key((args, kwargs)), torch.is_grad_enabled(), torch.is_autocast_enabled())
+        key = (sk, _meta_key((args, kwargs)), torch.is_grad_enabled(), dtype_state())
         hit = _OUTPUT_META.get(key)
         if hit is not None:
             return self._rebuild(hit)

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from treadfx.blocks import find_block_candidates
 from treadfx.errors import FFNNotFoundError, InvalidMoEConfigError, NoBlocksFoundError, TransformError
+from treadfx.graph_walk import depends_on, feeds_output
 from treadfx.moe import DiffMoELayer, diffmoe_layers
 
 __all__ = ["diffmoe", "DiffMoEPass", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices"]
@@ -132,32 +133,6 @@ class _ChildLeafTracer(fx.Tracer):
         return id(m) in self._leaf_ids or super().is_leaf_module(m, qualname)
 
 
-def _depends_on(node: fx.Node, sources: set) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in sources:
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
-
-
-def _feeds_output(node: fx.Node) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "output":
-            return True
-        stack.extend(n.users)
-    return False
-
-
 def _leaf_names(block: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     return [block.get_submodule(n) for n in names]
 
@@ -176,7 +151,7 @@ def _graph_filter_fx(block: nn.Module, cands: dict[str, tuple[int, int]]) -> dic
     keep = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in cands and node.args and isinstance(node.args[0], fx.Node):
-            if _depends_on(node.args[0], tokens) and _feeds_output(node):
+            if depends_on(node.args[0], tokens) and feeds_output(node):
                 keep[node.target] = cands[node.target]
     return keep
 
@@ -208,7 +183,7 @@ def _graph_filter_traced(block: nn.Module, cands: dict[str, tuple[int, int]], ar
             continue
         token_inputs = {p for p in phs if isinstance(p.meta.get("val"), torch.Tensor)
                         and p.meta["val"].ndim >= 2 and p.meta["val"].shape[-1] == D}
-        if _depends_on(node.args[0], token_inputs) and _feeds_output(node):
+        if depends_on(node.args[0], token_inputs) and feeds_output(node):
             keep[name] = cands[name]
     return keep
 

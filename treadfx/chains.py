@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from .blocks import BlockCandidate
 from .errors import InvalidRouteError
+from .graph_walk import upstream
 
 __all__ = ["Chain", "find_chains", "resolve_index"]
 
@@ -61,19 +62,8 @@ class Chain:
 
 def _block_predecessors(node: fx.Node, block_set: set[fx.Node]) -> set[fx.Node]:
     """Block calls whose output reaches ``node`` without passing through another block call."""
-    found: set[fx.Node] = set()
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in block_set:
-            found.add(n)
-            continue
-        stack.extend(n.all_input_nodes)
-    return found
+    walked = upstream(node.all_input_nodes, expand=lambda n: n not in block_set)
+    return {n for n in walked if n in block_set}
 
 
 def find_chains(gm: fx.GraphModule, candidates: list[BlockCandidate], model_root: str) -> list[Chain]:

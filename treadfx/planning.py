@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 from .chains import Chain
 from .errors import StreamAnalysisError, UnroutableRegionError
 from .fake_eval import FakeEvaluator, fake_like, quiet_fake_tensor_logs
+from .graph_walk import depends_on, upstream
 from .layout import Layout, LayoutAnalysis, Segment, TokenInfo, image_span, layout_str, side_input_layout
 from .ops import num_kept
 from .routes import Route
@@ -97,29 +98,8 @@ def region_of(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> list[fx.Node
             continue
         if started and any(i in forward for i in n.all_input_nodes):
             forward.add(n)
-    backward: set[fx.Node] = {last}
-    stack = [last]
-    while stack:
-        n = stack.pop()
-        for i in n.all_input_nodes:
-            if i not in backward:
-                backward.add(i)
-                stack.append(i)
+    backward = set(upstream([last]))
     return [n for n in gm.graph.nodes if n in forward and n in backward]
-
-
-def _depends_on(node: fx.Node, targets: set[fx.Node]) -> bool:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in targets:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
 
 
 def _probe_count(n_img: int, sizes: set[int]) -> int:
@@ -380,16 +360,7 @@ def _inputs_of(node: fx.Node) -> list[fx.Node]:
 
 def _direct_block_source(node: fx.Node, chain_set: set[fx.Node]) -> fx.Node | None:
     """The chain block whose output this value is (through getitem / non-block ops), if any."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in chain_set:
-            return n
-        stack.extend(n.all_input_nodes)
-    return None
+    return next((n for n in upstream([node]) if n in chain_set), None)
 
 
 def _initial_decision(inp: fx.Node, stream: fx.Node, analysis: LayoutAnalysis, n_img: int,
@@ -402,7 +373,7 @@ def _initial_decision(inp: fx.Node, stream: fx.Node, analysis: LayoutAnalysis, n
     if isinstance(info, TokenInfo) and info.has_image():
         off, n = image_span(info.layout)
         if n == n_img:
-            from_block = _depends_on(inp, chain_set)
+            from_block = depends_on(inp, chain_set)
             role = "skip connection" if from_block else "per-token input"
             why = ("a block output from before the route, consumed inside it" if from_block
                    else "batched tensor aligned with the image tokens")

@@ -43,6 +43,7 @@ from .errors import (
     UntraceableForwardError,
 )
 from .fake_eval import autocast_cache_off, module_structure_key
+from .graph_walk import upstream
 from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
 from .ops import RouteSelect, num_kept
 from .planning import RoutePlan, plan_route
@@ -475,18 +476,12 @@ def _residual_sources(module: nn.Module, node) -> dict[int, int]:
         if not isinstance(out_node, fx.Node):
             continue
         shape = tuple(out_node.meta["val"].shape)
-        reached, stack, seen = set(), [out_node], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
+
+        def same_shape(n: fx.Node, shape=shape) -> bool:
             v = n.meta.get("val")
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
-                continue
-            if n in ph_index:
-                reached.add(ph_index[n])
-            stack.extend(n.all_input_nodes)
+            return isinstance(v, torch.Tensor) and tuple(v.shape) == shape
+
+        reached = {ph_index[n] for n in upstream([out_node], expand=same_shape) if n in ph_index and same_shape(n)}
         if len(reached) == 1:
             pos = inner.out_tensor_positions[j] if j < len(inner.out_tensor_positions) else j
             result[pos] = next(iter(reached))

@@ -24,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import treadfx
 from treadfx.models.dit import DiT
 
+from . import flags
+
 MODELS = {
     "tiny": dict(input_size=16, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=10),
     "S": dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6, num_classes=1000),
@@ -117,15 +119,15 @@ def main(argv=None) -> dict:
     """Command-line entry point: parse flags, run, print a table or one JSON object."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.diffmoe_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--capacity", type=float, default=1.0)
+    p.add_argument("--steps", type=flags.positive_int("--steps"), default=10)
+    p.add_argument("--warmup", type=flags.positive_int("--warmup"), default=2)
+    p.add_argument("--batch", type=flags.positive_int("--batch"), default=8)
+    p.add_argument("--experts", type=flags.positive_int("--experts"), default=8)
+    p.add_argument("--capacity", type=flags.positive_float("--capacity"), default=1.0)
     p.add_argument("--all-blocks", action="store_true", help="convert every block (default: every other block)")
     p.add_argument("--start", type=int, default=1)
     p.add_argument("--end", type=int, default=-2)
-    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--ratio", type=flags.ratio(), default=0.5)
     p.add_argument("--no-tread", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -33,6 +33,7 @@ import torch
 from treadfx.models.dit import DiTBlock
 from treadfx.ops import RouteGather, RouteScatter, RouteSelect, num_kept
 
+from . import flags
 from .timing import environment, steady_cpu_allocator, summarize, time_calls
 
 __all__ = ["IMPLEMENTATIONS", "route_fn", "run", "main"]
@@ -184,30 +185,18 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _positive(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (errors exit with status 2 and name the flag)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.route_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cuda if available, else cpu")
-    p.add_argument("--batch", type=_positive("--batch"), default=None, help="B (cuda 16, cpu 4)")
-    p.add_argument("--tokens", type=_positive("--tokens"), default=None, help="N (cuda 1024, cpu 256)")
-    p.add_argument("--dim", type=_positive("--dim"), default=None, help="D (cuda 1152, cpu 384)")
+    p.add_argument("--batch", type=flags.positive_int("--batch"), default=None, help="B (cuda 16, cpu 4)")
+    p.add_argument("--tokens", type=flags.positive_int("--tokens"), default=None, help="N (cuda 1024, cpu 256)")
+    p.add_argument("--dim", type=flags.positive_int("--dim"), default=None, help="D (cuda 1152, cpu 384)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens skipped (0.5)")
     p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
-    p.add_argument("--steps", type=_positive("--steps"), default=50, help="timed calls (50)")
-    p.add_argument("--warmup", type=_positive("--warmup"), default=5, help="warm-up calls (5)")
+    p.add_argument("--steps", type=flags.positive_int("--steps"), default=50, help="timed calls (50)")
+    p.add_argument("--warmup", type=flags.positive_int("--warmup"), default=5, help="warm-up calls (5)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     argv = list(sys.argv[1:] if argv is None else argv)

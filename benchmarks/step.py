@@ -43,6 +43,7 @@ import torch.nn as nn
 import treadfx
 
 from .reference_tread import ReferenceTread
+from . import flags
 from .timing import (
     DynamoCounts, PeakMemory, environment, free_memory, reset_dynamo, steady_cpu_allocator, summarize, time_calls,
 )
@@ -383,27 +384,6 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _positive(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
-
-
-def _ratio(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratio must be a number, got {s!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"--ratio must be in [0, 1), got {v}")
-    return v
 
 
 def parser() -> argparse.ArgumentParser:
@@ -412,18 +392,18 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default="tiny", help="workload preset (tiny)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cuda if available, else cpu")
-    p.add_argument("--batch", type=_positive("--batch"), default=None,
+    p.add_argument("--batch", type=flags.positive_int("--batch"), default=None,
                    help="batch size (per preset: dit-b2 256, dit-xl2 128 on cuda; small on cpu)")
     p.add_argument("--compile", choices=list(COMPILE_MODES) + ["all"], default="none",
                    help="none | model (torch.compile of the module) | blocks (block.compile() per block) | all")
-    p.add_argument("--steps", type=_positive("--steps"), default=20, help="timed steps per variant (20)")
-    p.add_argument("--warmup", type=_positive("--warmup"), default=3, help="warm-up steps per variant (3)")
+    p.add_argument("--steps", type=flags.positive_int("--steps"), default=20, help="timed steps per variant (20)")
+    p.add_argument("--warmup", type=flags.positive_int("--warmup"), default=3, help="warm-up steps per variant (3)")
     p.add_argument("--order", choices=["sequential", "interleaved"], default="sequential",
                    help="sequential: each variant alone, freed before the next (default); interleaved: all built, "
                         "then timed round-robin one step each (robust to load drift on a shared CPU)")
     p.add_argument("--start", type=int, default=None, help="first routed block (min(2, depth//4))")
     p.add_argument("--end", type=int, default=None, help="last routed block, inclusive (depth - min(4, depth//4+1))")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of image tokens that skip the route (0.5)")
+    p.add_argument("--ratio", type=flags.ratio(), default=0.5, help="fraction of image tokens that skip the route (0.5)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of dense,reference,treadfx,reference_fp32,treadfx_fp32")
     p.add_argument("--official-fp32", action="store_true",
@@ -432,7 +412,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="torch.profiler breakdown of a treadfx step")
     p.add_argument("--transform-only", action="store_true",
                    help="only time treadfx.transform + prepare (and the FLOP limit), no training steps")
-    p.add_argument("--repeats", type=_positive("--repeats"), default=3, help="transform repeats (--transform-only)")
+    p.add_argument("--repeats", type=flags.positive_int("--repeats"), default=3, help="transform repeats (--transform-only)")
     p.add_argument("--system-malloc", action="store_true",
                    help="cpu: leave glibc malloc as is (default: no mmap / no trim between steps, see timing.py)")
     p.add_argument("--warm-cache", action="store_true",

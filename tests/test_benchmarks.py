@@ -154,6 +154,19 @@ def test_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--experts", "0"], "--experts must be >= 1, got 0"), (["--steps", "two"], "--steps must be an integer, got 'two'"),
+    (["--capacity", "0"], "--capacity must be > 0, got 0.0"), (["--ratio", "1"], "--ratio must be in [0, 1), got 1.0"),
+])
+def test_diffmoe_benchmark_bad_flags_exit_2_with_the_message(argv, message, capsys):
+    from benchmarks.diffmoe_step import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_diffmoe_benchmark_reports_dense_diffmoe_and_diffmoe_tread():
     from benchmarks.diffmoe_step import MODELS
 

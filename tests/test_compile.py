@@ -28,12 +28,7 @@ def inputs(batch: int = 3):
     return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def graphs() -> int:

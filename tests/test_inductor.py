@@ -35,12 +35,7 @@ def inputs(batch: int = 3):
             torch.randint(0, 10, (batch,), generator=g))
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _grads(model, out, w):

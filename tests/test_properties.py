@@ -50,6 +50,23 @@ def active_route(prog, draw_index: int):
     return live[draw_index % len(live)] if live else None
 
 
+def probe_route(case, pick: int):
+    """Run one routed forward of a drawn case and read one live route's values: (model, args, plan,
+    kept indices, stream at route-out, stream after route-in), or None if no route drops tokens."""
+    cfg, routes, seed = case
+    m, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    plan = active_route(prog, pick)
+    if plan is None:
+        return None
+    nodes = route_nodes(prog.gm, plan.index)
+    probe = GraphProbe(prog.gm)
+    probe.run(*args)
+    select = nodes["select"][0]
+    return (m, args, plan, probe.values[select.name], probe.values[select.args[0].name],
+            probe.values[nodes["scatter"][0].name])
+
+
 @given(cases())
 def test_output_shape_preserved(case):
     cfg, routes, seed = case
@@ -103,36 +120,20 @@ def test_matches_hand_written_tread_exactly(case, pick):
 
 @given(cases(), st.integers(0, 10))
 def test_skipped_tokens_leave_bit_identical(case, pick):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    plan = active_route(prog, pick)
-    if plan is None:
+    probed = probe_route(case, pick)
+    if probed is None:
         return
-    nodes = route_nodes(prog.gm, plan.index)
-    probe = GraphProbe(prog.gm)
-    probe.run(*args)
-    kept = probe.values[nodes["select"][0].name]
-    stream = probe.values[nodes["select"][0].args[0].name]
-    restored = probe.values[nodes["scatter"][0].name]
+    _, _, _, kept, stream, restored = probed
     skipped = torch.ones(stream.shape[:2], dtype=torch.bool).scatter(1, kept, False)
     assert torch.equal(restored[skipped], stream[skipped])
 
 
 @given(cases(), st.integers(0, 10))
 def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, pick):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    plan = active_route(prog, pick)
-    if plan is None:
+    probed = probe_route(case, pick)
+    if probed is None:
         return
-    nodes = route_nodes(prog.gm, plan.index)
-    probe = GraphProbe(prog.gm)
-    probe.run(*args)
-    kept = probe.values[nodes["select"][0].name]
-    stream = probe.values[nodes["select"][0].args[0].name]
-    restored = probe.values[nodes["scatter"][0].name]
+    m, args, plan, kept, stream, restored = probed
     _, t, y = args
     c = m.t_embedder(t) + m.y_embedder(y, True)
     h = torch.gather(stream, 1, kept.unsqueeze(-1).expand(-1, -1, stream.shape[-1]))

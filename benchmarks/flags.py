@@ -1,0 +1,52 @@
+"""Argument types shared by the benchmark command lines: each rejects a bad value with a message
+naming the flag and what it accepts (argparse then exits with status 2)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+__all__ = ["positive_int", "positive_float", "ratio"]
+
+
+def positive_int(flag: str) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers >= 1 for ``flag``."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _number(flag: str, s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} must be a number, got {s!r}") from None
+
+
+def ratio(flag: str = "--ratio") -> Callable[[str], float]:
+    """An argparse ``type`` accepting a routing ratio in [0, 1) for ``flag``."""
+    def parse(s: str) -> float:
+        v = _number(flag, s)
+        if not 0.0 <= v < 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {v}")
+        return v
+
+    return parse
+
+
+def positive_float(flag: str) -> Callable[[str], float]:
+    """An argparse ``type`` accepting numbers > 0 for ``flag``."""
+    def parse(s: str) -> float:
+        v = _number(flag, s)
+        if not v > 0.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be > 0, got {v}")
+        return v
+
+    return parse

@@ -116,12 +116,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Token-wise feed-forward ``fc1 -> GELU(tanh) -> fc2``, as in DiT."""
+    """Token-wise feed-forward ``fc1 -> GELU -> fc2``; the tanh-approximated GELU by default, as in DiT
+    (``approximate="none"``: the exact GELU of ViT and U-ViT)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, approximate: str = "tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

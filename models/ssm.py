@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dit import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .dit import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 
 __all__ = [
     "DiffusionSSM", "SSMBlock", "SelectiveSSM", "SSMConfig", "diffusion_ssm", "tiny_ssm",
@@ -121,20 +121,6 @@ class SSMBlock(nn.Module):
         x = x + gate_m.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_m, scale_m))
         x = x + gate_f.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_f, scale_f))
         return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN-modulated norm and linear projection of each token to its patch of output channels."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dit import Mlp
+
 __all__ = ["UViT", "UViTBlock", "UViTConfig", "UVIT_SIZES", "uvit", "tiny_uvit", "timestep_embedding", "unpatchify"]
 
 
@@ -65,19 +67,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
 
-class Mlp(nn.Module):
-    """Token-wise feed-forward ``fc1 -> GELU -> fc2``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class UViTBlock(nn.Module):
     """Pre-norm transformer block; with ``skip=True`` it first fuses a long skip: ``forward(x, skip=None)``."""
 
@@ -87,7 +76,7 @@ class UViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,29 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .dit import LabelEmbedder, PatchEmbed, TimestepEmbedder
+from .dit import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder
 
 __all__ = ["DiffusionViT", "ViTBlock", "ViTConfig", "diffusion_vit", "tiny_vit"]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over all tokens (fused qkv, scaled dot-product)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class LayerScale(nn.Module):
@@ -62,19 +43,6 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class Mlp(nn.Module):
-    """Token-wise feed-forward ``fc1 -> GELU -> fc2``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class ViTBlock(nn.Module):
     """timm ``Block``: ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))``; ``forward(x)``."""
 
@@ -85,7 +53,7 @@ class ViTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,21 @@ def probe_route(case, pick: int):
             probe.values[nodes["scatter"][0].name])
 
 
+def with_fixed_route(case, pick: int):
+    """Fixed kept indices for every live route of a drawn case: (transformed model, args, program, probed plan, its
+    route nodes, the kept indices of all routes, the probed route's skipped-token mask), or None if no route
+    drops tokens."""
+    cfg, routes, seed = case
+    _, tm, args = build(cfg, routes, seed)
+    prog = routed_program(tm, args)
+    plan = active_route(prog, pick)
+    if plan is None:
+        return None
+    all_kept, fixed = fixed_all(prog, cfg["batch"], seed, plan)
+    skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
+    return tm, args, prog, plan, route_nodes(prog.gm, plan.index), all_kept, skipped
+
+
 @given(cases())
 def test_output_shape_preserved(case):
     cfg, routes, seed = case
@@ -144,19 +159,14 @@ def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, pick):
 
 @given(cases(), st.integers(0, 10))
 def test_kept_tokens_do_not_depend_on_skipped_tokens(case, pick):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    plan = active_route(prog, pick)
-    if plan is None:
+    fixed_case = with_fixed_route(case, pick)
+    if fixed_case is None:
         return
-    nodes = route_nodes(prog.gm, plan.index)
+    tm, args, prog, plan, nodes, all_kept, skipped = fixed_case
     select = nodes["select"][0]
-    all_kept, fixed = fixed_all(prog, cfg["batch"], seed, plan)
     with treadfx.fixed_routes(tm, all_kept):
         base = GraphProbe(prog.gm)
         base.run(*args)
-        skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
 
         def perturb(v):
             v = v.clone()
@@ -173,15 +183,11 @@ def test_kept_tokens_do_not_depend_on_skipped_tokens(case, pick):
 
 @given(cases(), st.integers(0, 10))
 def test_skipped_tokens_get_no_gradient_through_routed_blocks(case, pick):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    plan = active_route(prog, pick)
-    if plan is None:
+    fixed_case = with_fixed_route(case, pick)
+    if fixed_case is None:
         return
-    nodes = route_nodes(prog.gm, plan.index)
+    tm, args, prog, plan, nodes, all_kept, skipped = fixed_case
     select = nodes["select"][0]
-    all_kept, fixed = fixed_all(prog, cfg["batch"], seed, plan)
     leaf = {}
 
     def make_leaf(v):
@@ -192,7 +198,6 @@ def test_skipped_tokens_get_no_gradient_through_routed_blocks(case, pick):
         probe = GraphProbe(prog.gm, {select.args[0].name: make_leaf})
         probe.run(*args)
     restored = probe.values[nodes["scatter"][0].name]
-    skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
     w = torch.randn_like(restored)
     (g_kept,) = torch.autograd.grad((restored * w * (~skipped).unsqueeze(-1)).sum(), leaf["x"], retain_graph=True)
     assert torch.count_nonzero(g_kept[skipped]) == 0  # nothing flows from kept outputs to skipped inputs

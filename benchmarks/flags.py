@@ -30,12 +30,13 @@ def _number(flag: str, s: str) -> float:
         raise argparse.ArgumentTypeError(f"{flag} must be a number, got {s!r}") from None
 
 
-def ratio(flag: str = "--ratio") -> Callable[[str], float]:
-    """An argparse ``type`` accepting a routing ratio in [0, 1) for ``flag``."""
+def ratio(flag: str = "--ratio", allow_zero: bool = True) -> Callable[[str], float]:
+    """An argparse ``type`` accepting a routing ratio in [0, 1) for ``flag`` ((0, 1) if not ``allow_zero``)."""
     def parse(s: str) -> float:
         v = _number(flag, s)
-        if not 0.0 <= v < 1.0:
-            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {v}")
+        above_low = v >= 0.0 if allow_zero else v > 0.0
+        if not (above_low and v < 1.0):
+            raise argparse.ArgumentTypeError(f"{flag} must be in {'[' if allow_zero else '('}0, 1), got {v}")
         return v
 
     return parse

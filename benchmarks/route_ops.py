@@ -185,7 +185,6 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (errors exit with status 2 and name the flag)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.route_ops", description=__doc__.split("\n\n")[0])
@@ -193,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=flags.positive_int("--batch"), default=None, help="B (cuda 16, cpu 4)")
     p.add_argument("--tokens", type=flags.positive_int("--tokens"), default=None, help="N (cuda 1024, cpu 256)")
     p.add_argument("--dim", type=flags.positive_int("--dim"), default=None, help="D (cuda 1152, cpu 384)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens skipped (0.5)")
+    p.add_argument("--ratio", type=flags.ratio(allow_zero=False), default=0.5, help="fraction of tokens skipped (0.5)")
     p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
     p.add_argument("--steps", type=flags.positive_int("--steps"), default=50, help="timed calls (50)")
     p.add_argument("--warmup", type=flags.positive_int("--warmup"), default=5, help="warm-up calls (5)")
@@ -210,8 +209,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch = args.batch or (16 if gpu else 4)
     args.tokens = args.tokens or (1024 if gpu else 256)
     args.dim = args.dim or (1152 if gpu else 384)
-    if not 0.0 < args.ratio < 1.0:
-        p.error(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.tokens - int(args.tokens * args.ratio) < 1:
         p.error(f"--ratio {args.ratio} keeps no token of --tokens {args.tokens}")
     names = [s.strip() for s in args.impls.split(",") if s.strip()]

@@ -42,8 +42,8 @@ import torch.nn as nn
 
 import treadfx
 
-from .reference_tread import ReferenceTread
 from . import flags
+from .reference_tread import ReferenceTread
 from .timing import (
     DynamoCounts, PeakMemory, environment, free_memory, reset_dynamo, steady_cpu_allocator, summarize, time_calls,
 )
@@ -382,8 +382,6 @@ def format_table(res: dict) -> str:
                 lines.append(f"  profile of a {name} step (compile={r['compile']}):\n{v['profile_summary']}")
                 lines.append(v["profile"]["table"])
     return "\n".join(lines)
-
-
 
 
 def parser() -> argparse.ArgumentParser:

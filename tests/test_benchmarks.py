@@ -167,6 +167,19 @@ def test_diffmoe_benchmark_bad_flags_exit_2_with_the_message(argv, message, caps
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--ratio", "0"], "--ratio must be in (0, 1), got 0.0"), (["--ratio", "1"], "--ratio must be in (0, 1), got 1.0"),
+    (["--tokens", "0"], "--tokens must be >= 1, got 0"),
+])
+def test_route_ops_bad_flags_exit_2_with_the_message(argv, message, capsys):
+    from benchmarks.route_ops import parse_args as route_ops_args
+
+    with pytest.raises(SystemExit) as e:
+        route_ops_args(argv + ["--device", "cpu"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_diffmoe_benchmark_reports_dense_diffmoe_and_diffmoe_tread():
     from benchmarks.diffmoe_step import MODELS
 

@@ -36,12 +36,10 @@ def routed_program(tm, args):
     return state_of(tm).current
 
 
-def fixed_all(prog, batch: int, seed: int, plan):
-    """Fixed kept indices for every live route; the probed route's are returned too."""
-    kept = []
-    for p in prog.plans:
-        kept.append(random_kept(batch, p.num_tokens, p.num_keep, seed + p.index) if p.num_keep < p.num_tokens else None)
-    return kept, kept[plan.index]
+def fixed_all(prog, batch: int, seed: int):
+    """Fixed kept indices for every route of the program (None for a route that keeps every token)."""
+    return [random_kept(batch, p.num_tokens, p.num_keep, seed + p.index) if p.num_keep < p.num_tokens else None
+            for p in prog.plans]
 
 
 def active_route(prog, draw_index: int):
@@ -50,15 +48,23 @@ def active_route(prog, draw_index: int):
     return live[draw_index % len(live)] if live else None
 
 
-def probe_route(case, pick: int):
-    """Run one routed forward of a drawn case and read one live route's values: (model, args, plan,
-    kept indices, stream at route-out, stream after route-in), or None if no route drops tokens."""
+def live_route(case, pick: int):
+    """Build a drawn case and prepare its routed program: (original, transformed, args, program, one live
+    route's plan), or None if no route drops tokens."""
     cfg, routes, seed = case
     m, tm, args = build(cfg, routes, seed)
     prog = routed_program(tm, args)
     plan = active_route(prog, pick)
-    if plan is None:
+    return None if plan is None else (m, tm, args, prog, plan)
+
+
+def probe_route(case, pick: int):
+    """Run one routed forward of a drawn case and read one live route's values: (model, args, plan,
+    kept indices, stream at route-out, stream after route-in), or None if no route drops tokens."""
+    live = live_route(case, pick)
+    if live is None:
         return None
+    m, _, args, prog, plan = live
     nodes = route_nodes(prog.gm, plan.index)
     probe = GraphProbe(prog.gm)
     probe.run(*args)
@@ -71,13 +77,13 @@ def with_fixed_route(case, pick: int):
     """Fixed kept indices for every live route of a drawn case: (transformed model, args, program, probed plan, its
     route nodes, the kept indices of all routes, the probed route's skipped-token mask), or None if no route
     drops tokens."""
-    cfg, routes, seed = case
-    _, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    plan = active_route(prog, pick)
-    if plan is None:
+    live = live_route(case, pick)
+    if live is None:
         return None
-    all_kept, fixed = fixed_all(prog, cfg["batch"], seed, plan)
+    _, tm, args, prog, plan = live
+    cfg, _, seed = case
+    all_kept = fixed_all(prog, cfg["batch"], seed)
+    fixed = all_kept[plan.index]
     skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
     return tm, args, prog, plan, route_nodes(prog.gm, plan.index), all_kept, skipped
 
@@ -115,11 +121,7 @@ def test_matches_hand_written_tread_exactly(case, pick):
     cfg, routes, seed = case
     m, tm, args = build(cfg, routes, seed)
     prog = routed_program(tm, args)
-    kept = []
-    for plan in prog.plans:
-        keep = plan.num_keep
-        kept.append(random_kept(cfg["batch"], plan.num_tokens, keep, seed + plan.index) if keep < plan.num_tokens
-                    else None)
+    kept = fixed_all(prog, cfg["batch"], seed)
     with treadfx.fixed_routes(tm, kept):
         out = tm(*args)
     ref = reference_tread(m, *args, routes, kept)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch._dynamo
 from hypothesis import given, strategies as st
 from torch._dynamo.utils import counters
 
@@ -45,9 +44,8 @@ def test_seeded_selection_is_reproducible_and_advances_per_forward():
     assert not torch.equal(a[0][0][:, :4], a[0][1][:, :4])  # routes of one forward differ
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_seeded_selection_compiles_once_and_matches_eager():
-    torch._dynamo.reset()
-    counters.clear()
     eager = kept_sequence(treadfx.transform(small_dit(), start=1, end=3, seed=9), 3)
     tm = treadfx.transform(small_dit(), start=1, end=3, seed=9)
     cm = torch.compile(tm, fullgraph=True, backend="eager")
@@ -57,7 +55,6 @@ def test_seeded_selection_compiles_once_and_matches_eager():
         compiled.append([r.kept.clone() for r in treadfx.last_routes(tm)])
     assert all(torch.equal(x[0], y[0]) for x, y in zip(eager, compiled))
     assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}
-    torch._dynamo.reset()
 
 
 @given(st.integers(0, 2**31), st.integers(0, 10**6), st.integers(1, 4), st.integers(2, 64))
@@ -101,9 +98,8 @@ def test_ratio_schedule_values_off_switch_and_quantisation():
     assert len(values) <= 7  # 0.5 .. 0.25 in steps of 0.05, plus 0
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_ratio_schedule_drives_the_model_without_a_graph_per_value():
-    torch._dynamo.reset()
-    counters.clear()
     tm = treadfx.transform(small_dit(), start=1, end=3, ratio=0.5)
     cm = torch.compile(tm, fullgraph=True, backend="eager")
     sched = treadfx.RatioSchedule(tm, total_steps=40, kind="linear", start=0.5, end=0.3, off_after=0.8, quantum=0.1)
@@ -120,7 +116,6 @@ def test_ratio_schedule_drives_the_model_without_a_graph_per_value():
     again = treadfx.RatioSchedule(tm, total_steps=40, kind="linear", start=0.5, end=0.3, off_after=0.8, quantum=0.1)
     again.load_state_dict(state)
     assert again.current_step == 40 and again.step() == 0.0
-    torch._dynamo.reset()
 
 
 def test_routing_guidance_combines_two_forced_forwards():
@@ -138,9 +133,8 @@ def test_routing_guidance_combines_two_forced_forwards():
         assert torch.equal(treadfx.routing_guidance(tm, x, t, y, scale=0.0, rate=0.5), weak)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_routing_guidance_in_a_compiled_sampling_loop_compiles_once_per_rate():
-    torch._dynamo.reset()
-    counters.clear()
     tm = treadfx.transform(small_dit(), start=1, end=3).eval()
     cm = torch.compile(tm, fullgraph=True, backend="eager")
     x, _, y = inputs()
@@ -151,4 +145,3 @@ def test_routing_guidance_in_a_compiled_sampling_loop_compiles_once_per_rate():
             x = x - v[:, :4] / 6  # learn_sigma: the first 4 channels are the prediction
     assert counters["stats"]["unique_graphs"] == 2  # one per rate (0.5 and 0.25)
     assert dict(counters["graph_break"]) == {}
-    torch._dynamo.reset()

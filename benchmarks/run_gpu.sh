@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
 # Produce the GPU rows of benchmarks/RESULTS.md on one NVIDIA H100 (torch 2.11, no network needed).
 #
-#   bash benchmarks/run_gpu.sh            # from anywhere; writes benchmarks/results-gpu/*.json and *.txt
+#   bash benchmarks/run_gpu.sh            # the full run: writes benchmarks/results-gpu/*.json and *.txt
+#   bash benchmarks/run_gpu.sh --quick    # the targets only, in under 8 minutes (python -m benchmarks.gpu_quick)
 #
-# Needs: a CUDA build of torch (2.11 is what design.md's anchors used), networkx, diffusers (for the flux row),
-# and treadfx installed (`pip install --no-index --no-deps --no-build-isolation -e .` works offline; the script
-# does it if `import treadfx.models.dit` fails).  Total wall time on an H100: roughly 30-40 minutes, most of it
-# cold torch.compile time (each variant compiles from scratch; inductor caches are off unless --warm-cache).
+# --quick takes the flags of `python -m benchmarks.gpu_quick` (--budget-s, --steps, --models, --out-dir, ...;
+# `bash benchmarks/run_gpu.sh --quick --help` lists them). It answers the targets on DiT-B/2 (batch 256) and
+# DiT-XL/2 (batch 128): dense vs treadfx vs the hand-written reference under torch.compile(model), 20 interleaved
+# timed steps each. It writes dit-b2.json, dit-xl2.json, quick.json and quick.txt, and prints PASS/FAIL per target.
+#
+# The full run takes no flags. Needs: a CUDA build of torch (2.11 is what the anchor numbers in RESULTS.md used),
+# networkx, diffusers (for the flux row), and treadfx installed (`pip install --no-index --no-deps
+# --no-build-isolation -e .` works offline; the script does it if `import treadfx.models.dit` fails).  Total wall
+# time on an H100: roughly 30-40 minutes, most of it cold torch.compile time (each variant compiles from scratch;
+# inductor caches are off unless --warm-cache).
 set -euo pipefail
+export TREADFX_QUICK_T0=$(date +%s.%N)  # --quick counts its --budget-s from here
+quick=0
+args=()
+for a in "$@"; do
+  if [[ $a == --quick ]]; then quick=1; else args+=("$a"); fi
+done
+if (( ! quick && ${#args[@]} > 0 )); then
+  echo "run_gpu.sh: unknown argument '${args[0]}': the full run takes no arguments; for the short check of the" \
+       "targets use --quick [flags of python -m benchmarks.gpu_quick]" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT_DIR:-benchmarks/results-gpu}
+if (( quick )); then  # treadfx is imported from the repository root; the module makes its own fresh caches
+  exec "$PY" -m benchmarks.gpu_quick --quick --out-dir "$OUT" ${args[@]+"${args[@]}"}
+fi
 mkdir -p "$OUT"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
 

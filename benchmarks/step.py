@@ -20,7 +20,7 @@ the official TREAD code does; ``all`` = each of them):
 Per variant: median and spread (p10-p90, IQR) of ``--steps`` step times after
 ``--warmup`` steps; peak memory (CUDA ``max_memory_allocated``; CPU: sampled
 peak-RSS delta); compile time (warm-up wall time minus warm-up x median);
-graph breaks and recompiles (``torch._dynamo.utils.counters``) in total and after
+graph breaks, recompiles and dynamo frame compilations (``timing.DynamoCounts``) in total and after
 warm-up; treadfx transform time (``transform`` + ``prepare``); speedup vs dense
 (dense median / variant median); fraction of the FLOP limit (speedup / limit,
 where the limit is ``treadfx.inspect``'s dense / routed forward+backward FLOPs);
@@ -57,10 +57,10 @@ BASE_VARIANTS = ("dense", "reference", "treadfx")
 FP32_VARIANTS = ("reference_fp32", "treadfx_fp32")
 # every variant entry in the JSON has these fields (None where a field does not apply)
 VARIANT_FIELDS = (
-    "median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "iqr_ms", "mean_ms", "min_ms", "n",
+    "name", "median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "iqr_ms", "mean_ms", "min_ms", "n",
     "peak_memory_bytes", "peak_memory_kind", "first_step_ms", "warmup_ms", "compile_s",
     "graph_breaks", "recompiles", "unique_graphs", "graph_breaks_after_warmup", "recompiles_after_warmup",
-    "transform_s", "speedup_vs_dense", "fraction_of_flop_limit",
+    "compiles", "compiles_after_warmup", "transform_s", "speedup_vs_dense", "fraction_of_flop_limit",
 )
 
 
@@ -85,8 +85,12 @@ def flop_limit(wl: Workload, start: int, end: int, ratio: float) -> dict:
 
 
 def build_variant(wl: Workload, variant: str, route: tuple[int, int, float], compile_mode: str,
-                  amp: bool) -> tuple[nn.Module, nn.Module, float | None]:
-    """(callable module, module owning the parameters, transform seconds or None) for one variant."""
+                  amp: bool, backend: str = "inductor") -> tuple[nn.Module, nn.Module, float | None]:
+    """(callable module, module owning the parameters, transform seconds or None) for one variant.
+
+    ``backend`` is the ``torch.compile`` backend of ``compile_mode="model"`` (``inductor``; ``eager`` for
+    smoke runs that only exercise dynamo).
+    """
     start, end, ratio = route
     fp32 = variant.endswith("_fp32")
     model = wl.build()
@@ -106,7 +110,7 @@ def build_variant(wl: Workload, variant: str, route: tuple[int, int, float], com
     else:
         net = inner = model
     if compile_mode == "model":
-        call = torch.compile(net)
+        call = torch.compile(net, backend=backend)
     elif compile_mode == "blocks":
         for block in wl.blocks(inner):
             block.compile()
@@ -143,11 +147,11 @@ class Prepared:
 
 
 def prepare_variant(wl: Workload, variant: str, route: tuple[int, int, float], compile_mode: str, warmup: int,
-                    amp: bool) -> Prepared:
+                    amp: bool, backend: str = "inductor") -> Prepared:
     """Build one variant and run its warm-up steps, measuring peak memory, compile time and dynamo counters."""
     before = DynamoCounts.now()
     with PeakMemory(wl.device) as mem:  # model, gradients, optimizer state and activations
-        call, net, transform_s = build_variant(wl, variant, route, compile_mode, amp)
+        call, net, transform_s = build_variant(wl, variant, route, compile_mode, amp, backend)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
         step = make_step(wl, call, opt, amp)
         warm = time_calls(step, warmup, wl.device)
@@ -157,13 +161,14 @@ def prepare_variant(wl: Workload, variant: str, route: tuple[int, int, float], c
 def summarize_variant(p: Prepared, times: list[float], late: DynamoCounts) -> dict:
     """The fields of VARIANT_FIELDS (ratios filled in later by :func:`add_ratios`)."""
     total = p.warm_counts + late
-    res: dict[str, Any] = summarize(times)
+    res: dict[str, Any] = dict(name=p.name, **summarize(times))
     res.update(
         peak_memory_bytes=p.memory.peak, peak_memory_kind=p.memory.kind,
         first_step_ms=p.warm[0], warmup_ms=p.warm,
         compile_s=max(0.0, (sum(p.warm) - len(p.warm) * res["median_ms"]) / 1e3),
         graph_breaks=total.graph_breaks, recompiles=total.recompiles, unique_graphs=total.unique_graphs,
         graph_breaks_after_warmup=late.graph_breaks, recompiles_after_warmup=late.recompiles,
+        compiles=total.compiles, compiles_after_warmup=late.compiles,
         transform_s=p.transform_s, speedup_vs_dense=None, fraction_of_flop_limit=None, times_ms=times,
     )
     return res
@@ -219,7 +224,7 @@ def run_interleaved(wl: Workload, names: list[str], route: tuple[int, int, float
             print(f"[{compile_mode}] {v} ...", file=sys.stderr, flush=True)
         prepared.append(prepare_variant(wl, v, route, compile_mode, warmup, amp))
     times: dict[str, list[float]] = {p.name: [] for p in prepared}
-    late = {p.name: DynamoCounts(0, 0, 0) for p in prepared}
+    late = {p.name: DynamoCounts(0, 0, 0, 0) for p in prepared}
     for i in range(steps):
         for j in range(len(prepared)):
             p = prepared[(i + j) % len(prepared)]

@@ -182,32 +182,70 @@ class PeakMemory:
             self.peak = int(self._max - self._base)
 
 
+def _recompile_count() -> int:
+    """How many dynamo compilations so far were recompilations (a guard of an already compiled frame failed).
+
+    Current torch versions no longer fill ``counters["recompiles"]``; they record
+    a ``recompile_reason`` in each compilation's metrics
+    (``torch._dynamo.utils.get_compilation_metrics``) instead.  The larger of
+    the two is returned, so older and newer versions both count.  The metrics
+    are kept in a bounded deque, so :func:`_keep_compilation_metrics` lifts its
+    bound first (otherwise differences of this count would be wrong after 64
+    compilations).
+    """
+    from torch._dynamo import utils
+
+    legacy = int(sum(utils.counters["recompiles"].values()))
+    get = getattr(utils, "get_compilation_metrics", None)
+    recorded = sum(1 for m in get() if getattr(m, "recompile_reason", None)) if get is not None else 0
+    return max(legacy, recorded)
+
+
+def _keep_compilation_metrics() -> None:
+    from torch._dynamo import utils
+
+    limit = getattr(utils, "set_compilation_metrics_limit", None)
+    if limit is not None and getattr(utils, "_compilation_metrics", None) is not None \
+            and utils._compilation_metrics.maxlen is not None and utils._compilation_metrics.maxlen < 10**6:
+        limit(10**6)
+
+
 @dataclasses.dataclass
 class DynamoCounts:
-    """A snapshot of dynamo's graph-break / recompile / graph counters (``torch._dynamo.utils.counters``)."""
+    """A snapshot of dynamo's graph-break / recompile / graph / compiled-frame counts.
+
+    ``graph_breaks`` and ``unique_graphs`` come from ``torch._dynamo.utils.counters``;
+    ``recompiles`` from :func:`_recompile_count`; ``compiles`` is
+    ``counters["frames"]["total"]``, every frame dynamo compiled (first
+    compilations and recompilations), so a non-zero difference across timed
+    steps means something compiled after warm-up.
+    """
 
     graph_breaks: int
     recompiles: int
     unique_graphs: int
+    compiles: int = 0
 
     @staticmethod
     def now() -> "DynamoCounts":
-        """The counters as they are now (sums over all reasons)."""
+        """The counts as they are now (sums over all reasons)."""
         from torch._dynamo.utils import counters
 
+        _keep_compilation_metrics()
         return DynamoCounts(
             graph_breaks=int(sum(counters["graph_break"].values())),
-            recompiles=int(sum(counters["recompiles"].values())),
+            recompiles=_recompile_count(),
             unique_graphs=int(counters["stats"]["unique_graphs"]),
+            compiles=int(counters["frames"]["total"]),
         )
 
     def __sub__(self, other: "DynamoCounts") -> "DynamoCounts":
         return DynamoCounts(self.graph_breaks - other.graph_breaks, self.recompiles - other.recompiles,
-                            self.unique_graphs - other.unique_graphs)
+                            self.unique_graphs - other.unique_graphs, self.compiles - other.compiles)
 
     def __add__(self, other: "DynamoCounts") -> "DynamoCounts":
         return DynamoCounts(self.graph_breaks + other.graph_breaks, self.recompiles + other.recompiles,
-                            self.unique_graphs + other.unique_graphs)
+                            self.unique_graphs + other.unique_graphs, self.compiles + other.compiles)
 
 
 def reset_dynamo() -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["Workload", "MODELS", "DEPTHS", "make_workload", "default_route"]
+__all__ = ["Workload", "MODELS", "DEPTHS", "SHRUNK_DEPTHS", "make_workload", "default_route"]
 
 # name -> (default batch on cuda, default batch on cpu)
 MODELS: dict[str, tuple[int, int]] = {
@@ -39,6 +39,8 @@ MODELS: dict[str, tuple[int, int]] = {
 DEPTHS: dict[str, int] = {"tiny": 8, "dit-s2": 12, "dit-b2": 12, "dit-l2": 24, "dit-xl2": 28, "flux": 6, "sd3": 8}
 
 _DIT_SIZES = {"dit-s2": "S", "dit-b2": "B", "dit-l2": "L", "dit-xl2": "XL"}
+# depths of the shrunk DiT presets (``make_workload(..., shrink=True)``): distinct, and deep enough for a route
+SHRUNK_DEPTHS = {"dit-s2": 6, "dit-b2": 6, "dit-l2": 7, "dit-xl2": 7}
 
 
 @dataclasses.dataclass
@@ -87,10 +89,17 @@ def _rf_batch(x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch
     return (1 - tb) * x0 + tb * eps, t, eps - x0
 
 
-def _dit_workload(name: str, device: torch.device, batch: int) -> Workload:
+def _dit_workload(name: str, device: torch.device, batch: int, shrink: bool = False) -> Workload:
     from treadfx.models.dit import DiT, dit
 
-    if name == "tiny":
+    if shrink and name != "tiny":
+        depth = SHRUNK_DEPTHS[name]
+        cfg = dict(input_size=8, patch_size=2, hidden_size=32, depth=depth, num_heads=2, num_classes=10)
+        make = lambda: DiT(**cfg, class_dropout_prob=0.1)  # noqa: E731
+        size, classes = 8, 10
+        desc = (f"DiT-{_DIT_SIZES[name]}/2 shrunk for a smoke run: depth {depth}, width 32, 2 heads, "
+                f"8x8x4 input, patch 2 (16 tokens)")
+    elif name == "tiny":
         cfg = dict(input_size=16, patch_size=2, hidden_size=64, depth=8, num_heads=4, num_classes=10)
         make = lambda: DiT(**cfg, class_dropout_prob=0.1)  # noqa: E731
         depth, size, classes, desc = 8, 16, 10, "tiny DiT: depth 8, width 64, 4 heads, 16x16x4 input, patch 2 (64 tokens)"
@@ -170,15 +179,21 @@ def _sd3_workload(device: torch.device, batch: int) -> Workload:
                     lambda out: out[0], ("transformer_blocks",), False)
 
 
-def make_workload(name: str, device: torch.device | str, batch: int | None = None) -> Workload:
-    """The workload ``name`` (one of :data:`MODELS`) on ``device``; ``batch`` defaults per device."""
+def make_workload(name: str, device: torch.device | str, batch: int | None = None, shrink: bool = False) -> Workload:
+    """The workload ``name`` (one of :data:`MODELS`) on ``device``; ``batch`` defaults per device.
+
+    ``shrink=True`` (DiT presets only) makes the model tiny for smoke runs:
+    depth :data:`SHRUNK_DEPTHS`, width 32, 2 heads, 16 tokens, 10 classes.
+    """
     device = torch.device(device)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if shrink and name not in _DIT_SIZES:
+        raise ValueError(f"shrink=True applies to the DiT presets ({', '.join(_DIT_SIZES)}), not {name!r}")
     if batch is None:
         batch = MODELS[name][0 if device.type == "cuda" else 1]
     if name == "flux":
         return _flux_workload(device, batch)
     if name == "sd3":
         return _sd3_workload(device, batch)
-    return _dit_workload(name, device, batch)
+    return _dit_workload(name, device, batch, shrink)

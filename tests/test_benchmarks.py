@@ -198,3 +198,204 @@ def test_diffmoe_benchmark_reports_dense_diffmoe_and_diffmoe_tread():
     assert v["diffmoe"]["total_params"] > v["diffmoe"]["activated_params"]  # E expert copies exist
     # routing halves the tokens of most blocks: fewer FLOPs than DiffMoE alone and than dense
     assert v["diffmoe+tread"]["flops_per_step"] < v["dense"]["flops_per_step"] < v["diffmoe"]["flops_per_step"]
+
+
+# --- the quick GPU check (benchmarks/gpu_quick.py, `bash benchmarks/run_gpu.sh --quick`), smoke-run on CPU ---
+
+RUN_GPU = ROOT / "benchmarks" / "run_gpu.sh"
+
+
+def _run_gpu_sh(*flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run(["bash", str(RUN_GPU), *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    proc = _run_gpu_sh("--quick", "--device", "cpu", "--tiny", "--backend", "none", "--models", "dit-xl2",
+                       "--steps", "3", "--warmup", "1", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, out
+
+
+def test_quick_run_writes_dit_xl2_json_in_the_full_runs_format(quick_run):
+    stdout, out = quick_run
+    assert sorted(p.name for p in out.iterdir()) == ["dit-xl2.json", "quick.json", "quick.txt"]
+    res = json.loads((out / "dit-xl2.json").read_text())
+    c = res["config"]
+    assert res["benchmark"] == "treadfx.step" and res["quick"] is True
+    assert (c["model"], c["batch"], c["steps"], c["warmup"], c["order"]) == ("dit-xl2", 2, 3, 1, "interleaved")
+    assert (c["start"], c["end"], c["ratio"]) == (2, c["depth"] - 4, 0.5) and c["official_fp32"] is True
+    (run,) = res["runs"]
+    assert run["compile"] == "none" == c["compile"]
+    v = run["variants"]
+    assert list(v) == ["dense", "treadfx", "reference", "reference_fp32"] and res["skipped"] == {}
+    dense = v["dense"]["median_ms"]
+    for name, r in v.items():
+        missing = [f for f in VARIANT_FIELDS if f not in r]
+        assert not missing, f"{name} lacks {missing}"
+        assert r["name"] == name
+        assert r["n"] == 3 and len(r["times_ms"]) == 3 and len(r["warmup_ms"]) == 1
+        assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]), rel=1e-12)
+        assert r["speedup_vs_dense"] == pytest.approx(dense / r["median_ms"], rel=1e-12)
+        assert (r["transform_s"] is not None) == (name == "treadfx")
+        assert r["recompiles_after_warmup"] == 0 and r["compiles_after_warmup"] == 0  # nothing is compiled
+    assert run["ratios"]["treadfx_vs_reference"] == pytest.approx(
+        v["reference"]["median_ms"] / v["treadfx"]["median_ms"], rel=1e-12)
+    assert res["flop_limit"] == pytest.approx(res["dense_flops"] / res["routed_flops"], rel=1e-12)
+    # every stage ran, was timed, and printed its elapsed time
+    assert [s["status"] for s in res["stages"]] == ["done"] * 6
+    for s in res["stages"]:
+        assert f"done {s['name']} in {s['elapsed_s']:.1f} s" in stdout
+    assert (out / "quick.txt").read_text() == stdout
+
+
+def test_quick_run_targets_follow_from_the_reported_numbers(quick_run):
+    stdout, out = quick_run
+    res = json.loads((out / "dit-xl2.json").read_text())
+    v = res["runs"][0]["variants"]
+    t = res["targets"]
+    assert t["speedup"]["value"] == v["treadfx"]["speedup_vs_dense"]
+    assert t["speedup"]["pass"] == (v["treadfx"]["speedup_vs_dense"] >= 1.61)
+    assert t["peak_memory"]["pass"] == (v["treadfx"]["peak_memory_bytes"] <= v["dense"]["peak_memory_bytes"])
+    assert t["recompiles"]["pass"] is True
+    verdict = {True: "PASS", False: "FAIL"}
+    for key in ("speedup", "peak_memory", "recompiles"):
+        assert f"TARGET dit-xl2 {key} ({t[key]['bar']}): {verdict[t[key]['pass']]}" in stdout
+    summary = json.loads((out / "quick.json").read_text())
+    assert summary["targets"] == {"dit-xl2": t} and summary["files"] == ["dit-xl2.json"]
+    assert summary["stages"] == res["stages"]
+
+
+def test_quick_run_skips_every_stage_that_would_overrun_the_budget(tmp_path):
+    proc = _run_gpu_sh("--quick", "--device", "cpu", "--tiny", "--budget-s", "0.5", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("dit-b2", "dit-xl2"):
+        assert f"SKIP {name} setup (build the model once, treadfx.inspect FLOPs): estimated" in proc.stdout
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [s["status"] for s in res["stages"]] == ["skipped"]
+        assert "past --budget-s 0.5" in res["stages"][0]["reason"]
+        fp32 = ("reference_fp32",) if name == "dit-xl2" else ()
+        assert set(res["skipped"]) == {"dense", "treadfx", "reference", *fp32}
+        assert all(t["pass"] is None for t in res["targets"].values())
+        assert f"TARGET {name} speedup (>= {1.34 if name == 'dit-b2' else 1.61}x): NOT MEASURED" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget-s", "0"], "--budget-s must be > 0, got 0.0"), (["--budget-s", "soon"], "--budget-s must be a number"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"), (["--warmup", "x"], "--warmup must be an integer, got 'x'"),
+    (["--models", "dit-z"], "--models: unknown ['dit-z']"), (["--models", ","], "--models: unknown empty list"),
+    (["--backend", "fast"], "--backend"), (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_quick_bad_flags_exit_2_naming_the_flag(argv, message, capsys):
+    from benchmarks.gpu_quick import parse_args as quick_args
+
+    with pytest.raises(SystemExit) as e:
+        quick_args(argv + ["--device", "cpu"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_quick_device_cuda_without_cuda_exits_2(capsys):
+    from benchmarks.gpu_quick import parse_args as quick_args
+
+    with pytest.raises(SystemExit) as e:
+        quick_args(["--device", "cuda"])
+    assert e.value.code == 2
+    assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_run_gpu_sh_rejects_flags_of_the_full_run_and_bad_quick_flags():
+    proc = _run_gpu_sh("--steps", "3")
+    assert proc.returncode == 2 and "unknown argument '--steps': the full run takes no arguments" in proc.stderr
+    assert proc.stdout == ""  # refused before anything ran
+    proc = _run_gpu_sh("--quick", "--device", "cpu", "--budget-s", "-1")
+    assert proc.returncode == 2 and "--budget-s must be > 0, got -1.0" in proc.stderr
+
+
+def test_round_robin_rotates_the_order_every_round():
+    from benchmarks.gpu_quick import time_round_robin
+    from benchmarks.step import Prepared
+    from benchmarks.timing import DynamoCounts
+
+    calls: list[str] = []
+    prepared = [Prepared(n, (lambda n=n: calls.append(n)), [], None, None, [1.0], DynamoCounts(0, 0, 0, 0))
+                for n in "abc"]
+    out = time_round_robin(prepared, 4, torch.device("cpu"))
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert all(len(out[n]["times"]) == 4 and out[n]["step_peak"] is None for n in "abc")
+
+
+def test_budget_skips_runs_and_reserves_time_for_required_stages(capsys):
+    import time
+
+    from benchmarks.gpu_quick import Budget
+
+    b = Budget(budget_s=100.0, grace_s=10.0, t0=time.time())
+    ran = []
+    assert b.stage("fits", 5.0, lambda: ran.append("fits") or 7) == 7
+    assert b.stage("too long", 200.0, lambda: ran.append("too long")) is None
+    assert b.stage("optional", 5.0, lambda: ran.append("optional"), reserve_s=99.0) is None
+    assert ran == ["fits"]
+    assert [s["status"] for s in b.stages] == ["done", "skipped", "skipped"]
+    out = capsys.readouterr().out
+    assert "SKIP too long: estimated 200 s would end at 200 s, past --budget-s 100" in out
+    assert "SKIP optional: estimated 5 s + 99 s kept for the stages that answer the targets" in out
+
+
+def test_budget_hard_stop_aborts_a_stage_and_skips_the_rest():
+    import threading
+    import time
+
+    from benchmarks.gpu_quick import Budget
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the hard stop uses SIGALRM, which only the main thread receives")
+    b = Budget(budget_s=0.2, grace_s=0.2, t0=time.time())
+    assert b.stage("runs over", 0.0, lambda: time.sleep(30)) is None
+    assert b.stages[-1]["status"] == "aborted" and b.stages[-1]["elapsed_s"] < 5
+    assert b.stage("later", 0.0, lambda: 1) is None
+    assert b.stages[-1]["status"] == "skipped" and "hard stop" in b.stages[-1]["reason"]
+
+
+def test_estimates_scale_measured_builds_and_steps():
+    from benchmarks.gpu_quick import SAFETY, Estimates
+
+    est = Estimates(tiny=False, steps=20)
+    est.build_s["dit-b2"] = {"dense": 60.0, "treadfx": 40.0}
+    est.step_s["dit-b2"] = {"dense": 0.10, "treadfx": 0.07}
+    assert est.build("dit-b2") == pytest.approx(SAFETY * 60.0)  # same model: the slowest build
+    assert est.build("dit-xl2") == pytest.approx(SAFETY * 50.0 * 28 / 12)  # other model: mean build x depth
+    cost = (28 * 1152**2 * 128) / (12 * 768**2 * 256)
+    assert est.timing("dit-xl2", ["dense", "treadfx"]) == pytest.approx(SAFETY * 20 * 2 * 0.10 * cost + 1.0)
+    assert est.timing("dit-b2", ["dense", "treadfx", "reference"]) == pytest.approx(
+        SAFETY * 20 * (0.10 + 0.07 + 0.10) + 1.0)
+
+
+def test_dynamo_counts_see_recompiles_and_compilations(fresh_dynamo):
+    from benchmarks.timing import DynamoCounts
+
+    class Flagged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.double = False
+
+        def forward(self, x):
+            return x * 2 if self.double else x + 1
+
+    m = Flagged()
+    f = torch.compile(m, backend="eager")
+    c0 = DynamoCounts.now()
+    f(torch.randn(3))
+    c1 = DynamoCounts.now()
+    f(torch.randn(3))  # same guards: no compilation
+    c2 = DynamoCounts.now()
+    m.double = True  # the guard on the attribute fails: a recompilation
+    f(torch.randn(3))
+    c3 = DynamoCounts.now()
+    assert (c1 - c0).compiles == 1 and (c1 - c0).recompiles == 0
+    assert (c2 - c1).compiles == 0 and (c2 - c1).recompiles == 0
+    assert (c3 - c2).compiles == 1 and (c3 - c2).recompiles == 1

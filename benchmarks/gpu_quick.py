@@ -52,6 +52,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -101,6 +102,8 @@ class Budget:
     ``stage(name, estimate_s, fn, reserve_s)`` runs ``fn`` unless ``elapsed + estimate_s + reserve_s`` would pass
     ``budget_s``. A skipped stage gets a printed ``SKIP`` line and a record, and the call returns ``None``. A stage
     that runs past ``budget_s + grace_s`` is aborted (status ``aborted``), and every later stage is skipped.
+    A stage that runs out of device memory or raises an error is recorded (``out of memory`` / ``error``, with
+    the message; the traceback goes to stderr) and the run goes on.
     """
 
     def __init__(self, budget_s: float, grace_s: float, t0: float):
@@ -158,6 +161,14 @@ class Budget:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             rec.update(status="out of memory", elapsed_s=round(time.time() - t, 1), reason=str(e).split("\n")[0])
             self.log(f"OUT OF MEMORY in {name} after {rec['elapsed_s']:.1f} s: {rec['reason']}")
+            return None
+        except Exception as e:  # one failing variant must not cost the others' answers
+            if self._timer:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            traceback.print_exc()
+            rec.update(status="error", elapsed_s=round(time.time() - t, 1),
+                       reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            self.log(f"ERROR in {name} after {rec['elapsed_s']:.1f} s: {rec['reason']} (traceback on stderr)")
             return None
         if self._timer:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -305,6 +316,10 @@ def targets(model: str, variants: dict[str, dict], skipped: dict[str, str]) -> d
     return out
 
 
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(["bash benchmarks/run_gpu.sh --quick"] + [a for a in args.argv if a != "--quick"])
+
+
 def _nvidia_smi() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
@@ -326,7 +341,7 @@ def run_model(name: str, later: list[str], args: argparse.Namespace, budget: Bud
     names = list(VARIANTS[name])
     mode = "none" if args.backend == "none" else "model"
     result: dict[str, Any] = dict(
-        benchmark="treadfx.step", quick=True, command=" ".join(["bash benchmarks/run_gpu.sh --quick"] + args.argv),
+        benchmark="treadfx.step", quick=True, command=_command(args),
         env=env,
         config=dict(model=wl.name, description=wl.description, batch=wl.batch_size, device=str(device),
                     precision="bf16 autocast" if amp else "float32", start=route[0], end=route[1], ratio=route[2],
@@ -346,8 +361,10 @@ def run_model(name: str, later: list[str], args: argparse.Namespace, budget: Bud
     t = time.time()
     got = budget.stage(f"{name} setup (build the model once, treadfx.inspect FLOPs)", est.setup(name), setup)
     if got is None:
+        last = budget.stages[-1]
         for v in names:
-            result["skipped"][v] = "the model's setup stage did not run"
+            result["skipped"][v] = f"the model's setup stage did not run ({last['status']}: {last['reason']})"
+        result["runs"] = [dict(compile=mode, variants={}, ratios={})]
         result["stages"] = budget.stages[first_stage:]
         result["targets"] = targets(name, {}, result["skipped"])
         return result
@@ -437,6 +454,9 @@ class _Tee:
     def flush(self) -> None:
         self.file.flush()
         self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: those of the real stream
+        return getattr(self.stream, name)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -542,7 +562,7 @@ def _run(args: argparse.Namespace, budget: Budget, out_dir: Path) -> dict:
         print(report(res), flush=True)
         budget.log(f"wrote {path}")
         results[name] = res
-    summary = dict(benchmark="treadfx.gpu_quick", command=" ".join(["bash benchmarks/run_gpu.sh --quick"] + args.argv),
+    summary = dict(benchmark="treadfx.gpu_quick", command=_command(args),
                    env=env, budget_s=args.budget_s, grace_s=args.grace_s, elapsed_s=round(budget.elapsed(), 1),
                    stages=budget.stages, targets={m: r["targets"] for m, r in results.items()},
                    files=[f"{m}.json" for m in results])

@@ -1,6 +1,6 @@
 """A hand-written TREAD forward of the reference DiT, following the official CompVis/tread algorithm.
 
-Written here from the algorithm (design.md §1), sharing no code with treadfx:
+Written here from the published algorithm, sharing no code with treadfx:
 before block ``start`` the token stream is saved; each sample keeps
 ``K = N - int(N * ratio)`` tokens chosen by ``argsort(rand(B, N))`` (the first
 K of a random permutation); the kept tokens are gathered and go through blocks

@@ -329,7 +329,7 @@ def test_round_robin_rotates_the_order_every_round():
     assert all(len(out[n]["times"]) == 4 and out[n]["step_peak"] is None for n in "abc")
 
 
-def test_budget_skips_runs_and_reserves_time_for_required_stages(capsys):
+def test_budget_skips_runs_reserves_time_for_required_stages_and_survives_errors(capsys):
     import time
 
     from benchmarks.gpu_quick import Budget
@@ -339,8 +339,14 @@ def test_budget_skips_runs_and_reserves_time_for_required_stages(capsys):
     assert b.stage("fits", 5.0, lambda: ran.append("fits") or 7) == 7
     assert b.stage("too long", 200.0, lambda: ran.append("too long")) is None
     assert b.stage("optional", 5.0, lambda: ran.append("optional"), reserve_s=99.0) is None
-    assert ran == ["fits"]
-    assert [s["status"] for s in b.stages] == ["done", "skipped", "skipped"]
+    def fails():
+        raise ValueError("boom\nsecond line")
+
+    assert b.stage("fails", 1.0, fails) is None  # recorded, and the run goes on
+    assert b.stage("after", 1.0, lambda: ran.append("after") or 8) == 8
+    assert ran == ["fits", "after"]
+    assert [s["status"] for s in b.stages] == ["done", "skipped", "skipped", "error", "done"]
+    assert b.stages[3]["reason"] == "ValueError: boom"
     out = capsys.readouterr().out
     assert "SKIP too long: estimated 200 s would end at 200 s, past --budget-s 100" in out
     assert "SKIP optional: estimated 5 s + 99 s kept for the stages that answer the targets" in out

@@ -1,8 +1,9 @@
 """Test helpers: small random DiTs, a hand-written TREAD reference, and a graph probe.
 
-The reference follows the algorithm of ../shared/design.md §1 (the official
-CompVis/tread code) directly on the original DiT modules; it shares no code
-with treadfx.
+The reference follows the TREAD algorithm (route-out: keep a random subset of
+the image tokens before block ``start``; route-in: write the processed kept
+tokens back into the stream saved at route-out after block ``end``) directly
+on the original DiT modules; it shares no code with treadfx.
 """
 
 from __future__ import annotations
@@ -50,17 +51,32 @@ def dit_configs(draw, max_depth: int = 6):
     )
 
 
+def dropping_ratios(num_tokens: int):
+    """Ratios that drop at least one and at most ``num_tokens - 1`` of ``num_tokens`` tokens."""
+    common = [r for r in (0.25, 0.5, 0.75, 0.9) if 1 <= int(num_tokens * r) < num_tokens]
+    # (d + 0.5) / N drops exactly d tokens: floor(N * ratio) = d
+    exact = st.integers(1, num_tokens - 1).map(lambda d: (d + 0.5) / num_tokens)
+    return st.sampled_from(common) | exact if common else exact
+
+
 @st.composite
-def routes_for(draw, depth: int, max_routes: int = 3):
-    """1..max_routes non-overlapping increasing (start, end, ratio) routes on a chain of `depth` blocks."""
+def routes_for(draw, depth: int, max_routes: int = 3, num_tokens: int | None = None):
+    """1..max_routes non-overlapping increasing (start, end, ratio) routes on a chain of `depth` blocks.
+
+    A route may cover a single block (start == end).  With ``num_tokens``, at
+    least one route drops at least one of that many tokens.
+    """
     n = draw(st.integers(1, max(1, min(max_routes, depth))))
-    cuts = sorted(draw(st.lists(st.integers(0, depth - 1), min_size=2 * n, max_size=2 * n, unique=True)) if depth >= 2 * n
-                  else [0, depth - 1])
-    routes = []
-    for i in range(0, len(cuts) - 1, 2):
-        ratio = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]) | st.floats(0.0, 0.95))
-        routes.append((cuts[i], cuts[i + 1], ratio))
-    return routes
+    spans, pos = [], 0
+    while len(spans) < n and pos < depth:
+        start = draw(st.integers(pos, depth - 1))
+        end = draw(st.integers(start, depth - 1))
+        spans.append((start, end))
+        pos = end + 1
+    ratios = [draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]) | st.floats(0.0, 0.95)) for _ in spans]
+    if num_tokens is not None:
+        ratios[draw(st.integers(0, len(spans) - 1))] = draw(dropping_ratios(num_tokens))
+    return [(s, e, r) for (s, e), r in zip(spans, ratios)]
 
 
 def random_kept(batch: int, n: int, keep: int, seed: int = 0) -> torch.Tensor:

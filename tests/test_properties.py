@@ -1,7 +1,8 @@
 """Property-based graph tests over random DiT configurations and random routes.
 
 Each test draws a DiT (depth, width, heads, patch, grid, batch) and a set of
-valid routes, transforms it, and checks one invariant of the routed graph.
+valid routes (single-block routes included, at least one route dropping
+tokens), transforms it, and checks one invariant of the routed graph.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from helpers import GraphProbe, dit_configs, dit_inputs, random_dit, random_kept
 
 @st.composite
 def cases(draw, max_depth: int = 6):
+    """A DiT configuration, routes of which at least one drops tokens, and a seed."""
     cfg = draw(dit_configs(max_depth=max_depth))
-    routes = draw(routes_for(cfg["depth"]))
+    routes = draw(routes_for(cfg["depth"], num_tokens=cfg["grid"] ** 2))
     seed = draw(st.integers(0, 2**16))
     return cfg, routes, seed
 
@@ -42,29 +44,21 @@ def fixed_all(prog, batch: int, seed: int):
             for p in prog.plans]
 
 
-def active_route(prog, draw_index: int):
-    """A route of the program that actually drops tokens, or None."""
-    live = [p for p in prog.plans if p.num_keep < p.num_tokens]
-    return live[draw_index % len(live)] if live else None
-
-
-def live_route(case, pick: int):
-    """Build a drawn case and prepare its routed program: (original, transformed, args, program, one live
-    route's plan), or None if no route drops tokens."""
+def live_route(case, data):
+    """Build a drawn case and prepare its routed program: (original, transformed, args, program, the plan of a
+    route that drops tokens, drawn from ``data``)."""
     cfg, routes, seed = case
     m, tm, args = build(cfg, routes, seed)
     prog = routed_program(tm, args)
-    plan = active_route(prog, pick)
-    return None if plan is None else (m, tm, args, prog, plan)
+    live = [p for p in prog.plans if p.num_keep < p.num_tokens]
+    assert live, "cases() draws at least one route that drops tokens"
+    return m, tm, args, prog, data.draw(st.sampled_from(live))
 
 
-def probe_route(case, pick: int):
+def probe_route(case, data):
     """Run one routed forward of a drawn case and read one live route's values: (model, args, plan,
-    kept indices, stream at route-out, stream after route-in), or None if no route drops tokens."""
-    live = live_route(case, pick)
-    if live is None:
-        return None
-    m, _, args, prog, plan = live
+    kept indices, stream at route-out, stream after route-in)."""
+    m, _, args, prog, plan = live_route(case, data)
     nodes = route_nodes(prog.gm, plan.index)
     probe = GraphProbe(prog.gm)
     probe.run(*args)
@@ -73,14 +67,10 @@ def probe_route(case, pick: int):
             probe.values[nodes["scatter"][0].name])
 
 
-def with_fixed_route(case, pick: int):
+def with_fixed_route(case, data):
     """Fixed kept indices for every live route of a drawn case: (transformed model, args, program, probed plan, its
-    route nodes, the kept indices of all routes, the probed route's skipped-token mask), or None if no route
-    drops tokens."""
-    live = live_route(case, pick)
-    if live is None:
-        return None
-    _, tm, args, prog, plan = live
+    route nodes, the kept indices of all routes, the probed route's skipped-token mask)."""
+    _, tm, args, prog, plan = live_route(case, data)
     cfg, _, seed = case
     all_kept = fixed_all(prog, cfg["batch"], seed)
     fixed = all_kept[plan.index]
@@ -116,8 +106,8 @@ def test_ratio_zero_is_identity(case):
     assert all(r.kept is None for r in treadfx.last_routes(tm)) or treadfx.last_routes(tm) == []
 
 
-@given(cases(), st.integers(0, 10))
-def test_matches_hand_written_tread_exactly(case, pick):
+@given(cases())
+def test_matches_hand_written_tread_exactly(case):
     cfg, routes, seed = case
     m, tm, args = build(cfg, routes, seed)
     prog = routed_program(tm, args)
@@ -135,21 +125,17 @@ def test_matches_hand_written_tread_exactly(case, pick):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@given(cases(), st.integers(0, 10))
-def test_skipped_tokens_leave_bit_identical(case, pick):
-    probed = probe_route(case, pick)
-    if probed is None:
-        return
+@given(cases(), st.data())
+def test_skipped_tokens_leave_bit_identical(case, data):
+    probed = probe_route(case, data)
     _, _, _, kept, stream, restored = probed
     skipped = torch.ones(stream.shape[:2], dtype=torch.bool).scatter(1, kept, False)
     assert torch.equal(restored[skipped], stream[skipped])
 
 
-@given(cases(), st.integers(0, 10))
-def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, pick):
-    probed = probe_route(case, pick)
-    if probed is None:
-        return
+@given(cases(), st.data())
+def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, data):
+    probed = probe_route(case, data)
     m, args, plan, kept, stream, restored = probed
     _, t, y = args
     c = m.t_embedder(t) + m.y_embedder(y, True)
@@ -159,11 +145,9 @@ def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, pick):
     assert torch.equal(torch.gather(restored, 1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), h)
 
 
-@given(cases(), st.integers(0, 10))
-def test_kept_tokens_do_not_depend_on_skipped_tokens(case, pick):
-    fixed_case = with_fixed_route(case, pick)
-    if fixed_case is None:
-        return
+@given(cases(), st.data())
+def test_kept_tokens_do_not_depend_on_skipped_tokens(case, data):
+    fixed_case = with_fixed_route(case, data)
     tm, args, prog, plan, nodes, all_kept, skipped = fixed_case
     select = nodes["select"][0]
     with treadfx.fixed_routes(tm, all_kept):
@@ -183,11 +167,9 @@ def test_kept_tokens_do_not_depend_on_skipped_tokens(case, pick):
     assert torch.equal(b[skipped], other.values[select.args[0].name][skipped])
 
 
-@given(cases(), st.integers(0, 10))
-def test_skipped_tokens_get_no_gradient_through_routed_blocks(case, pick):
-    fixed_case = with_fixed_route(case, pick)
-    if fixed_case is None:
-        return
+@given(cases(), st.data())
+def test_skipped_tokens_get_no_gradient_through_routed_blocks(case, data):
+    fixed_case = with_fixed_route(case, data)
     tm, args, prog, plan, nodes, all_kept, skipped = fixed_case
     select = nodes["select"][0]
     leaf = {}

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 from torch._dynamo.utils import counters
 
 import treadfx
+import treadfx.ops
 from treadfx.models.dit import DiT
-from treadfx.ops import hashed_keys
+from treadfx.ops import RouteSelect, hashed_keys
 
 
 def small_dit(seed: int = 0) -> DiT:
@@ -74,13 +76,44 @@ def test_hashed_keys_are_roughly_uniform():
     assert float(((hist - expected) ** 2 / expected).sum()) < 40  # chi-square, 9 d.o.f.: p << 1e-4 if it fails
 
 
-@given(st.integers(1, 4), st.sampled_from([0.25, 0.5, 0.75]))
+def seeded_draw(monkeypatch, seed: int, route: int, rank: int, step: int = 0) -> torch.Tensor:
+    """The kept indices a seeded RouteSelect of route ``route`` draws on distributed rank ``rank``."""
+    monkeypatch.setattr(treadfx.ops, "_rank", lambda: rank)
+    sel = RouteSelect(route, num_tokens=64, num_keep=16, sorted_order=False, shared=False, seed=seed)
+    sel.forced = True
+    return sel(torch.zeros(2, 64, 1), step=torch.tensor(step))
+
+
+def test_seed_route_and_rank_are_hashed_together_not_added(monkeypatch):
+    # an additive mix (seed + route + (rank << 20)) made each of these pairs draw the same tokens
+    assert not torch.equal(seeded_draw(monkeypatch, 4, 0, 0), seeded_draw(monkeypatch, 3, 1, 0))
+    assert not torch.equal(seeded_draw(monkeypatch, 2**20, 0, 0), seeded_draw(monkeypatch, 0, 0, 1))
+    assert not torch.equal(seeded_draw(monkeypatch, 0, 0, 0), seeded_draw(monkeypatch, 2**32, 0, 0))
+    assert torch.equal(seeded_draw(monkeypatch, 5, 2, 3, step=7), seeded_draw(monkeypatch, 5, 2, 3, step=7))
+
+
+_streams = st.tuples(st.integers(0, 2**40), st.integers(0, 8), st.integers(0, 3), st.integers(0, 1000))
+
+
+@given(_streams, _streams)
+def test_distinct_seed_route_rank_step_give_distinct_keys(a, b):
+    assume(a != b)
+    ka = hashed_keys(a[0], torch.tensor(a[3]), 1, 16, "cpu", route=a[1], rank=a[2])
+    kb = hashed_keys(b[0], torch.tensor(b[3]), 1, 16, "cpu", route=b[1], rank=b[2])
+    assert not torch.equal(ka, kb)
+
+
+#: kept tokens of 16 for each ratio, by hand: 16 - floor(16 * ratio)
+KEPT_OF_16 = {0.25: 12, 0.5: 8, 0.75: 4}
+
+
+@given(st.integers(1, 4), st.sampled_from(sorted(KEPT_OF_16)))
 def test_sorted_order_keeps_relative_order(batch, ratio):
     tm = treadfx.transform(small_dit(), start=1, end=3, ratio=ratio, order="sorted")
     tm(*inputs(batch))
     (rec,) = treadfx.last_routes(tm)
     assert torch.equal(rec.kept, rec.kept.sort(dim=1).values)
-    assert rec.kept.shape == (batch, 16 - int(16 * ratio))
+    assert rec.kept.shape == (batch, KEPT_OF_16[ratio])
     assert all(row.unique().numel() == row.numel() for row in rec.kept)
 
 
@@ -96,6 +129,14 @@ def test_ratio_schedule_values_off_switch_and_quantisation():
     assert cos.ratio_at(5) == pytest.approx(0.4)
     values = {sched.ratio_at(s) for s in range(100)}
     assert len(values) <= 7  # 0.5 .. 0.25 in steps of 0.05, plus 0
+
+
+@pytest.mark.parametrize("route", [1, -1, True, "0"])
+def test_ratio_schedule_rejects_a_route_the_model_does_not_have(route):
+    tm = treadfx.transform(small_dit(), start=1, end=3, ratio=0.5)  # one route
+    with pytest.raises(treadfx.InvalidRouteError, match=re.escape(
+            f"route={route!r} but the model has 1 route(s). Fix: pass route=None (every route) or an index in 0..0.")):
+        treadfx.RatioSchedule(tm, total_steps=10, route=route)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

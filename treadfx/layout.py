@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -28,7 +28,8 @@ from .errors import StreamAnalysisError
 
 __all__ = [
     "Segment", "Layout", "TokenInfo", "LayoutAnalysis", "image_span", "layout_str", "tensor_input_nodes",
-    "side_input_layout",
+    "side_input_layout", "STREAM_RULES", "SIDE_RULES", "CAT_OPS", "SPLIT_OPS", "DEFAULT", "CONTINUE", "rule_for",
+    "op_key",
 ]
 
 
@@ -115,12 +116,66 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_SPLIT_FNS = {torch.split, torch.chunk, torch.tensor_split}
+# ---- per-op rule tables ---------------------------------------------------------------------------
+#
+# Op knowledge lives in tables keyed by the op: a ``call_function`` target (the callable itself), a
+# ``call_method`` name (a str) or, for ``call_module``, a module class (looked up along the MRO).  Supporting
+# a new op is one added entry.
+
+OpKey = Any
+
+
+def op_key(node: fx.Node) -> OpKey | None:
+    """The key of ``node`` in a rule table: its callable, its method name, or None for other node kinds."""
+    if node.op in ("call_function", "call_method"):
+        return node.target
+    return None
+
+
+def rule_for(table: dict, node: fx.Node, gm: fx.GraphModule | None = None):
+    """The rule of ``table`` for ``node``, or None.  ``call_module`` nodes are looked up by module class
+    (nearest base class first), which needs ``gm``."""
+    if node.op == "call_module":
+        if gm is None:
+            return None
+        for cls in type(gm.get_submodule(node.target)).__mro__:
+            if cls in table:
+                return table[cls]
+        return None
+    key = op_key(node)
+    try:
+        return table.get(key) if key is not None else None
+    except TypeError:  # an unhashable target
+        return None
+
+
+#: Ops that concatenate tensors (``torch.cat(tensors, dim)``); shared by the stream and side-input rules.
+CAT_OPS: tuple[OpKey, ...] = (torch.cat, torch.concat, torch.concatenate, "cat", "concat")
+#: Ops that split one tensor into a tuple along ``dim`` (``torch.split(x, sizes, dim)``).
+SPLIT_OPS: tuple[OpKey, ...] = (torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
+                                "split_with_sizes")
+
+
+def _cat_operands(node: fx.Node) -> tuple[Any, Any]:
+    """(pieces, dim) of a cat node as written in the graph."""
+    pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return pieces, dim
+
+
+#: Rule result meaning "no special knowledge here: use the default (inherit from the inputs)".
+DEFAULT = object()
 
 
 class LayoutAnalysis:
-    """Provenance, batch-ness and token layouts of every value in a traced graph."""
+    """Provenance, batch-ness and token layouts of every value in a traced graph.
+
+    After construction, ``info[node]`` is the :class:`TokenInfo` of a tensor
+    value (a list of them for a tuple value, None where there is no token
+    axis) and ``batched[node]`` whether the value has the batch dimension of
+    the image input (a list for a tuple value).  Layout knowledge of
+    individual ops comes from :data:`STREAM_RULES`.
+    """
 
     def __init__(self, gm: fx.GraphModule, image_input: int, chain_nodes: Sequence[fx.Node], block_carry):
         self.gm = gm
@@ -144,11 +199,22 @@ class LayoutAnalysis:
 
     # -- helpers -------------------------------------------------------------------------------------
     def is_batched_value(self, node: fx.Node, value: Any) -> bool:
+        """True if ``value`` (of ``node``) has the image input's batch size as dim 0 and comes from a batched
+        value: a placeholder, or a node with a batched input (for a tuple input, the element it reads)."""
         if not _is_tensor(value) or value.ndim == 0 or self.batch is None or value.shape[0] != self.batch:
             return False
         if node.op == "placeholder":
             return True
-        return any(self.batched.get(i) for i in node.all_input_nodes) or node.op == "placeholder"
+        return any(self._input_batched(node, i) for i in node.all_input_nodes)
+
+    def _input_batched(self, node: fx.Node, inp: fx.Node) -> bool:
+        flag = self.batched.get(inp)
+        if not isinstance(flag, list):
+            return bool(flag)
+        if (node.op == "call_function" and node.target is operator.getitem and node.args[0] is inp
+                and isinstance(node.args[1], int) and -len(flag) <= node.args[1] < len(flag)):
+            return flag[node.args[1]]  # a tuple element is batched by its own flag, not its siblings'
+        return any(flag)
 
     def _fresh_kind(self, node: fx.Node) -> str:
         prov = self.provenance.get(node, frozenset())
@@ -159,6 +225,7 @@ class LayoutAnalysis:
         return "extra"
 
     def token_info(self, node: fx.Node, index: int | None = None) -> TokenInfo | None:
+        """The TokenInfo of ``node`` (element ``index`` of a tuple value), or None."""
         info = self.info.get(node)
         if isinstance(info, list):
             return info[index] if index is not None and index < len(info) else None
@@ -166,6 +233,10 @@ class LayoutAnalysis:
 
     def _seq(self, node: fx.Node, value: Any) -> bool:
         return _is_tensor(value) and value.ndim >= 3 and self.is_batched_value(node, value)
+
+    def _fresh(self, node: fx.Node, value: torch.Tensor) -> TokenInfo:
+        """A new token axis (axis 1) whose kind is where the value comes from."""
+        return TokenInfo(1, (Segment(self._fresh_kind(node), value.shape[1]),), True)
 
     # -- propagation ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -188,37 +259,28 @@ class LayoutAnalysis:
 
     def _infer(self, node: fx.Node, value: Any):
         if node.op == "placeholder":
-            if node is self.image_ph and self._seq(node, value):
-                return TokenInfo(1, (Segment("image", value.shape[1]),), True)
-            if node in self.text_phs:
-                return TokenInfo(1, (Segment("text", value.shape[1]),), True)
-            return None
+            return self._infer_placeholder(node, value)
         if node.op == "output":
             return None
         if node in self.chain_set:
             return self._infer_block(node, value)
-        target = node.target
-        # tuple element
-        if node.op == "call_function" and target is operator.getitem and isinstance(node.args[0], fx.Node):
-            src = node.args[0]
-            src_info = self.info.get(src)
-            idx = node.args[1]
-            if isinstance(src_info, list) and isinstance(idx, int):
-                return src_info[idx] if idx < len(src_info) else None
-            if isinstance(src_info, TokenInfo) and _is_tensor(value):
-                sliced = self._slice_by_index(src_info, _val(src), idx, value)
-                if sliced is not None:
-                    return sliced
-        # concatenation along the token axis
-        if (node.op == "call_function" and target in _CAT) or (node.op == "call_method" and target in ("cat", "concat")):
-            res = self._infer_cat(node, value)
-            if res is not None:
+        rule = rule_for(STREAM_RULES, node)
+        if rule is not None:
+            res = rule(self, node, value)
+            if res is not DEFAULT:
                 return res
-        # split / chunk along the token axis
+        return self._default(node, value)
+
+    def _infer_placeholder(self, node: fx.Node, value: Any) -> TokenInfo | None:
+        if node is self.image_ph and self._seq(node, value):
+            return TokenInfo(1, (Segment("image", value.shape[1]),), True)
+        if node in self.text_phs:
+            return TokenInfo(1, (Segment("text", value.shape[1]),), True)
+        return None
+
+    def _default(self, node: fx.Node, value: Any):
+        """No rule: each tensor output inherits the layout of an input it is token-aligned with."""
         if isinstance(value, (tuple, list)):
-            res = self._infer_split(node, value)
-            if res is not None:
-                return res
             return [self._inherit(node, v) if _is_tensor(v) else None for v in value]
         if _is_tensor(value):
             return self._inherit(node, value)
@@ -245,95 +307,144 @@ class LayoutAnalysis:
             first = pool[0]
             return TokenInfo(first.axis, first.layout, True)
         if self._seq(node, value):
-            return TokenInfo(1, (Segment(self._fresh_kind(node), value.shape[1]),), True)
+            return self._fresh(node, value)
         return None
 
     def _infer_block(self, node: fx.Node, value: Any):
         carry = self.block_carry(node)  # {output index: input node}
         outs = list(value) if isinstance(value, (tuple, list)) else [value]
-        infos: list[TokenInfo | None] = []
-        for j, v in enumerate(outs):
-            src = carry.get(j)
-            inf = self.info.get(src) if src is not None else None
-            if inf is None and _is_tensor(v):
-                # unresolved carry (e.g. U-ViT: x and skip of one shape meet in a feature-dim cat):
-                # fine if every input of the output's shape has the same layout
-                same = {self.info.get(i) for i in node.all_input_nodes
-                        if _is_tensor(_val(i)) and tuple(_val(i).shape) == tuple(v.shape)}
-                if len(same) == 1:
-                    inf = next(iter(same))
-            if isinstance(inf, TokenInfo) and _is_tensor(v) and v.ndim > inf.axis and v.shape[inf.axis] == inf.length:
-                infos.append(inf)
-            elif _is_tensor(v) and self._seq(node, v):
-                infos.append(TokenInfo(1, (Segment(self._fresh_kind(node), v.shape[1]),), True))
-            else:
-                infos.append(None)
+        infos = [self._block_output(node, carry.get(j), v) for j, v in enumerate(outs)]
         return infos if isinstance(value, (tuple, list)) else infos[0]
 
-    def _infer_cat(self, node: fx.Node, value: Any) -> TokenInfo | None:
-        if not _is_tensor(value):
-            return None
-        pieces = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if not isinstance(pieces, (list, tuple)) or not isinstance(dim, int):
-            return None
-        dim = dim % value.ndim
-        piece_infos = []
-        for p in pieces:
-            inf = self.info.get(p) if isinstance(p, fx.Node) else None
-            piece_infos.append(inf if isinstance(inf, TokenInfo) else None)
-        if not any(inf is not None and inf.axis == dim for inf in piece_infos):
-            if not (dim == 1 and self._seq(node, value)):
-                return None
-        segs: list[Segment] = []
-        for p, inf in zip(pieces, piece_infos):
-            pv = _val(p)
-            if not _is_tensor(pv):
-                return None
-            if inf is not None and inf.axis == dim:
-                segs.extend(inf.layout)
-            else:
-                kind = self._fresh_kind(p) if isinstance(p, fx.Node) else "extra"
-                segs.append(Segment(kind, int(pv.shape[dim])))
-        return TokenInfo(dim, _merge(segs), self.is_batched_value(node, value))
-
-    def _infer_split(self, node: fx.Node, value: Sequence) -> list | None:
-        is_split = (node.op == "call_function" and node.target in _SPLIT_FNS) or (
-            node.op == "call_method" and node.target in ("split", "chunk", "tensor_split", "split_with_sizes")
-        )
-        if not is_split or not node.args or not isinstance(node.args[0], fx.Node):
-            return None
-        src_info = self.info.get(node.args[0])
-        if not isinstance(src_info, TokenInfo):
-            return None
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        src = _val(node.args[0])
-        if not isinstance(dim, int) or dim % src.ndim != src_info.axis:
-            return None
-        out, off = [], 0
-        for v in value:
-            n = int(v.shape[src_info.axis])
-            out.append(TokenInfo(src_info.axis, _slice_layout(src_info.layout, off, off + n), src_info.batched))
-            off += n
-        return out
-
-    def _slice_by_index(self, info: TokenInfo, src: torch.Tensor, idx: Any, value: torch.Tensor) -> TokenInfo | None:
-        """x[:, a:b, ...] along the token axis; other indexing keeps the axis only if shapes say so."""
-        if not isinstance(idx, tuple):
-            idx = (idx,)
-        # position of the token axis among the index entries (before any Ellipsis)
-        if len(idx) > info.axis and all(isinstance(e, slice) and e == slice(None) for e in idx[: info.axis]):
-            e = idx[info.axis]
-            if isinstance(e, slice) and (e.step in (None, 1)):
-                start, stop, _ = e.indices(info.length)
-                rest = idx[info.axis + 1:]
-                if all(r is Ellipsis or (isinstance(r, slice) and r == slice(None)) or isinstance(r, int) or r is None
-                       for r in rest):
-                    if value.ndim > info.axis and value.shape[info.axis] == stop - start:
-                        return TokenInfo(info.axis, _slice_layout(info.layout, start, stop), info.batched)
-        if value.ndim > info.axis and value.shape[info.axis] == info.length and value.shape[: info.axis] == src.shape[: info.axis]:
-            return info
+    def _block_output(self, node: fx.Node, src: fx.Node | None, v: Any) -> TokenInfo | None:
+        inf = self.info.get(src) if src is not None else None
+        if inf is None and _is_tensor(v):
+            # unresolved carry (e.g. U-ViT: x and skip of one shape meet in a feature-dim cat):
+            # fine if every input of the output's shape has the same layout
+            same = {self.info.get(i) for i in node.all_input_nodes
+                    if _is_tensor(_val(i)) and tuple(_val(i).shape) == tuple(v.shape)}
+            if len(same) == 1:
+                inf = next(iter(same))
+        if isinstance(inf, TokenInfo) and _is_tensor(v) and v.ndim > inf.axis and v.shape[inf.axis] == inf.length:
+            return inf
+        if _is_tensor(v) and self._seq(node, v):
+            return self._fresh(node, v)
         return None
+
+
+# ---- stream rules: (analysis, node, value) -> TokenInfo | list | None, or DEFAULT to inherit -----------
+
+def _getitem_rule(a: LayoutAnalysis, node: fx.Node, value: Any):
+    """``t[i]`` of a tuple takes element i's layout; ``x[:, a:b]`` slices the layout along the token axis."""
+    if not isinstance(node.args[0], fx.Node):
+        return DEFAULT
+    src = node.args[0]
+    src_info = a.info.get(src)
+    idx = node.args[1]
+    if isinstance(src_info, list) and isinstance(idx, int):
+        return src_info[idx] if idx < len(src_info) else None
+    if isinstance(src_info, TokenInfo) and _is_tensor(value):
+        sliced = _slice_by_index(src_info, _val(src), idx, value)
+        if sliced is not None:
+            return sliced
+    return DEFAULT
+
+
+def _cat_rule(a: LayoutAnalysis, node: fx.Node, value: Any):
+    """A cat along the token axis concatenates the pieces' layouts (a piece without one is a fresh segment)."""
+    if not _is_tensor(value):
+        return DEFAULT
+    pieces, dim = _cat_operands(node)
+    if not isinstance(pieces, (list, tuple)) or not isinstance(dim, int):
+        return DEFAULT
+    dim = dim % value.ndim
+    piece_infos = []
+    for p in pieces:
+        inf = a.info.get(p) if isinstance(p, fx.Node) else None
+        piece_infos.append(inf if isinstance(inf, TokenInfo) else None)
+    if not any(inf is not None and inf.axis == dim for inf in piece_infos):
+        if not (dim == 1 and a._seq(node, value)):
+            return DEFAULT
+    segs: list[Segment] = []
+    for p, inf in zip(pieces, piece_infos):
+        pv = _val(p)
+        if not _is_tensor(pv):
+            return DEFAULT
+        if inf is not None and inf.axis == dim:
+            segs.extend(inf.layout)
+        else:
+            kind = a._fresh_kind(p) if isinstance(p, fx.Node) else "extra"
+            segs.append(Segment(kind, int(pv.shape[dim])))
+    return TokenInfo(dim, _merge(segs), a.is_batched_value(node, value))
+
+
+def _split_rule(a: LayoutAnalysis, node: fx.Node, value: Any):
+    """A split along the token axis cuts the layout into consecutive pieces."""
+    if not isinstance(value, (tuple, list)) or not node.args or not isinstance(node.args[0], fx.Node):
+        return DEFAULT
+    src_info = a.info.get(node.args[0])
+    if not isinstance(src_info, TokenInfo):
+        return DEFAULT
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    src = _val(node.args[0])
+    if not isinstance(dim, int) or dim % src.ndim != src_info.axis:
+        return DEFAULT
+    out, off = [], 0
+    for v in value:
+        n = int(v.shape[src_info.axis])
+        out.append(TokenInfo(src_info.axis, _slice_layout(src_info.layout, off, off + n), src_info.batched))
+        off += n
+    return out
+
+
+def _slice_by_index(info: TokenInfo, src: torch.Tensor, idx: Any, value: torch.Tensor) -> TokenInfo | None:
+    """x[:, a:b, ...] along the token axis; other indexing keeps the axis only if shapes say so."""
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    # position of the token axis among the index entries (before any Ellipsis)
+    if len(idx) > info.axis and all(isinstance(e, slice) and e == slice(None) for e in idx[: info.axis]):
+        e = idx[info.axis]
+        if isinstance(e, slice) and (e.step in (None, 1)):
+            start, stop, _ = e.indices(info.length)
+            rest = idx[info.axis + 1:]
+            if all(r is Ellipsis or (isinstance(r, slice) and r == slice(None)) or isinstance(r, int) or r is None
+                   for r in rest):
+                if value.ndim > info.axis and value.shape[info.axis] == stop - start:
+                    return TokenInfo(info.axis, _slice_layout(info.layout, start, stop), info.batched)
+    if (value.ndim > info.axis and value.shape[info.axis] == info.length
+            and value.shape[: info.axis] == src.shape[: info.axis]):
+        return info
+    return None
+
+
+#: How ops change the token layout of the stream.  Ops not listed inherit the layout of a token-aligned input.
+STREAM_RULES: dict[OpKey, Callable[[LayoutAnalysis, fx.Node, Any], Any]] = {
+    operator.getitem: _getitem_rule,
+    **{op: _cat_rule for op in CAT_OPS},
+    **{op: _split_rule for op in SPLIT_OPS},
+}
+
+
+# ---- side inputs ----------------------------------------------------------------------------------------
+
+#: Rule result meaning "this op keeps the axis: keep walking back through its inputs".
+CONTINUE = object()
+
+
+def _side_cat_rule(n: fx.Node, v: torch.Tensor, axis: int, num_image: int):
+    """A cat along the axis: the layout is its pieces, if exactly one of them has the image token count."""
+    pieces, dim = _cat_operands(n)
+    if not (isinstance(dim, int) and dim % v.ndim == axis and isinstance(pieces, (list, tuple))):
+        return CONTINUE
+    sizes = [int(_val(p).shape[axis]) for p in pieces if isinstance(p, fx.Node)]
+    if len(sizes) == len(pieces) and sizes.count(num_image) == 1:
+        return _merge(Segment("image" if s == num_image else "extra", s) for s in sizes)
+    return None
+
+
+#: Ops that decide a side input's layout on the walk back from it: (node, value, axis, image count) -> a layout,
+#: None (no layout), or CONTINUE.  Ops not listed keep the axis if their inputs have it at the same size.
+SIDE_RULES: dict[OpKey, Callable[[fx.Node, torch.Tensor, int, int], Any]] = {op: _side_cat_rule for op in CAT_OPS}
 
 
 def side_input_layout(
@@ -346,41 +457,41 @@ def side_input_layout(
     """Layout of a side input's ``axis`` (a RoPE table, a per-token mask).
 
     Rules, in order: the whole axis is image tokens if its size is the image
-    token count; it equals a known stream layout of the same length; a
-    concatenation along that axis found by walking back through operations
-    that keep the axis's size has exactly one piece of the image token count.
-    Returns None when no rule applies.
+    token count; it equals a known stream layout of the same length; walking
+    back through operations that keep the axis's size, the first op with a
+    rule in :data:`SIDE_RULES` decides (a concatenation along that axis with
+    exactly one piece of the image token count).  Returns None when no rule
+    applies.
     """
-    value = _val(node)
-    size = int(value.shape[axis])
+    size = int(_val(node).shape[axis])
     if size == num_image:
         return (Segment("image", num_image),)
     for lay in known:
         if sum(s.length for s in lay) == size and any(s.kind == "image" for s in lay):
             return lay
-    # walk back to a cat along this axis
+    return _walk_back_to_rule(node, axis, size, num_image)
+
+
+def _walk_back_to_rule(node: fx.Node, axis: int, size: int, num_image: int) -> Layout | None:
     seen: set[fx.Node] = set()
-    frontier = [(node, axis)]
+    frontier = [node]
     while frontier:
-        n, ax = frontier.pop()
+        n = frontier.pop()
         if n in seen:
             continue
         seen.add(n)
         v = _val(n)
-        if not _is_tensor(v) or v.ndim <= ax or int(v.shape[ax]) != size:
+        if not _keeps_axis(v, axis, size):
             continue
-        is_cat = (n.op == "call_function" and n.target in _CAT) or (n.op == "call_method" and n.target == "cat")
-        if is_cat:
-            pieces = n.args[0] if n.args else n.kwargs.get("tensors")
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            if isinstance(dim, int) and dim % v.ndim == ax and isinstance(pieces, (list, tuple)):
-                sizes = [int(_val(p).shape[ax]) for p in pieces if isinstance(p, fx.Node)]
-                if len(sizes) == len(pieces) and sizes.count(num_image) == 1:
-                    return _merge(Segment("image" if s == num_image else "extra", s) for s in sizes)
-                return None
-        for i in n.all_input_nodes:
-            iv = _val(i)
-            # keep following the axis through inputs that still have it at the same position
-            if _is_tensor(iv) and iv.ndim > ax and int(iv.shape[ax]) == size:
-                frontier.append((i, ax))
+        rule = rule_for(SIDE_RULES, n)
+        if rule is not None:
+            res = rule(n, v, axis, num_image)
+            if res is not CONTINUE:
+                return res
+        # keep following the axis through inputs that still have it at the same position
+        frontier.extend(i for i in n.all_input_nodes if _keeps_axis(_val(i), axis, size))
     return None
+
+
+def _keeps_axis(v: Any, axis: int, size: int) -> bool:
+    return _is_tensor(v) and v.ndim > axis and int(v.shape[axis]) == size

@@ -68,6 +68,18 @@ def _norm_pix_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - t) ** 2).mean(dim=-1)
 
 
+def _skipped_masks(prog: RoutedProgram, last_kept, batch: int) -> list[torch.Tensor]:
+    """[B, N] bool masks, True where a route with ``aux_loss`` skipped a token in the last forward."""
+    masks = []
+    for plan, kept in zip(prog.plans, last_kept):
+        if kept is None or not getattr(plan.route, "aux_loss", True):
+            continue
+        rows = kept if kept.ndim == 2 else kept.unsqueeze(0).expand(batch, -1)
+        mask = torch.ones(rows.shape[0], plan.num_tokens, dtype=torch.bool, device=rows.device)
+        masks.append(mask.scatter(1, rows, False))
+    return masks
+
+
 def route_loss(model, loss_map: torch.Tensor, *, pred: torch.Tensor | None = None,
                target: torch.Tensor | None = None, mae_weight: float | None = None) -> RouteLoss:
     """The route-aware loss of the last forward of ``model``.
@@ -83,28 +95,12 @@ def route_loss(model, loss_map: torch.Tensor, *, pred: torch.Tensor | None = Non
     st = state_of(model)
     weight = st.config.mae_weight if mae_weight is None else float(mae_weight)
     prog = st.last_program
-    masks: list[torch.Tensor] = []
-    if prog is not None:
-        batch = loss_map.shape[0]
-        for plan, kept in zip(prog.plans, st.last_kept):
-            if kept is None:
-                continue
-            if not getattr(plan.route, "aux_loss", True):
-                continue
-            rows = kept if kept.ndim == 2 else kept.unsqueeze(0).expand(batch, -1)
-            mask = torch.ones(rows.shape[0], plan.num_tokens, dtype=torch.bool, device=rows.device)
-            masks.append(mask.scatter(1, rows, False))
-    if prog is not None:
-        tmap = program_token_map(prog)
-    else:
-        tmap = None
-    if tmap is None:
-        per_token = loss_map.reshape(loss_map.shape[0], -1).float() if loss_map.ndim == 2 else None
-        if per_token is None:
-            mean = loss_map.float().mean()
-            return RouteLoss(mean, mean, None, [], False)
-    else:
-        per_token = tmap.per_token(loss_map)
+    if prog is None:  # no forward yet: nothing was routed, every token counts
+        mean = loss_map.float().mean()
+        return RouteLoss(mean, mean, torch.zeros((), device=mean.device) if weight else None, [], False)
+    masks = _skipped_masks(prog, st.last_kept, loss_map.shape[0])
+    tmap = program_token_map(prog)
+    per_token = tmap.per_token(loss_map)
     if not masks:
         mean = per_token.mean()
         return RouteLoss(mean, mean, torch.zeros((), device=mean.device) if weight else None, [], False)
@@ -120,8 +116,6 @@ def route_loss(model, loss_map: torch.Tensor, *, pred: torch.Tensor | None = Non
                 f"mae_weight={weight} needs the prediction and the reconstruction target. Fix: call "
                 "treadfx.route_loss(model, loss_map, pred=model_output, target=clean_input) or set mae_weight=0."
             )
-        if tmap is None:
-            raise TransformError("the MAE term needs the pixel->token mapping; run a training forward first.")
         err = _norm_pix_error(tmap.patchify(pred).float(), tmap.patchify(target).float())
         terms = []
         for m in masks:

@@ -7,11 +7,13 @@
   place, into the value the stream had at route-out, so skipped tokens
   re-enter bit-identical.
 
-All three read ``self.training`` (or ``self.forced``) at run time and return
-their input unchanged when the route is inactive, so ``.train()/.eval()`` work
-on a traced graph.  The number of kept tokens is a static ``int`` attribute,
-never a tensor or float argument, so ``torch.compile`` compiles one graph per
-distinct K and never per ratio value.
+:class:`RouteSelect` reads ``self.training`` (or ``self.forced``) at run time
+and returns None when its route is inactive; :class:`RouteGather` and
+:class:`RouteScatter` return their input unchanged when the indices they get
+are None.  So ``.train()/.eval()`` work on a traced graph without retracing.
+The number of kept tokens is a static ``int`` attribute, never a tensor or
+float argument, so ``torch.compile`` compiles one graph per distinct K and
+never per ratio value.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["RouteSelect", "RouteGather", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys"]
+__all__ = ["RouteSelect", "RouteGather", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
 
 _M32 = 0xFFFFFFFF
 
@@ -32,15 +34,54 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hashed_keys(seed: int, step: torch.Tensor | None, rows: int, cols: int, device) -> torch.Tensor:
-    """Pseudo-random int64 keys [rows, cols], a pure function of (seed, step, position).
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 finaliser on a Python int (a bijection of 64-bit words)."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def stream_key(*parts: int) -> int:
+    """A 64-bit key that hashes a sequence of non-negative ints of any size.
+
+    Each part is encoded as its 64-bit word count followed by its words, so
+    distinct sequences have distinct encodings (``(4, 0)`` and ``(3, 1)`` are
+    unrelated keys, unlike with ``seed + route``); the encoding is chained
+    through SplitMix64.
+    """
+    h = _splitmix64(len(parts))
+    for p in parts:
+        p = int(p)
+        if p < 0:
+            raise ValueError(f"stream_key parts must be non-negative, got {p}")
+        words = []
+        while True:
+            words.append(p & _M64)
+            p >>= 64
+            if not p:
+                break
+        for w in [len(words)] + words:
+            h = _splitmix64(h ^ w)
+    return h
+
+
+def hashed_keys(seed: int, step: torch.Tensor | None, rows: int, cols: int, device, *, route: int = 0,
+                rank: int = 0) -> torch.Tensor:
+    """Pseudo-random int64 keys [rows, cols] in [0, 2^32), a pure function of (seed, route, rank, step, position).
 
     Counter-based, so it is reproducible across devices and runs and compiles
     without a ``torch.Generator``; ``step`` is a 0-dim int64 tensor that the
-    caller advances once per forward.
+    caller advances once per forward (read modulo 2^32).  (seed, route, rank)
+    are hashed together by :func:`stream_key`, so no two of them share a
+    stream; the keys of one row are distinct.
     """
+    key = stream_key(seed, route, rank)
     counter = step if step is not None else torch.zeros((), dtype=torch.int64, device=device)
-    mix = _hash32((counter.to(torch.int64) & _M32) * 0x27D4EB2F + (seed & _M32) * 0x165667B1)
+    mix = _hash32(_hash32((counter.to(torch.int64) & _M32) ^ (key & _M32)) ^ (key >> 32))
     pos = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
     return _hash32(pos * 0x61C88647 + mix)
 
@@ -106,10 +147,10 @@ class RouteSelect(nn.Module):
         if self.seed is None:
             noise = torch.rand(rows, self.num_tokens, device=ref.device)
         else:
-            # the distributed rank (read per call: the graph may be traced before init_process_group) is mixed
-            # in, so each rank draws its own routes
-            noise = hashed_keys(self.seed + self.route_index + (_rank() << 20), step, rows, self.num_tokens,
-                                ref.device)
+            # the distributed rank (read per call: the graph may be traced before init_process_group) is hashed
+            # in with the seed and the route, so each rank and each route draws its own tokens
+            noise = hashed_keys(self.seed, step, rows, self.num_tokens, ref.device, route=self.route_index,
+                                rank=_rank())
         if keep is not None:
             marked = keep.any(dim=0, keepdim=True) if self.shared else keep
             noise = noise.masked_fill(marked, -1)
@@ -153,11 +194,19 @@ class RouteGather(nn.Module):
         if idx is None:
             return x
         full = self._full(idx)
+        # index_select saves only the indices for backward (torch.gather would also keep x alive)
         if not self.per_sample:
             return x.index_select(self.axis, full)
+        b, k = full.shape
         if not self.batched:  # per-sample subsets of a table without batch dim -> batched table
-            x = x.unsqueeze(0).expand(full.shape[0], *x.shape)
+            if self.axis == 0:
+                return x.index_select(0, full.reshape(-1)).view(b, k, *x.shape[1:])
+            x = x.unsqueeze(0).expand(b, *x.shape)
             return torch.gather(x, self.axis + 1, _index_for(full, x, self.axis + 1))
+        if self.axis == 1:
+            n = x.shape[1]
+            flat = (full + torch.arange(b, device=full.device).unsqueeze(1) * n).reshape(-1)
+            return x.flatten(0, 1).index_select(0, flat).view(b, k, *x.shape[2:])
         return torch.gather(x, self.axis, _index_for(full, x, self.axis))
 
 

@@ -27,7 +27,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .chains import Chain
@@ -39,7 +38,8 @@ from .ops import num_kept
 from .routes import Route
 from .tracing import TracedProgram
 
-__all__ = ["ValueDecision", "RoutePlan", "plan_route", "region_of"]
+__all__ = ["ValueDecision", "RoutePlan", "RouteScope", "plan_route", "region_of", "find_stream", "initial_decisions",
+           "settle_side_inputs", "leaving_decisions", "choose_selection", "choose_order"]
 
 
 @dataclasses.dataclass
@@ -134,9 +134,9 @@ class _Walk:
 
     def __init__(self, prog: TracedProgram, region: list[fx.Node], evaluator: FakeEvaluator):
         self.prog, self.region, self.ev = prog, region, evaluator
-        self.rset = set(region)
 
     def run(self, gathered: dict[fx.Node, torch.Tensor]) -> tuple[dict[fx.Node, Any], fx.Node | None, Exception | None]:
+        """(values of the region's nodes, the first node that failed or None, its error)."""
         with quiet_fake_tensor_logs():
             return self._run(gathered)
 
@@ -166,6 +166,30 @@ def _node_label(prog: TracedProgram, node: fx.Node) -> str:
     return f"operation `{tgt}` (node {node.name})"
 
 
+@dataclasses.dataclass
+class RouteScope:
+    """What the planning steps of one route share: the program, its layout analysis, the route's span on the
+    chain, a namer for messages, and the route's region (see :func:`region_of`)."""
+
+    prog: TracedProgram
+    analysis: LayoutAnalysis
+    chain: Chain
+    index: int
+    route: Route
+    start: int
+    end: int
+    name_of: Any
+    region: list[fx.Node]
+
+    @property
+    def rset(self) -> set[fx.Node]:
+        return set(self.region)
+
+    @property
+    def chain_set(self) -> set[fx.Node]:
+        return set(self.chain.nodes)
+
+
 def plan_route(
     prog: TracedProgram,
     analysis: LayoutAnalysis,
@@ -177,159 +201,214 @@ def plan_route(
     name_of,
     order_probe=None,
 ) -> RoutePlan:
-    """Decide, by graph analysis and fake probes, how route ``index`` rewrites ``prog``."""
-    gm = prog.gm
-    first, last = chain.nodes[start], chain.nodes[end]
-    region = region_of(gm, first, last)
-    rset = set(region)
-    chain_set = set(chain.nodes)
+    """Decide, by graph analysis and fake probes, how route ``index`` rewrites ``prog``.
 
-    # ---- the token stream entering block `start`
+    The steps: the region between the route's blocks; the token stream entering
+    block ``start``; a first decision per entering tensor from its layout; side
+    inputs that the region needs gathered, found by fake probes; what happens to
+    each tensor leaving the region; then the selection and order of kept tokens.
+    Raises StreamAnalysisError / UnroutableRegionError naming the fix.
+    """
+    r = RouteScope(prog, analysis, chain, index, route, start, end, name_of,
+               region_of(prog.gm, chain.nodes[start], chain.nodes[end]))
+    stream = find_stream(r)
+    stream_info = analysis.token_info(stream)
+    _, n_img = image_span(stream_info.layout)
+    entering, order_in = initial_decisions(r, stream, n_img)
+    env = settle_side_inputs(r, entering, order_in, n_img)
+    leaving = leaving_decisions(r, env, stream, stream_info, n_img)
+    selection, sel_reason = choose_selection(route, list(entering.values()), name_of)
+    order, order_reason = choose_order(r, order_probe, list(entering.values()), stream)
+    return RoutePlan(index, route, start, end, chain, r.region, stream, stream_info, n_img, selection, sel_reason,
+                     order, order_reason, [entering[n] for n in order_in], leaving)
+
+
+def find_stream(r: RouteScope) -> fx.Node:
+    """The batched tensor with image tokens that enters block ``start``; preferably one that an earlier chain
+    block produced (the stream rather than, say, a skip from the patch embedding)."""
+    first = r.chain.nodes[r.start]
     candidates = []
     for inp in _inputs_of(first):
-        info = analysis.token_info(inp)
+        info = r.analysis.token_info(inp)
         if isinstance(info, TokenInfo) and info.has_image() and info.batched:
             candidates.append(inp)
     if not candidates:
         raise StreamAnalysisError(
-            f"chain block {start} (`{chain.paths[start]}`) receives no batched tensor that carries image tokens; "
-            "treadfx found nothing to route there. Fix: check that the model's first tensor argument is the image "
-            "(or name it with stream='<argument>'), or start the route at another block."
+            f"chain block {r.start} (`{r.chain.paths[r.start]}`) receives no batched tensor that carries image "
+            "tokens; treadfx found nothing to route there. Fix: check that the model's first tensor argument is the "
+            "image (or name it with stream='<argument>'), or start the route at another block."
         )
-    prev = set(chain.nodes[:start])
+    prev = set(r.chain.nodes[: r.start])
+    chain_set = r.chain_set
     preferred = [c for c in candidates if not prev or _direct_block_source(c, chain_set) in prev]
-    stream = (preferred or candidates)[0]
-    stream_info = analysis.token_info(stream)
-    _, n_img = image_span(stream_info.layout)
+    return (preferred or candidates)[0]
 
-    # ---- entering values and initial decisions
+
+def initial_decisions(r: RouteScope, stream: fx.Node, n_img: int) -> tuple[dict[fx.Node, ValueDecision], list[fx.Node]]:
+    """A first decision for every tensor entering the region from its layout alone, and their order of first
+    use."""
+    rset, chain_set = r.rset, r.chain_set
     entering: dict[fx.Node, ValueDecision] = {}
     order_in: list[fx.Node] = []
-    for node in region:
+    for node in r.region:
         for inp in _inputs_of(node):
             if inp not in rset and inp not in entering:
                 order_in.append(inp)
-                entering[inp] = _initial_decision(inp, stream, analysis, n_img, chain_set)
-    known_layouts: list[Layout] = []
+                entering[inp] = _initial_decision(inp, stream, r.analysis, n_img, chain_set)
+    return entering, order_in
+
+
+def _known_layouts(gm: fx.GraphModule, analysis: LayoutAnalysis) -> list[Layout]:
+    """Every distinct layout with image tokens in the graph, in graph order."""
+    known: list[Layout] = []
     for n in gm.graph.nodes:
         inf = analysis.info.get(n)
         for i in (inf if isinstance(inf, list) else [inf]):
-            if isinstance(i, TokenInfo) and i.has_image() and i.layout not in known_layouts:
-                known_layouts.append(i.layout)
+            if isinstance(i, TokenInfo) and i.has_image() and i.layout not in known:
+                known.append(i.layout)
+    return known
 
-    per_sample_unbatched = route.selection == "per_sample"
-    batch = analysis.batch or 1
-    sizes = _all_sizes([n.meta.get("val") for n in order_in] + [n.meta.get("val") for n in region])
-    probe_k = _probe_count(n_img, sizes)
-    ev = prog.evaluator
-    walk = _Walk(prog, region, ev)
 
-    def gathered_values() -> dict[fx.Node, torch.Tensor]:
-        out = {}
-        for n, d in entering.items():
+class _Prober:
+    """Fake-runs the region with the tensors currently marked "gather" shrunk to ``probe_k`` image tokens."""
+
+    def __init__(self, r: RouteScope, entering: dict[fx.Node, ValueDecision], order_in: list[fx.Node], n_img: int):
+        self.r, self.entering = r, entering
+        sizes = _all_sizes([n.meta.get("val") for n in order_in] + [n.meta.get("val") for n in r.region])
+        self.probe_k = _probe_count(n_img, sizes)
+        self.per_sample_unbatched = r.route.selection == "per_sample"
+        self.batch = r.analysis.batch or 1
+        self.walk = _Walk(r.prog, r.region, r.prog.evaluator)
+
+    def run(self):
+        """(env, failed node or None, error) of one fake run."""
+        gathered = {}
+        for n, d in self.entering.items():
             if d.action == "gather":
                 info = TokenInfo(d.axis, d.layout, d.batched)
-                out[n] = _shrunk(n.meta["val"], info, probe_k, per_sample_unbatched, batch, ev.mode)
-        return out
+                gathered[n] = _shrunk(n.meta["val"], info, self.probe_k, self.per_sample_unbatched, self.batch,
+                                      self.r.prog.evaluator.mode)
+        return self.walk.run(gathered)
 
+
+def settle_side_inputs(r: RouteScope, entering: dict[fx.Node, ValueDecision], order_in: list[fx.Node],
+                       n_img: int) -> dict[fx.Node, Any]:
+    """Gather side inputs until the region runs on the kept tokens; returns its fake values then.
+
+    Each failing node is fixed by gathering the smallest subset of its token-aligned inputs that moves the
+    failure past it; a node no subset fixes makes the region unroutable (UnroutableRegionError).
+    """
+    prober = _Prober(r, entering, order_in, n_img)
+    known = _known_layouts(r.prog.gm, r.analysis)
     for _attempt in range(len(order_in) + 2):
-        env, failed, err = walk.run(gathered_values())
+        env, failed, err = prober.run()
         if failed is None:
-            break
-        # try to fix by gathering side inputs of the failing node
-        side = []
-        for inp in _inputs_of(failed):
-            d = entering.get(inp)
-            if d is None or d.action != "pass":
-                continue  # (a "text" input can be position ids that feed a per-token table: the probe decides)
-            cand = _side_candidate(gm, inp, n_img, known_layouts, analysis)
-            if cand is not None:
-                side.append((inp, cand))
-        fixed = False
-        if side:
-            saved = {inp: entering[inp] for inp, _ in side}
-            pos = region.index(failed)
-            for subset in _subsets(side):
-                for inp, _ in side:
-                    entering[inp] = saved[inp]
-                for inp, (axis, layout, batched) in subset:
-                    entering[inp] = ValueDecision(inp, "gather", "side input", "", axis, layout, batched)
-                _, f2, _ = walk.run(gathered_values())
-                if f2 is None or region.index(f2) > pos:
-                    kind = {True: "per-token input", False: "per-token table without batch dim"}
-                    for inp, (_a, _l, batched) in subset:
-                        entering[inp].reason = (f"{_node_label(prog, failed)} fails with the full token count "
-                                                f"and runs with the kept ones ({kind[batched]})")
-                    fixed = True
-                    break
-            if not fixed:
-                entering.update(saved)
-        if not fixed:
-            shapes = ", ".join(
-                f"{name_of(i)}={list(_shape(env.get(i, entering[i].node.meta.get('val') if i in entering else i.meta.get('val'))))}"
-                for i in _inputs_of(failed)
-            )
-            raise UnroutableRegionError(
-                f"route {index} (chain blocks {start}..{end}): {_node_label(prog, failed)} cannot run on the kept "
-                f"tokens ({probe_k} of {n_img} in the probe). Inputs: {shapes}. Error: {type(err).__name__}: {err}. "
-                "Fix: end the route before this operation, or make the tensor it needs token-aligned; "
-                "treadfx never routes a region it cannot prove shape-consistent."
-            )
-    else:  # pragma: no cover - bounded loop
-        raise UnroutableRegionError(f"route {index}: could not find a consistent set of tensors to gather")
+            return env
+        if not _gather_side_inputs(r, prober, failed, n_img, known):
+            _raise_unroutable(r, entering, env, failed, err, prober.probe_k, n_img)
+    raise UnroutableRegionError(  # pragma: no cover - each pass fixes one node, so the loop is bounded
+        f"route {r.index}: could not find a consistent set of tensors to gather")
 
-    # ---- leaving values
+
+def _gather_side_inputs(r: RouteScope, prober: _Prober, failed: fx.Node, n_img: int, known: list[Layout]) -> bool:
+    """Try to get past ``failed`` by gathering some of its inputs; True (decisions updated) if it worked."""
+    entering = prober.entering
+    side = []
+    for inp in _inputs_of(failed):
+        d = entering.get(inp)
+        if d is None or d.action != "pass":
+            continue  # (a "text" input can be position ids that feed a per-token table: the probe decides)
+        cand = _side_candidate(r.prog.gm, inp, n_img, known, r.analysis)
+        if cand is not None:
+            side.append((inp, cand))
+    if not side:
+        return False
+    saved = {inp: entering[inp] for inp, _ in side}
+    pos = r.region.index(failed)
+    for subset in _subsets(side):
+        entering.update(saved)
+        for inp, (axis, layout, batched) in subset:
+            entering[inp] = ValueDecision(inp, "gather", "side input", "", axis, layout, batched)
+        _, f2, _ = prober.run()
+        if f2 is None or r.region.index(f2) > pos:
+            kind = {True: "per-token input", False: "per-token table without batch dim"}
+            for inp, (_a, _l, batched) in subset:
+                entering[inp].reason = (f"{_node_label(r.prog, failed)} fails with the full token count "
+                                        f"and runs with the kept ones ({kind[batched]})")
+            return True
+    entering.update(saved)
+    return False
+
+
+def _raise_unroutable(r: RouteScope, entering, env, failed: fx.Node, err: Exception, probe_k: int, n_img: int):
+    def shape(i: fx.Node) -> list[int]:
+        return list(_shape(env.get(i, entering[i].node.meta.get("val") if i in entering else i.meta.get("val"))))
+
+    shapes = ", ".join(f"{r.name_of(i)}={shape(i)}" for i in _inputs_of(failed))
+    raise UnroutableRegionError(
+        f"route {r.index} (chain blocks {r.start}..{r.end}): {_node_label(r.prog, failed)} cannot run on the kept "
+        f"tokens ({probe_k} of {n_img} in the probe). Inputs: {shapes}. Error: {type(err).__name__}: {err}. "
+        "Fix: end the route before this operation, or make the tensor it needs token-aligned; "
+        "treadfx never routes a region it cannot prove shape-consistent."
+    )
+
+
+def leaving_decisions(r: RouteScope, env: dict[fx.Node, Any], stream: fx.Node, stream_info: TokenInfo,
+                      n_img: int) -> list[ValueDecision]:
+    """A decision for every value computed in the region and used after it (tuples through their getitems)."""
+    rset, last = r.rset, r.chain.nodes[r.end]
     leaving: list[ValueDecision] = []
-    for node in region:
+    for node in r.region:
         outside = [u for u in node.users if u not in rset]
         if not outside:
             continue
-        orig = node.meta.get("val")
-        new = env[node]
-        if isinstance(orig, (tuple, list)):
-            for u in outside:
-                if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
-                    i = u.args[1]
-                    leaving.append(_leaving_decision(u, orig[i], new[i], analysis.token_info(node, i), stream_info,
-                                                     n_img, stream.meta["val"], name_of, node is last))
-                else:
-                    raise UnroutableRegionError(
-                        f"route {index}: {_node_label(prog, node)} returns a tuple that is used whole after the route "
-                        f"(by {_node_label(prog, u)}); treadfx can only restore tensors. Fix: end the route elsewhere."
-                    )
-        else:
-            leaving.append(_leaving_decision(node, orig, new, analysis.token_info(node), stream_info, n_img,
-                                             stream.meta["val"], name_of, node is last))
+        orig, new = node.meta.get("val"), env[node]
+        if not isinstance(orig, (tuple, list)):
+            leaving.append(_leaving_decision(node, orig, new, r.analysis.token_info(node), stream_info, n_img,
+                                             stream.meta["val"], r.name_of, node is last))
+            continue
+        for u in outside:
+            if not (u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)):
+                raise UnroutableRegionError(
+                    f"route {r.index}: {_node_label(r.prog, node)} returns a tuple that is used whole after the "
+                    f"route (by {_node_label(r.prog, u)}); treadfx can only restore tensors. Fix: end the route "
+                    "elsewhere."
+                )
+            i = u.args[1]
+            leaving.append(_leaving_decision(u, orig[i], new[i], r.analysis.token_info(node, i), stream_info,
+                                             n_img, stream.meta["val"], r.name_of, node is last))
+    return leaving
 
-    # ---- selection and order
-    unbatched = [d for d in entering.values() if d.action == "gather" and not d.batched]
+
+def choose_selection(route: Route, entering: list[ValueDecision], name_of) -> tuple[str, str]:
+    """("per_sample" | "shared", why): requested, or shared when a gathered table has no batch dimension."""
+    unbatched = [d for d in entering if d.action == "gather" and not d.batched]
     if route.selection == "shared":
-        selection, sel_reason = "shared", "requested"
-    elif route.selection == "per_sample":
-        selection, sel_reason = "per_sample", "requested" + (
-            "; tables without batch dim are expanded per sample" if unbatched else "")
-    elif unbatched:
+        return "shared", "requested"
+    if route.selection == "per_sample":
+        return "per_sample", "requested" + ("; tables without batch dim are expanded per sample" if unbatched else "")
+    if unbatched:
         names = ", ".join(name_of(d.node) for d in unbatched)
-        selection = "shared"
-        sel_reason = (f"{names} has no batch dimension, so one subset serves the whole batch "
-                      "(override with selection='per_sample' if every block accepts batched tables)")
-    else:
-        selection, sel_reason = "per_sample", "each sample draws its own subset (official TREAD)"
+        return "shared", (f"{names} has no batch dimension, so one subset serves the whole batch "
+                          "(override with selection='per_sample' if every block accepts batched tables)")
+    return "per_sample", "each sample draws its own subset (official TREAD)"
 
-    if route.order != "auto":
-        order, order_reason = route.order, "requested"
-    elif order_probe is not None:
-        dependent = order_probe(chain, start, end, list(entering.values()), stream)
-        if dependent:
-            order, order_reason = "sorted", f"{dependent} is order dependent (not permutation-equivariant over tokens)"
-        else:
-            order, order_reason = "random", "routed blocks are permutation-equivariant over tokens"
-    else:
-        order, order_reason = "random", "default"
 
-    decisions = [entering[n] for n in order_in]
-    return RoutePlan(index, route, start, end, chain, region, stream, stream_info, n_img, selection, sel_reason,
-                     order, order_reason, decisions, leaving)
+def choose_order(r: RouteScope, order_probe, entering: list[ValueDecision], stream: fx.Node) -> tuple[str, str]:
+    """("random" | "sorted", why): requested; else random only where the probe shows every routed block
+    permutation-equivariant, and sorted (the safe choice) when a block is order dependent or the probe could not
+    tell."""
+    if r.route.order != "auto":
+        return r.route.order, "requested"
+    if order_probe is None:
+        return "random", "default"
+    found = order_probe(r.chain, r.start, r.end, entering, stream)
+    if found.dependent:
+        return "sorted", f"{found.dependent} is order dependent (not permutation-equivariant over tokens)"
+    if found.unproven:
+        return "sorted", (f"permutation-equivariance could not be shown ({found.unproven}); sorted order is the "
+                          "safe choice (pass order='random' to override)")
+    return "random", "routed blocks are permutation-equivariant over tokens"
 
 
 def _subsets(items: list, limit: int = 64):

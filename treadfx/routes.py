@@ -48,8 +48,9 @@ class Route:
     one subset for the whole batch, "auto" uses shared only when a side input
     without batch dimension (a RoPE table) must be gathered.
     ``seed``: None draws with torch's global RNG (reproducible with
-    ``torch.manual_seed``); an int uses a counter-based hash of (seed, forward
-    count, position), reproducible across devices and compile-friendly.
+    ``torch.manual_seed``); an int uses a counter-based hash of (seed, route index,
+    distributed rank, forward count, position), reproducible across devices and
+    compile-friendly; no two (seed, route, rank) share a stream.
     ``aux_loss``: whether this route counts in :func:`treadfx.route_loss`.
     """
 

@@ -14,7 +14,7 @@ import math
 from typing import Callable
 
 from .api import set_ratio
-from .errors import TransformError
+from .errors import InvalidRouteError, TransformError
 from .routes import check_ratio
 from .transformed import state_of
 
@@ -30,6 +30,8 @@ class RatioSchedule:
     ``total_steps``, or a callable ``f(step) -> ratio``.  ``off_after``: the
     fraction of ``total_steps`` after which routing is off (ratio 0).
     ``quantum``: ratios are rounded to multiples of it (0 disables rounding).
+    ``route``: the index of the one route it drives, or None for every route
+    (then ``start`` defaults to route 0's ratio).
     ``state_dict``/``load_state_dict`` keep the step across checkpoints.
     """
 
@@ -45,7 +47,14 @@ class RatioSchedule:
             raise TransformError(f"off_after={off_after!r} must be a fraction in [0, 1]. Fix: e.g. off_after=0.9.")
         if quantum < 0 or quantum >= 1:
             raise TransformError(f"quantum={quantum!r} must be in [0, 1). Fix: e.g. 0.05, or 0 for exact ratios.")
-        current = st.config.routes[route or 0].ratio
+        routes = st.config.routes
+        if route is not None and (isinstance(route, bool) or not isinstance(route, int)
+                                  or not 0 <= route < len(routes)):
+            raise InvalidRouteError(
+                f"route={route!r} but the model has {len(routes)} route(s). Fix: pass route=None (every route) or an "
+                f"index in 0..{len(routes) - 1}."
+            )
+        current = routes[route or 0].ratio
         self.model, self.total_steps, self.kind = model, total_steps, kind
         self.start = check_ratio(current if start is None else start, "schedule start")
         self.end = check_ratio(self.start if end is None else end, "schedule end")

@@ -411,6 +411,9 @@ def diffmoe(
         st = state_of(target)
         st.programs.clear()
         st.current = None
-        st.last_program = None
+        if hasattr(st, "record"):
+            st.record(None, [])
+        else:
+            st.last_program = None
     target.__dict__["_treadfx_diffmoe_matches"] = list(p.matches)
     return target

@@ -9,33 +9,72 @@
     predictor.0.weight/.bias    [D, D] capacity predictor, layer 1
     predictor.2.weight/.bias    [E, D] capacity predictor, layer 2
     shared_expert.<FFN keys>    only with shared_expert=True: the original FFN
-    thresholds                  [E] float32 buffer: EMA of the k-th largest predictor logit per expert
+    thresholds                  [E] float32 buffer: EMA (from 0, no bias correction) of the k-th largest
+                                sigmoid(predictor logit) per expert, as in the official DiffMoE code
     threshold_steps             [] int64 buffer: number of training batches folded into ``thresholds``
+                                (also the step of the capacity schedule)
 
 The layer works on a *pool*: every token of the call (``x`` is ``[..., D]``;
 all leading dims are flattened, so the pool of a ``[B, N, D]`` call is the
 ``S = B * N`` tokens of the whole batch; inside a TREAD route ``S = B * K``).
+The algorithm is the official one (KwaiVGI/DiffMoE ``SparseMoEBlock``); where
+treadfx differs, the difference is an option (see ``docs/diffmoe.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "DiffMoELayer", "expert_capacity", "diffmoe_layers", "diffmoe_loss", "diffmoe_stats", "DiffMoEStats",
-    "LayerStats", "ffn_flops_per_token",
+    "DiffMoELayer", "expert_capacity", "scheduled_capacity", "static_capacity_tokens", "diffmoe_layers",
+    "diffmoe_loss", "diffmoe_stats", "DiffMoEStats", "LayerStats", "ffn_flops_per_token", "grouped_linear",
+    "grouped_mm_available", "static_capacity_check", "StaticCapacityCheck",
 ]
 
+EXPERT_IMPLS = ("grouped", "bmm", "loop")
+INITS = ("official", "treadfx")
 
-def expert_capacity(pool: int, num_experts: int, capacity: float) -> int:
-    """Tokens each expert takes from a pool of ``pool`` tokens in training: ``int(S / E * capacity)``,
-    clamped to ``1..S`` (so a tiny pool still reaches every expert and ``capacity > E`` cannot overflow)."""
-    return max(1, min(pool, int(pool / num_experts * capacity)))
+
+def expert_capacity(pool: int, num_experts: int, capacity: float, clamp: bool = True) -> int:
+    """Tokens each expert takes from a pool of ``pool`` tokens in training: ``int(S / E * capacity)`` as in the
+    official code, clamped to ``1..S`` (``clamp=True``: a tiny pool still reaches every expert) or to ``0..S``
+    (``clamp=False``: the official count; the official code fails for ``k > S``, treadfx takes every token)."""
+    k = int(pool / num_experts * capacity)
+    return max(1 if clamp else 0, min(pool, k))
+
+
+def scheduled_capacity(step: int, num_experts: int, capacity: float, schedule: tuple[int, int] | None) -> float:
+    """Training capacity at training step ``step`` (0-based) under the official capacity schedule.
+
+    ``schedule = (dense_steps, ramp_steps)``: capacity ``E`` (every token to
+    every expert) while ``step <= dense_steps``, then a linear interpolation
+    ``capacity + (E - capacity) * (II - step) / (II - I)`` with ``I =
+    dense_steps``, ``II = dense_steps + ramp_steps`` while ``step <= II``,
+    then ``capacity``.  ``None``: always ``capacity``.
+    """
+    if schedule is None:
+        return capacity
+    first = schedule[0]
+    second = schedule[0] + schedule[1]
+    if step <= first:
+        return float(num_experts)
+    if step <= second:
+        return capacity + (num_experts - capacity) * (second - step) / (second - first)
+    return capacity
+
+
+def static_capacity_tokens(pool: int, num_experts: int, capacity: float, factor: float) -> int:
+    """Per-expert token slots of the static-capacity inference mode: ``ceil(S / E * capacity * factor)``
+    clamped to ``1..S``.  Calibrated thresholds pass about ``S / E * capacity`` tokens per expert (they are
+    the EMA of the k-th largest predictor score with that ``k``), so ``factor`` is the headroom over it."""
+    return max(1, min(pool, math.ceil(pool / num_experts * capacity * factor)))
 
 
 def _is_fake(x: torch.Tensor) -> bool:
@@ -63,37 +102,209 @@ def ffn_flops_per_token(ffn: nn.Module, dim: int) -> int:
     return int(counter.get_total_flops()) // 4
 
 
+# ---------------------------------------------------------------------------------------- grouped experts
+
+
+def _register_grouped_mm_flops() -> None:
+    """Teach ``FlopCounterMode`` the FLOPs of ``aten._grouped_mm`` (2 per multiply-add), once per process."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        if len(a_shape) == 2 and len(b_shape) == 2:  # [K, T] x [T, N] -> [G, K, N]: weight gradient
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+        return 2 * math.prod(out_shape) * a_shape[-1]
+
+
+_register_grouped_mm_flops()
+_GMM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs (forward and backward) on ``device`` in ``dtype`` in this torch build;
+    probed once per (device type, dtype) with a tiny problem, False under torch.compile before a probe."""
+    key = (device.type, dtype)
+    if key in _GMM_OK:
+        return _GMM_OK[key]
+    if torch.compiler.is_compiling() or not hasattr(torch, "_grouped_mm") or device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        with unset_fake_temporarily(), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+            _GroupedMM.apply(a, b.transpose(1, 2), offs).sum().backward()
+        ok = True
+    except Exception:
+        ok = False
+    _GMM_OK[key] = ok
+    return ok
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offs: torch.Tensor | None,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+    """``E`` Linear layers in one call. ``weight`` is ``[E, out, in]`` (``bias`` ``[E, out]`` or None).
+
+    ``offs is None``: ``x`` is ``[E, k, in]`` and the result ``[E, k, out]``
+    (``baddbmm``, bit-equal in fp32 to ``F.linear`` per expert).  Otherwise
+    ``x`` is ``[T, in]``, the rows of expert ``e`` end at ``offs[e]``
+    (int32), ``rows`` ``[T]`` names each row's expert, and the result is
+    ``torch._grouped_mm`` plus the row's bias.  Under autocast the operands
+    are cast to the autocast dtype, as ``F.linear`` does.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    if offs is None:
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    y = _GroupedMM.apply(x, weight.transpose(1, 2), offs)
+    return y if bias is None else y + bias[rows]
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm(x [T, in], w [E, in, out], offs)`` with a backward that accepts any gradient layout
+    (the built-in one rejects expanded gradients such as that of ``y.sum()``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, offs = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = torch._grouped_mm(gy, w.transpose(-1, -2), offs=offs) if ctx.needs_input_grad[0] else None
+        gw = torch._grouped_mm(x.t(), gy, offs=offs) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class _NotGroupable(Exception):
+    pass
+
+
+def _grouped_program(ffn: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    """The FFN's graph with each ``nn.Linear`` call replaced by :func:`grouped_linear` over stacked weights.
+
+    Returns the program ``(x, offs, rows, w0, b0, w1, b1, ...) -> y`` and the
+    Linear paths in placeholder order.  Raises ``_NotGroupable`` when the FFN
+    does not trace with ``torch.fx``, takes more than the token input, or
+    holds parameters outside ``nn.Linear`` layers.
+    """
+    try:
+        gm = fx.symbolic_trace(ffn)
+    except Exception as e:  # diffusers activations branch on the device type: not symbolically traceable
+        raise _NotGroupable(f"the FFN does not trace with torch.fx ({type(e).__name__})") from None
+    linears: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            raise _NotGroupable(f"the FFN reads a parameter directly (`{node.target}`)")
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.Linear):
+                if node.target in linears or len(node.args) != 1 or node.kwargs:
+                    raise _NotGroupable(f"Linear `{node.target}` is called more than once or with extra arguments")
+                linears.append(str(node.target))
+            elif any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+                raise _NotGroupable(f"`{node.target}` ({type(mod).__name__}) holds parameters outside a Linear")
+    if len([n for n in gm.graph.nodes if n.op == "placeholder"]) != 1:
+        raise _NotGroupable("the FFN takes more than the token input")
+    if not linears:
+        raise _NotGroupable("the FFN has no Linear layer")
+    graph = fx.Graph()
+    x, offs, rows = graph.placeholder("x"), graph.placeholder("offs"), graph.placeholder("rows")
+    wb = {t: (graph.placeholder(f"w{i}"), graph.placeholder(f"b{i}")) for i, t in enumerate(linears)}
+    env: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = x
+        elif node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0], lambda n: env[n]))
+        elif node.op == "call_module" and node.target in wb:
+            w, b = wb[node.target]
+            env[node] = graph.call_function(grouped_linear, (env[node.args[0]], w, b, offs, rows))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph), linears
+
+
+# ---------------------------------------------------------------------------------------- the layer
+
+
 class DiffMoELayer(nn.Module):
     """DiffMoE feed-forward layer: batch-level global token pool, expert choice, capacity predictor.
 
-    Training: router probabilities ``softmax(x W_g)`` per token; expert ``e``
-    takes the ``k = expert_capacity(S, E, capacity)`` pool tokens with the
-    highest probability for it; its output, times that probability, is
-    scatter-added back (plus the shared expert, if any).  The capacity
-    predictor (``D -> D -> E`` MLP on detached features) learns the selection
-    mask with BCE-with-logits; ``thresholds`` follow the EMA of its k-th
-    largest logit per expert (mean over ranks under ``torch.distributed``).
+    The algorithm of the official DiffMoE ``SparseMoEBlock``:
 
-    Eval: expert ``e`` takes the tokens whose predictor logit is
-    ``>= thresholds[e]`` (dynamic compute); eagerly only those tokens are
-    computed; under ``torch.compile`` (or on fake tensors) every expert runs
-    on every token and is masked, same result, static shapes.  Before the
-    first training batch (``threshold_steps == 0``) eval uses the training
-    selection (top-k per expert).
+    * training: router probabilities ``softmax(x W_g)`` per token; expert
+      ``e`` takes the ``k = int(S / E * capacity)`` pool tokens with the
+      highest probability for it (``topk``); its output, times that
+      probability, is added back (plus the shared expert, if any).  The
+      capacity predictor (``D -> D -> E`` MLP on detached features) learns
+      the selection mask with BCE-with-logits, and ``thresholds[e]`` follows
+      ``t <- decay * t + (1 - decay) * q_e`` from 0, where ``q_e`` is the
+      k-th largest ``sigmoid(predictor logit)`` for expert ``e`` (mean over
+      ranks under ``torch.distributed``);
+    * eval: expert ``e`` takes ``k_e = #{tokens: sigmoid(logit) > thresholds[e]}``
+      tokens, the ``k_e`` with the highest *router* probability.  Before any
+      training the thresholds are 0, so every token goes to every expert.
+      Eagerly each expert computes only its tokens; under ``torch.compile``
+      (or on fake tensors) every expert runs on every token and is masked,
+      same result, static shapes.  With ``static_capacity=f`` each expert
+      has a fixed number of slots ``static_capacity_tokens(S, E, capacity, f)``
+      (padded, masked; tokens beyond it are dropped), which compiles with
+      ``fullgraph=True``.
+
+    treadfx's own options (see ``docs/diffmoe.md``): ``fp32_router`` (softmax
+    in fp32, official: input dtype), ``clamp_k`` (training ``k`` clamped to
+    ``1..S``), ``topk_before_calibration`` (eval before any training batch
+    takes the training top-k instead of every token), ``init`` ("official":
+    router ``N(0, 0.006)``, predictor Xavier-uniform with zero bias;
+    "treadfx": router ``N(0, 0.02)``, predictor PyTorch default), experts
+    copied from the dense FFN plus relative noise ``noise_std``, the original
+    FFN as the shared expert.  ``capacity_schedule=(dense_steps, ramp_steps)``
+    is the official schedule (:func:`scheduled_capacity`).
+    ``experts_impl``: "grouped" runs the experts as one grouped computation
+    (``torch._grouped_mm`` where this torch build and device have it, else
+    ``bmm`` over the ``[E, k, D]`` layout), "bmm" always the latter, "loop"
+    one expert after another; FFNs that are not a plain Linear/activation
+    graph (``grouped_reason`` says why) always loop.
     """
 
     def __init__(self, ffn: nn.Module, dim: int, num_experts: int = 8, capacity: float = 1.0,
                  shared_expert: bool = False, predictor_loss_weight: float = 1.0, threshold_decay: float = 0.95,
-                 noise_std: float = 0.01, generator: torch.Generator | None = None):
+                 noise_std: float = 0.01, generator: torch.Generator | None = None, *,
+                 fp32_router: bool = True, clamp_k: bool = True, topk_before_calibration: bool = False,
+                 init: str = "official", capacity_schedule: tuple[int, int] | None = None,
+                 experts_impl: str = "grouped", static_capacity: float | None = None):
         super().__init__()
         import copy
 
+        if experts_impl not in EXPERT_IMPLS:
+            raise ValueError(f"experts_impl={experts_impl!r} must be one of {EXPERT_IMPLS}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r} must be one of {INITS}")
         self.dim = int(dim)
         self.num_experts = int(num_experts)
         self.capacity = float(capacity)
         self.predictor_loss_weight = float(predictor_loss_weight)
         self.threshold_decay = float(threshold_decay)
         self.noise_std = float(noise_std)
+        self.fp32_router = bool(fp32_router)
+        self.clamp_k = bool(clamp_k)
+        self.topk_before_calibration = bool(topk_before_calibration)
+        self.capacity_schedule = None if capacity_schedule is None else tuple(int(s) for s in capacity_schedule)
+        self.experts_impl = experts_impl
+        self.static_capacity = None if static_capacity is None else float(static_capacity)
         p = next(ffn.parameters())
         factory = dict(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
         self.experts = nn.ModuleList()
@@ -113,52 +324,188 @@ class DiffMoELayer(nn.Module):
             nn.Linear(self.dim, self.dim, **factory), nn.SiLU(), nn.Linear(self.dim, self.num_experts, **factory))
         with torch.no_grad():
             if self.gate.weight.device.type != "meta":
-                g = torch.randn(self.gate.weight.shape, generator=generator, dtype=torch.float32) * 0.02
+                std = 0.006 if init == "official" else 0.02
+                g = torch.randn(self.gate.weight.shape, generator=generator, dtype=torch.float32) * std
                 self.gate.weight.copy_(g.to(self.gate.weight.device, self.gate.weight.dtype))
+                if init == "official":  # the official DiT initialises every Linear Xavier-uniform, zero bias
+                    for lin in (self.predictor[0], self.predictor[2]):
+                        w = torch.empty(lin.weight.shape, dtype=torch.float32)
+                        nn.init.xavier_uniform_(w, generator=generator)
+                        lin.weight.copy_(w.to(lin.weight.device, lin.weight.dtype))
+                        lin.bias.zero_()
         self.shared_expert = ffn if shared_expert else None
         self.register_buffer("thresholds", torch.zeros(self.num_experts, dtype=torch.float32, device=p.device))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64, device=p.device))
         self.ffn_flops_per_token = ffn_flops_per_token(ffn, self.dim)
         self.expert_params = sum(q.numel() for q in ffn.parameters())
         self._last: dict[str, Any] = {}
+        # eager dynamic eval gives each expert a different token count; BLAS may round a product with few
+        # rows differently from the grouped kernel, so by default that path loops (bit-equal to the official)
+        self.grouped_ragged = False
+        self.__dict__["_grouped"] = None
+        self.grouped_reason = "experts_impl='loop'"
+        if experts_impl != "loop":
+            try:
+                prog, linears = _grouped_program(ffn)
+                self._check_grouped(ffn, prog, linears)
+                self.__dict__["_grouped"] = (prog, linears)
+                self.grouped_reason = ""
+            except _NotGroupable as e:
+                self.grouped_reason = str(e)
+
+    @staticmethod
+    def _check_grouped(ffn: nn.Module, prog: fx.GraphModule, linears: list[str]) -> None:
+        """Probe: the grouped program on two stacked copies of ``ffn`` equals ``ffn`` on each group."""
+        w = ffn.get_submodule(linears[0]).weight
+        if w.device.type == "meta":
+            return
+        flags = [(m, m.training) for m in ffn.modules()]
+        try:
+            ffn.eval()
+            with torch.no_grad():
+                x = torch.randn(2, 3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+                args = []
+                for t in linears:
+                    lin = ffn.get_submodule(t)
+                    args += [torch.stack([lin.weight] * 2),
+                             None if lin.bias is None else torch.stack([lin.bias] * 2)]
+                got = prog(x, None, None, *args)
+                ref = torch.stack([ffn(x[0]), ffn(x[1])])
+        except Exception as e:
+            raise _NotGroupable(f"the grouped FFN graph failed on a probe ({type(e).__name__})") from None
+        finally:
+            for m, f in flags:
+                m.training = f
+        if not isinstance(got, torch.Tensor) or got.shape != ref.shape or not torch.allclose(got, ref, 1e-4, 1e-5):
+            raise _NotGroupable("the grouped FFN graph differs from the FFN on a probe")
 
     # ------------------------------------------------------------------ pieces
     def selection_mask(self, probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Expert choice on a pool: (indices [E, k], gate values [E, k], mask [S, E] float of 0/1)."""
-        vals, idx = probs.t().topk(k, dim=1)
+        """Expert choice on a pool as the official training step: ``topk(probs.T, k, sorted=False)``.
+        Returns (indices [E, k], gate values [E, k], mask [S, E] of 0/1 in ``probs``' dtype)."""
+        vals, idx = torch.topk(probs.permute(1, 0), k=k, dim=-1, sorted=False)
         mask = torch.zeros(probs.shape[1], probs.shape[0], dtype=probs.dtype, device=probs.device)
-        mask = mask.scatter(1, idx, 1.0).t()
+        mask = mask.scatter(1, idx, 1.0).permute(1, 0)
         return idx, vals, mask
 
+    def train_k(self, pool: int) -> int:
+        """Training ``k`` for a pool of ``pool`` tokens at the current step (capacity schedule included)."""
+        cap = self.capacity
+        if self.capacity_schedule is not None:
+            steps = self.threshold_steps
+            step = 0 if _is_fake(steps) else int(steps)
+            cap = scheduled_capacity(step, self.num_experts, self.capacity, self.capacity_schedule)
+        return expert_capacity(pool, self.num_experts, cap, self.clamp_k)
+
+    def _train_k_tensor(self, pool: int) -> torch.Tensor:
+        """``train_k`` as a 0-dim int64 tensor from the step buffer (no host sync; the same float64 arithmetic)."""
+        E, cap = self.num_experts, self.capacity
+        first, second = self.capacity_schedule[0], sum(self.capacity_schedule)
+        step = self.threshold_steps.to(torch.float64)
+        if second > first:
+            ramp = cap + (E - cap) * (second - step) / (second - first)
+        else:
+            ramp = torch.full_like(step, cap)
+        c = torch.where(step <= first, torch.full_like(step, float(E)), torch.where(step <= second, ramp, cap))
+        k = torch.floor(pool / E * c).to(torch.int64)
+        return k.clamp(1 if self.clamp_k else 0, pool)
+
     @torch.no_grad()
-    def update_thresholds(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Fold one training batch into ``thresholds``: EMA (``threshold_decay``) of the k-th largest
-        ``scores[:, e]`` (predictor logits ``[S, E]``); the first batch sets it; mean over ranks."""
-        kth = scores.detach().float().t().topk(k, dim=1).values[:, -1]
+    def update_thresholds(self, logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+        """Fold one training batch into ``thresholds`` as the official code does: ``q_e`` = k-th largest
+        ``sigmoid(logits[:, e])``; ``t <- t * d + (1 - d) * q`` with ``d`` a float32 tensor; then the mean over
+        ranks.  ``k`` may be a 0-dim tensor (capacity schedule under compile).  Returns ``q``."""
+        sig = torch.sigmoid(logits.detach()).permute(1, 0)  # [E, S]
+        if isinstance(k, torch.Tensor):
+            srt = sig.sort(dim=-1, descending=True).values
+            q = srt.gather(1, (k - 1).clamp(min=0).reshape(1, 1).expand(sig.shape[0], 1)).squeeze(1)
+            keep = k > 0
+        else:
+            if k < 1:  # no token taken: no quantile (the official code fails here)
+                self.threshold_steps.add_(1)
+                return torch.zeros_like(self.thresholds)
+            q = torch.topk(sig, k=k, dim=-1, sorted=True).values[:, -1]
+            keep = None
+        d = torch.tensor(self.threshold_decay, dtype=torch.float32, device=self.thresholds.device)
+        new = self.thresholds * d + (1 - d) * q
+        if keep is not None:
+            new = torch.where(keep, new, self.thresholds)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            kth = kth.clone()
-            torch.distributed.all_reduce(kth)
-            kth = kth / torch.distributed.get_world_size()
-        d = self.threshold_decay
-        new = torch.where(self.threshold_steps == 0, kth, d * self.thresholds + (1 - d) * kth)
+            torch.distributed.all_reduce(new)
+            new = new / torch.distributed.get_world_size()
         self.thresholds.copy_(new)
         self.threshold_steps.add_(1)
-        return kth
+        return q
 
-    def _experts(self, x: torch.Tensor, args: tuple, kwargs: dict, idx: list, weights: list) -> torch.Tensor:
-        ys, flat = [], []
-        for expert, ix, w in zip(self.experts, idx, weights):
-            if ix is None:
-                continue
-            y = expert(x.index_select(0, ix), *args, **kwargs)
-            ys.append(y * w.unsqueeze(-1).to(y.dtype))
-            flat.append(ix)
-        if not ys:
-            out = x.new_zeros(x.shape[0], self.dim)
-        else:
-            y = torch.cat(ys) if len(ys) > 1 else ys[0]
-            out = y.new_zeros(x.shape[0], y.shape[-1]).index_add(0, torch.cat(flat) if len(flat) > 1 else flat[0], y)
+    def _stacked(self) -> list:
+        out = []
+        for t in self.__dict__["_grouped"][1]:
+            lins = [e.get_submodule(t) for e in self.experts]
+            out.append(torch.stack([l.weight for l in lins]))
+            out.append(None if lins[0].bias is None else torch.stack([l.bias for l in lins]))
         return out
+
+    def _use_grouped(self, args: tuple, kwargs: dict) -> bool:
+        return self.experts_impl != "loop" and self.__dict__.get("_grouped") is not None and not args and not kwargs
+
+    def _use_gmm(self, x: torch.Tensor) -> bool:
+        if self.experts_impl != "grouped" or torch.compiler.is_compiling() or _is_fake(x):
+            return False  # the meta kernel of _grouped_mm accepts bf16 only (CUDA's rule): bmm when tracing
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return grouped_mm_available(x.device, dt)
+
+    def experts_equal_k(self, xg: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+        """Every expert on its ``k`` rows: ``[E, k, D] -> [E, k, D_out]`` (grouped, or the loop reference)."""
+        kwargs = kwargs or {}
+        if not self._use_grouped(args, kwargs):
+            return torch.stack([expert(xg[i], *args, **kwargs) for i, expert in enumerate(self.experts)])
+        prog = self.__dict__["_grouped"][0]
+        E, k, D = xg.shape
+        if k == 0:
+            return torch.stack([expert(xg[i]) for i, expert in enumerate(self.experts)])
+        if self._use_gmm(xg):
+            offs = (torch.arange(1, E + 1, device=xg.device, dtype=torch.int32) * k)
+            rows = torch.arange(E, device=xg.device).repeat_interleave(k)
+            return prog(xg.reshape(E * k, D), offs, rows, *self._stacked()).reshape(E, k, -1)
+        return prog(xg, None, None, *self._stacked())
+
+    def _experts_ragged(self, h: torch.Tensor, idx: list[torch.Tensor], gates: list[torch.Tensor],
+                        args: tuple, kwargs: dict) -> torch.Tensor:
+        """Eager eval: expert ``e`` on rows ``idx[e]``; ``out[idx[e]] += gates[e] * y_e`` in expert order."""
+        counts = [int(ix.numel()) for ix in idx]
+        if not self._use_grouped(args, kwargs) or not self.grouped_ragged:
+            out = None
+            for expert, ix, g in zip(self.experts, idx, gates):
+                y = expert(h[ix, :], *args, **kwargs)
+                if out is None:
+                    out = torch.zeros(h.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+                if ix.numel():
+                    out = out.index_add(0, ix, g.to(y.dtype).unsqueeze(-1) * y)
+            return out
+        prog = self.__dict__["_grouped"][0]
+        flat, g = torch.cat(idx), torch.cat(gates)
+        if self._use_gmm(h):
+            offs = torch.tensor(counts, device=h.device).cumsum(0).to(torch.int32)
+            rows = torch.arange(len(counts), device=h.device).repeat_interleave(
+                torch.tensor(counts, device=h.device))
+            y = prog(h[flat, :], offs, rows, *self._stacked())
+        else:  # capacity-padded [E, kmax, D]
+            kmax = max(max(counts), 1)
+            pad = torch.stack([F.pad(ix, (0, kmax - ix.numel())) for ix in idx])
+            valid = torch.arange(kmax, device=h.device).unsqueeze(0) < torch.tensor(counts, device=h.device)[:, None]
+            y = prog(h[pad], None, None, *self._stacked())[valid]
+        out = torch.zeros(h.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+        return out.index_add(0, flat, g.to(y.dtype).unsqueeze(-1) * y)
+
+    def _combine(self, S: int, index: torch.Tensor, gating: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``sum_e`` of ``gating[e] * y[e]`` scattered to rows ``index[e]``, accumulated in expert order."""
+        gated = gating.to(y.dtype).unsqueeze(-1) * y  # [E, k, D_out]
+        out = torch.zeros(S, y.shape[-1], dtype=y.dtype, device=y.device)
+        return out.index_add(0, index.reshape(-1), gated.reshape(-1, y.shape[-1]))
+
+    def _router(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(h)
+        return F.softmax(logits.float() if self.fp32_router else logits, dim=-1)  # [S, E]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -166,55 +513,99 @@ class DiffMoELayer(nn.Module):
         h = x.reshape(-1, shape[-1])
         S, E = h.shape[0], self.num_experts
         fake = _is_fake(h)
-        probs = F.softmax(self.gate(h).float(), dim=-1)  # [S, E]
-        k = expert_capacity(S, E, self.capacity)
+        probs = self._router(h)
+        scores = probs.permute(1, 0)  # [E, S]
         if self.training:
-            idx, vals, mask = self.selection_mask(probs, k)
-            out = self._experts(h, args, kwargs, list(idx.unbind(0)), list(vals.unbind(0)))
-            scores = self.predictor(h.detach()).float()
-            loss = F.binary_cross_entropy_with_logits(scores, mask) * self.predictor_loss_weight
+            out, pred, mask, k = self._forward_train(h, scores, args, kwargs)
+            loss = F.binary_cross_entropy_with_logits(pred, mask.to(pred.dtype).contiguous()) * self.predictor_loss_weight
             if not fake:
-                self.update_thresholds(scores, k)
+                self.update_thresholds(pred, k)
                 self._last = {"loss": loss, "counts": mask.sum(0), "pool": S, "mode": "train"}
         else:
-            scores = self.predictor(h).float()
-            sel = scores >= self.thresholds.to(scores.dtype)
-            static = fake or torch.compiler.is_compiling()
-            if static:  # masked: full compute, static shapes
-                _, _, topk_mask = self.selection_mask(probs, k)
-                sel = torch.where(self.threshold_steps == 0, topk_mask > 0, sel)
-                w = probs * sel.to(probs.dtype)
+            pred = self.predictor(h.detach())
+            sig = torch.sigmoid(pred)
+            counts = (sig > self.thresholds.to(sig.dtype)).sum(0)  # [E]: k_e, the official count
+            if self.topk_before_calibration:
+                counts = torch.where(self.threshold_steps == 0,
+                                     torch.full_like(counts, expert_capacity(S, E, self.capacity, self.clamp_k)),
+                                     counts)
+            compiling = torch.compiler.is_compiling()
+            extra: dict[str, Any] = {}
+            if self.static_capacity is not None:
+                C = static_capacity_tokens(S, E, self.capacity, self.static_capacity)
+                gating, index = torch.topk(scores, k=C, dim=-1, sorted=True)  # [E, C], best first
+                valid = torch.arange(C, device=h.device).unsqueeze(0) < counts.unsqueeze(1)
+                out = self._combine(S, index, gating * valid.to(gating.dtype), self.experts_equal_k(h[index], args, kwargs))
+                mode = "eval (static)"
+                extra = {"slots": C, "dropped": (counts - C).clamp(min=0)}
+                counts = counts.clamp(max=C)
+            elif fake or compiling:  # masked: every expert on every token, static shapes
+                order = scores.argsort(dim=-1, descending=True, stable=True)
+                rank = torch.empty_like(order).scatter(
+                    1, order, torch.arange(S, device=h.device).unsqueeze(0).expand(E, S))
+                w = scores * (rank < counts.unsqueeze(1)).to(scores.dtype)
+                ys = self.experts_equal_k(h.unsqueeze(0).expand(E, S, h.shape[1]), args, kwargs)
                 out = None
-                for e, expert in enumerate(self.experts):
-                    y = expert(h, *args, **kwargs)
-                    y = y * w[:, e].unsqueeze(-1).to(y.dtype)
-                    out = y if out is None else out + y
-            else:  # dynamic: each expert computes only its tokens
-                if int(self.threshold_steps) == 0:
-                    _, _, topk_mask = self.selection_mask(probs, k)
-                    sel = topk_mask > 0
-                idx, wts = [], []
                 for e in range(E):
-                    ix = sel[:, e].nonzero().squeeze(1)
-                    idx.append(ix if ix.numel() else None)
-                    wts.append(probs.index_select(0, ix)[:, e])
-                out = self._experts(h, args, kwargs, idx, wts)
+                    c = w[e].to(ys.dtype).unsqueeze(-1) * ys[e]
+                    out = c if out is None else out + c
+                mode = "eval (masked)"
+            else:  # dynamic: expert e takes its top-k_e tokens by router score, as the official forward_eval
+                idx, gates = [], []
+                for e, c in enumerate(counts.tolist()):
+                    g, ix = torch.topk(scores[e], k=c, dim=-1, sorted=False)
+                    idx.append(ix)
+                    gates.append(g)
+                out = self._experts_ragged(h, idx, gates, args, kwargs)
+                mode = "eval"
             if not fake:
-                self._last = {"loss": None, "counts": sel.sum(0), "pool": S,
-                              "mode": "eval (masked)" if static else "eval"}
+                self._last = {"loss": None, "counts": counts, "pool": S, "mode": mode, **extra}
         if self.shared_expert is not None:
             out = out + self.shared_expert(h, *args, **kwargs)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _forward_train(self, h, scores, args, kwargs):
+        S, E = h.shape[0], self.num_experts
+        pred = self.predictor(h.detach())
+        if self.capacity_schedule is not None and torch.compiler.is_compiling():
+            # the scheduled k is a tensor: every expert takes all S tokens in router order, masked after rank k
+            k = self._train_k_tensor(S)
+            vals, index = scores.sort(dim=-1, descending=True, stable=True)
+            valid = (torch.arange(S, device=h.device) < k).to(vals.dtype)
+            gating = vals * valid
+            mask_es = torch.zeros(E, S, dtype=h.dtype, device=h.device).scatter(
+                1, index, valid.to(h.dtype).unsqueeze(0).expand(E, S))
+        else:
+            k = self.train_k(S)
+            gating, index = torch.topk(scores, k=k, dim=-1, sorted=False)  # [E, k]
+            mask_es = torch.zeros(E, S, dtype=h.dtype, device=h.device).scatter(1, index, 1.0)
+        y = self.experts_equal_k(h[index], args, kwargs)  # [E, k, D]
+        out = self._combine(S, index, gating, y)
+        return out, pred, mask_es.permute(1, 0), k
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_last"] = {}  # the last forward's loss carries autograd history: never copied or pickled
+        state["_grouped"] = None  # the grouped program is rebuilt from the experts (GraphModules do not pickle)
+        state["_rebuild_grouped"] = self.__dict__.get("_grouped") is not None
         return state
 
+    def __setstate__(self, state):
+        rebuild = state.pop("_rebuild_grouped", False)
+        super().__setstate__(state)
+        if rebuild:
+            self.__dict__["_grouped"] = _grouped_program(self.experts[0])
+
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, capacity={self.capacity:g}, "
-                f"shared_expert={self.shared_expert is not None}")
+        impl = self.experts_impl if self.__dict__.get("_grouped") is not None else "loop"
+        s = (f"dim={self.dim}, num_experts={self.num_experts}, capacity={self.capacity:g}, "
+             f"shared_expert={self.shared_expert is not None}, experts_impl={impl}")
+        if self.capacity_schedule is not None:
+            s += f", capacity_schedule={self.capacity_schedule}"
+        if self.static_capacity is not None:
+            s += f", static_capacity={self.static_capacity:g}"
+        return s
 
     # ------------------------------------------------------------------ accounting
     def router_params(self) -> int:
@@ -262,7 +653,7 @@ class LayerStats:
     """Compute of one DiffMoE layer in the last forward (forward FLOPs, matmuls only)."""
 
     path: str
-    mode: str                      # "train", "eval" or "eval (masked)"
+    mode: str                      # "train", "eval", "eval (masked)" or "eval (static)"
     pool_tokens: int               # S
     tokens_per_expert: list[int]
     dense_ffn_flops: int           # S * FLOPs of one FFN call per token
@@ -314,7 +705,7 @@ class DiffMoEStats:
 def _layer_stats(path: str, m: DiffMoELayer, pool: int | None = None) -> LayerStats:
     last = m._last
     if pool is not None:  # a training step with this pool: every expert takes exactly k tokens
-        k = expert_capacity(pool, m.num_experts, m.capacity)
+        k = m.train_k(pool)
         last = {"pool": pool, "mode": "train (planned)"}
         counts = [k] * m.num_experts
     else:
@@ -338,10 +729,12 @@ def diffmoe_stats(model: nn.Module, pools: dict[str, int] | None = None) -> Diff
     """Activated compute of the last forward: per layer the tokens each expert processed, activated vs
     dense FFN FLOPs (``FlopCounterMode`` convention: 2 per multiply-add) and activated parameters.
 
-    Eval counts are the tokens whose predictor logit passed the threshold, so
-    they are the compute actually spent eagerly (under ``torch.compile`` the
-    masked eval computes every expert on every token; the counts still give
-    the compute a dynamic kernel would spend).  Layers not called yet report 0.
+    Eval counts are ``k_e``, the tokens whose predictor score passed the
+    threshold (each expert takes that many tokens by router score), so they
+    are the compute actually spent eagerly (under ``torch.compile`` the masked
+    eval computes every expert on every token; the counts still give the
+    compute a dynamic kernel would spend; the static-capacity mode counts the
+    tokens it kept, at most its slots per expert).  Layers not called yet report 0.
     ``pools`` (layer path -> pool size S) gives instead the planned compute of
     a training step with those pools (each expert takes exactly ``k`` tokens),
     as ``treadfx.inspect`` reports it.

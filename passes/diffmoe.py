@@ -289,6 +289,7 @@ class DiffMoEConfig:
     noise_std: float = 0.01
     seed: int | None = None
     ffn: str | None = None
+    layer_options: dict = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`~treadfx.InvalidMoEConfigError` (exact message with the fix) for a bad argument."""
@@ -304,6 +305,24 @@ class DiffMoEConfig:
                       "must be a number in [0, 1) (EMA decay of the capacity thresholds)", "e.g. threshold_decay=0.95")
         _check_number("noise_std", self.noise_std, lambda v: v >= 0,
                       "must be a number >= 0 (relative noise on expert weights)", "e.g. noise_std=0.01, or 0 for exact copies")
+        sched = self.layer_options.get("capacity_schedule")
+        if sched is not None and not (isinstance(sched, (tuple, list)) and len(sched) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sched)):
+            raise InvalidMoEConfigError(
+                f"capacity_schedule={sched!r} must be (dense_steps, ramp_steps), two ints >= 0. "
+                "Fix: e.g. capacity_schedule=(10000, 20000), or None for the configured capacity from the start.")
+        impl = self.layer_options.get("experts_impl", "grouped")
+        if impl not in ("grouped", "bmm", "loop"):
+            raise InvalidMoEConfigError(f"experts_impl={impl!r} must be 'grouped', 'bmm' or 'loop'. "
+                                        "Fix: e.g. experts_impl='grouped'.")
+        static = self.layer_options.get("static_capacity")
+        if static is not None:
+            _check_number("static_capacity", static, lambda v: v > 0,
+                          "must be a number > 0 (slots per expert relative to S / E * capacity)",
+                          "e.g. static_capacity=2.0, or None for the dynamic inference")
+        if self.layer_options.get("init", "official") not in ("official", "treadfx"):
+            raise InvalidMoEConfigError(f"init={self.layer_options['init']!r} must be 'official' or 'treadfx'. "
+                                        "Fix: e.g. init='official'.")
         if self.ffn is not None and not isinstance(self.ffn, str):
             raise InvalidMoEConfigError(f"ffn={self.ffn!r} must be a str path inside each block. Fix: e.g. ffn='mlp'.")
 
@@ -350,7 +369,8 @@ class DiffMoEPass:
             parent = model.get_submodule(parent_path)
             ffn = getattr(parent, attr)
             layer = DiffMoELayer(ffn, m.dim, cfg.num_experts, cfg.capacity, cfg.shared_expert,
-                                 cfg.predictor_loss_weight, cfg.threshold_decay, cfg.noise_std, gen)
+                                 cfg.predictor_loss_weight, cfg.threshold_decay, cfg.noise_std, gen,
+                                 **cfg.layer_options)
             setattr(parent, attr, layer)
             layers.append(layer)
         return layers
@@ -371,6 +391,13 @@ def diffmoe(
     ffn: str | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
+    capacity_schedule: tuple[int, int] | None = None,
+    experts_impl: str = "grouped",
+    static_capacity: float | None = None,
+    fp32_router: bool = True,
+    clamp_k: bool = True,
+    topk_before_calibration: bool = False,
+    init: str = "official",
 ) -> nn.Module:
     """Return ``model`` with the FFN of its repeated blocks replaced by DiffMoE layers.
 
@@ -387,11 +414,23 @@ def diffmoe(
     (its traced-program cache is cleared).  ``ffn='mlp'`` names the FFN inside
     each block instead of finding it; ``example_inputs`` lets the finder
     trace each block on its real input signature.
+
+    The layer follows the official DiffMoE algorithm; ``capacity_schedule``
+    (``(dense_steps, ramp_steps)``, the official schedule, off by default),
+    ``experts_impl`` ("grouped", "bmm", "loop"), ``static_capacity`` (fixed
+    expert slots at inference, compiles with ``fullgraph=True``) and
+    treadfx's own choices ``fp32_router``, ``clamp_k``,
+    ``topk_before_calibration``, ``init`` are passed to every
+    :class:`~treadfx.moe.DiffMoELayer` (see ``docs/diffmoe.md``).
     """
     from treadfx.transformed import is_transformed, state_of
 
     config = DiffMoEConfig(num_experts, capacity, bool(interleave), bool(shared_expert), predictor_loss_weight,
-                           threshold_decay, noise_std, seed, ffn)
+                           threshold_decay, noise_std, seed, ffn,
+                           dict(capacity_schedule=capacity_schedule, experts_impl=experts_impl,
+                                static_capacity=static_capacity, fp32_router=bool(fp32_router),
+                                clamp_k=bool(clamp_k), topk_before_calibration=bool(topk_before_calibration),
+                                init=init))
     if not isinstance(model, nn.Module):
         raise TransformError(f"diffmoe() needs a torch.nn.Module, got {type(model).__name__}. Fix: pass the model.")
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or hasattr(model, "_orig_mod"):

@@ -721,3 +721,51 @@ def test_grouped_experts_in_bf16_are_close_to_the_loop_and_unsupported_ffns_loop
     m = DiffMoELayer(Scaled(), 8, 2)
     assert m.grouped_reason == "the FFN reads a parameter directly (`scale`)"
     assert "experts_impl=loop" in repr(m)
+
+
+def test_layer_options_reach_every_layer_and_bad_ones_raise_exact_messages():
+    m = tiny_dit(depth=2)
+    d = treadfx.diffmoe(m, num_experts=2, seed=0, capacity_schedule=(3, 5), experts_impl="loop", static_capacity=2.0)
+    lay = d.blocks[1].mlp
+    assert (lay.capacity_schedule, lay.experts_impl, lay.static_capacity) == ((3, 5), "loop", 2.0)
+    for kw, msg in [(dict(capacity_schedule=(1,)), "capacity_schedule=(1,) must be (dense_steps, ramp_steps)"),
+                    (dict(experts_impl="fast"), "experts_impl='fast' must be 'grouped', 'bmm' or 'loop'"),
+                    (dict(static_capacity=0), "static_capacity=0 must be a number > 0"),
+                    (dict(init="xavier"), "init='xavier' must be 'official' or 'treadfx'")]:
+        with pytest.raises(treadfx.InvalidMoEConfigError, match="Fix: e.g.") as e:
+            treadfx.diffmoe(m, **kw)
+        assert str(e.value).startswith(msg)
+
+
+def test_static_capacity_eval_compiles_fullgraph_without_recompiles_and_matches_dynamic():
+    from torch._dynamo.utils import counters
+
+    m = layer(8, 4, noise=0.1)
+    for _ in range(40):
+        m(torch.randn(2, 16, 8))
+    m.eval()
+    x = torch.randn(2, 16, 8)
+    with torch.no_grad():
+        dyn = m(x)
+        counts = m._last["counts"].clone()
+        m.static_capacity = 4.0  # slots ceil(32 / 4 * 4) = 32: nothing dropped, same tokens as the dynamic mode
+        stat = m(x)
+        assert m._last["mode"] == "eval (static)" and torch.equal(m._last["counts"], counts)
+        torch.testing.assert_close(stat, dyn, rtol=1e-6, atol=1e-7)
+        m.static_capacity = 0.5  # 4 slots: each expert keeps its best min(k_e, 4) tokens by router score
+        small = m(x)
+        assert m._last["counts"].tolist() == counts.clamp(max=4).tolist()
+        h = x.reshape(32, 8)
+        probs = F.softmax(m.gate(h), -1)
+        ref = torch.zeros(32, 8)
+        for e, c in enumerate(m._last["counts"].tolist()):
+            g, ix = probs[:, e].topk(c)
+            ref[ix] += g[:, None] * m.experts[e](h[ix])
+        torch.testing.assert_close(small, ref.reshape(2, 16, 8), rtol=1e-6, atol=1e-7)
+        torch._dynamo.reset()
+        counters.clear()
+        cm = torch.compile(m, fullgraph=True, backend="eager")
+        for _ in range(3):
+            xi = torch.randn(2, 16, 8)
+            torch.testing.assert_close(cm(xi), m(xi), rtol=1e-6, atol=1e-7)
+        assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -190,7 +192,7 @@ def test_short_run_reports_inspect_flops_and_equal_starts(short_run, data):
 
     # same data order: adaLN-Zero blocks start as the identity, so the first routed step computes the dense loss
     assert res["dense"]["train_losses"][0] == pytest.approx(res["tread"]["train_losses"][0], abs=1e-6)
-    # equal steps: TREAD evaluated exactly at dense's step count (here also its last step)
+    # equal steps: both evaluated at the larger step count (here both ran 3)
     assert res["equal_steps"]["step"] == 3
     assert res["equal_steps"]["dense"] == res["dense"]["final_loss"]
     assert res["equal_steps"]["tread"] == res["tread"]["final_loss"]
@@ -201,18 +203,134 @@ def test_short_run_reports_inspect_flops_and_equal_starts(short_run, data):
 
 
 def test_time_budget_counts_training_only_and_table_shows_it(data):
-    cfg = demo.DemoConfig(seconds=1.0, size="tiny", batch=8, out=None, progress=False, eval_points=3)
+    cfg = demo.DemoConfig(seconds=1.0, size="tiny", batch=8, out=None, progress=False, eval_points=3, threads=1)
+    before = torch.get_num_threads()
     res = demo.run_demo(cfg)
+    assert torch.get_num_threads() == before and res["threads"] == 1 and "1 torch thread" in res["device"]
     for run in (res["dense"], res["tread"]):
         assert run["steps"] >= 1
-        assert 1.0 <= run["clock_s"] < 1.0 + 10 * run["median_step_s"] + 2.0  # stops right after the budget
+        # its clock is its own steps only, and it stopped because one more step (median of its last 5) would
+        # have passed its 1 s budget
+        assert len(run["step_times"]) == run["steps"] and run["clock_s"] == pytest.approx(sum(run["step_times"]))
+        assert run["clock_s"] + _median(run["step_times"][-5:]) > 1.0
         clocks = [p[0] for p in run["curve"]]
         assert clocks == sorted(clocks) and clocks[-1] == run["clock_s"]
         assert len(run["curve"]) <= 3 + 3  # start, ~eval_points periodic, end
+    assert res["equal_steps"]["step"] == max(res["dense"]["steps"], res["tread"]["steps"])
     assert res["png"] is None
     table = demo.format_table(res)
     assert "steps done" in table and f"{res['dense']['steps']}" in table
-    assert f"{res['flops']['dense'] / 1e9:.2f} G" in table and f"equal steps ({res['dense']['steps']})" in table
+    assert f"{res['flops']['dense'] / 1e9:.2f} G" in table and f"equal steps ({res['equal_steps']['step']})" in table
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+
+def fake_runs(costs: dict[str, list[float]]):
+    """Step functions that advance a fake clock by the next listed cost; the clock is ``now[0]``."""
+    now = [0.0]
+    taken = {n: 0 for n in costs}
+
+    def stepper(name):
+        def step():
+            now[0] += costs[name][taken[name]]
+            taken[name] += 1
+        return step
+
+    return now, {n: stepper(n) for n in costs}
+
+
+def test_interleave_alternates_and_charges_each_run_only_its_own_step_time():
+    now, fns = fake_runs({"dense": [3.0] * 10, "tread": [2.0] * 10})
+    evals = []
+
+    def after_step(name, step, clock):  # an expensive evaluation: on the fake clock, but charged to nobody
+        evals.append((name, step, clock))
+        now[0] += 100.0
+
+    res = demo.interleave(fns, seconds=10.0, steps=None, clock=lambda: now[0], after_step=after_step)
+    # by hand: the run whose own clock is behind goes next (ties: dense); a run stops before a step that would
+    # pass 10 s (dense at 9 s: 9 + 3 > 10; TREAD at 10 s)
+    assert res["order"] == ["dense", "tread", "tread", "dense", "tread", "dense", "tread", "tread"]
+    assert res["step_times"] == {"dense": [3.0] * 3, "tread": [2.0] * 5}
+    assert res["clock"] == {"dense": 9.0, "tread": 10.0}
+    assert evals == [("dense", 1, 3.0), ("tread", 1, 2.0), ("tread", 2, 4.0), ("dense", 2, 6.0), ("tread", 3, 6.0),
+                     ("dense", 3, 9.0), ("tread", 4, 8.0), ("tread", 5, 10.0)]
+
+
+def test_interleave_with_equal_step_times_strictly_alternates_and_honours_a_step_cap():
+    now, fns = fake_runs({"a": [1.0] * 10, "b": [1.0] * 10})
+    res = demo.interleave(fns, seconds=None, steps=4, clock=lambda: now[0])
+    assert res["order"] == ["a", "b"] * 4 and res["clock"] == {"a": 4.0, "b": 4.0}
+    with pytest.raises(ValueError, match="time budget"):
+        demo.interleave(fns, seconds=None, steps=None)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.floats(0.1, 3.0), min_size=40, max_size=40), st.lists(st.floats(0.1, 3.0), min_size=40, max_size=40),
+       st.floats(0.5, 20.0), st.floats(0.0, 50.0))
+def test_interleave_schedule_properties(cost_a, cost_b, seconds, eval_cost):
+    costs = {"a": cost_a, "b": cost_b}
+    now, fns = fake_runs(costs)
+    trace = []
+
+    def after_step(name, step, clock):
+        trace.append((name, clock))
+        now[0] += eval_cost
+
+    res = demo.interleave(fns, seconds=seconds, steps=None, clock=lambda: now[0], after_step=after_step)
+    for n in costs:
+        k = len(res["step_times"][n])
+        # charged exactly its own step costs, in order (never the other run's steps or the evaluations)
+        assert res["step_times"][n] == pytest.approx(costs[n][:k], abs=1e-9)
+        assert res["clock"][n] == pytest.approx(sum(costs[n][:k]), abs=1e-9)
+        # it stopped exactly when one more step (median of the last 5) would pass the budget
+        assert k >= 1 and res["clock"][n] + _median(costs[n][max(0, k - 5):k]) > seconds
+        prev = sum(costs[n][:k - 1])
+        assert k == 1 or prev + _median(costs[n][max(0, k - 6):k - 1]) <= seconds
+    # whoever stepped was not ahead of a run that still had steps to take
+    clocks = {"a": 0.0, "b": 0.0}
+    left = {n: len(res["step_times"][n]) for n in costs}
+    for name, clock in trace:
+        other = "b" if name == "a" else "a"
+        if left[other] > 0:
+            assert clocks[name] <= clocks[other] + 1e-9
+        clocks[name], left[name] = clock, left[name] - 1
+
+
+def _median(xs):
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
+def test_runs_see_the_same_batches_and_label_dropout_whatever_the_interleaving(data):
+    cfg = demo.DemoConfig(steps=3, size="tiny", batch=8, out=None, progress=False).resolved()
+    runs = [demo.Run(f"r{i}", tiny_dit(zero_init=False), data[:2], cfg) for i in range(2)]
+    torch.manual_seed(99)
+    runs[0].step()
+    torch.rand(17)  # someone else draws from the global RNG between the steps
+    runs[1].step()
+    runs[1].step()
+    outer = torch.get_rng_state()
+    runs[0].step()
+    assert torch.equal(torch.get_rng_state(), outer)  # a step leaves the caller's RNG as it was
+    assert runs[0].train_losses == runs[1].train_losses
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()))
+
+
+@pytest.mark.parametrize("cores, load, expected", [(1, 0.0, 1), (2, 0.0, 1), (2, 5.0, 1), (4, 0.0, 2), (16, 0.0, 8),
+                                                   (16, 13.5, 2), (16, 40.0, 1), (64, 0.0, 8)])
+def test_auto_threads_never_puts_two_threads_on_two_cores(cores, load, expected):
+    assert demo.auto_threads(cores, load) == expected
+
+
+def test_speed_label_says_faster_or_slower_with_a_ratio_above_one(short_run):
+    assert demo.speed_label(0.2, 0.1) == "2.00x faster"
+    assert demo.speed_label(0.1, 0.125) == "1.25x slower"
+    res = json.loads(json.dumps(short_run[0]))
+    res["dense"]["median_step_s"], res["tread"]["median_step_s"] = 0.1, 0.125
+    assert "1.25x slower" in demo.format_table(res) and "faster" not in demo.format_table(res)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -223,7 +341,7 @@ def test_cli_help_lists_the_flags():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     for flag in ("--seconds", "--steps", "--batch", "--size", "--depth", "--hidden", "--ratio", "--start", "--end",
-                 "--device", "--seed", "--out", "--no-plot", "--json", "--quiet"):
+                 "--device", "--threads", "--seed", "--out", "--no-plot", "--json", "--quiet"):
         assert flag in out.stdout, flag
 
 
@@ -238,6 +356,7 @@ def test_cli_help_lists_the_flags():
     (["--start", "5", "--end", "2"], "--start"),
     (["--device", "tpu"], "--device"),
     (["--size", "huge"], "--size"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_flags_exit_with_a_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

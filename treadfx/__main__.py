@@ -17,7 +17,11 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["main", "parse_tensor_spec"]
+__all__ = ["CLIError", "main", "parse_tensor_spec"]
+
+
+class CLIError(Exception):
+    """A bad command line or factory: ``main`` prints ``treadfx inspect: error: <message>`` and returns 2."""
 
 _DTYPES = {"float": torch.float32, "float32": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "long": torch.int64, "int": torch.int64, "int64": torch.int64, "bool": torch.bool}
@@ -29,10 +33,10 @@ def parse_tensor_spec(spec: str) -> torch.Tensor:
     try:
         shape = tuple(int(s) for s in shape_s.split(",") if s.strip())
     except ValueError:
-        raise SystemExit(f"error: cannot read tensor shape {spec!r}; write it like 2,4,32,32 or 2:long") from None
+        raise CLIError(f"cannot read tensor shape {spec!r}; write it like 2,4,32,32 or 2:long") from None
     dtype = _DTYPES.get(dtype_s or "float")
     if dtype is None:
-        raise SystemExit(f"error: unknown dtype {dtype_s!r} in {spec!r}; use one of {sorted(_DTYPES)}")
+        raise CLIError(f"unknown dtype {dtype_s!r} in {spec!r}; use one of {sorted(_DTYPES)}")
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype)
     if dtype == torch.bool:
@@ -41,18 +45,69 @@ def parse_tensor_spec(spec: str) -> torch.Tensor:
 
 
 def _load_factory(target: str) -> Any:
+    """Import ``MODULE:FACTORY`` (the current directory first on the path); raises :class:`CLIError` naming the fix."""
     mod_name, _, attr = target.partition(":")
-    if not attr:
-        raise SystemExit(f"error: {target!r} is not MODULE:FACTORY (e.g. mypkg.models:make_dit)")
+    if not attr or not mod_name:
+        raise CLIError(f"{target!r} is not MODULE:FACTORY; write it like mypkg.models:make_dit")
     sys.path.insert(0, "")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise SystemExit(f"error: cannot import {mod_name!r}: {e}") from None
+        raise CLIError(f"cannot import {mod_name!r} ({e}); run from the directory that contains it or install it")
     fn = getattr(module, attr, None)
     if fn is None:
-        raise SystemExit(f"error: module {mod_name!r} has no attribute {attr!r}")
+        raise CLIError(f"module {mod_name!r} has no attribute {attr!r}; name a function defined in {mod_name}")
+    if not callable(fn):
+        raise CLIError(f"{target} is a {type(fn).__name__}, not a function; name a factory that takes no "
+                       "arguments and returns a model or (model, args, kwargs)")
     return fn
+
+
+def _make(target: str) -> tuple[torch.nn.Module, tuple, dict]:
+    """Call the factory; returns ``(model, args, kwargs)``; raises :class:`CLIError` when it fails or returns junk."""
+    fn = _load_factory(target)
+    try:
+        made = fn()
+    except Exception as e:  # noqa: BLE001 -- any failure of user code becomes one line with the fix
+        raise CLIError(f"calling {target}() failed with {type(e).__name__}: {_first_line(e)}; the factory must "
+                       "take no arguments (wrap it: def make(): return MyModel(...))") from None
+    args: tuple = ()
+    kwargs: dict = {}
+    if isinstance(made, tuple):
+        if not 1 <= len(made) <= 3:
+            raise CLIError(f"{target}() returned a tuple of {len(made)}; return a model or (model, args, kwargs)")
+        model = made[0]
+        args = tuple(made[1]) if len(made) > 1 else ()
+        kwargs = dict(made[2]) if len(made) > 2 else {}
+    else:
+        model = made
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{target}() returned a {type(model).__name__}, not a torch.nn.Module; return the model "
+                       "or (model, args, kwargs)")
+    return model, args, kwargs
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`CLIError` when ``model.forward`` cannot take ``args``/``kwargs`` (a missing or extra input)."""
+    import inspect as _inspect
+
+    try:
+        sig = _inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        params = ", ".join(p.name for p in sig.parameters.values()
+                           if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        raise CLIError(f"{type(model).__name__}.forward({params}) cannot take the example inputs ({e}): give one "
+                       "--input SHAPE[:DTYPE] per positional argument, in order (e.g. --input 2,4,32,32 --input 2 "
+                       "--input 2:long), or --kwarg NAME=SHAPE[:DTYPE]") from None
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> int:
@@ -63,21 +118,19 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     args: tuple = ()
     kwargs: dict = {}
     if ns.factory:
-        made = _load_factory(ns.factory)()
-        if isinstance(made, tuple):
-            model = made[0]
-            args = tuple(made[1]) if len(made) > 1 else ()
-            kwargs = dict(made[2]) if len(made) > 2 else {}
-        else:
-            model = made
+        model, args, kwargs = _make(ns.factory)
         if ns.input:
             args = tuple(parse_tensor_spec(s) for s in ns.input)
         for kv in ns.kwarg or []:
-            name, _, spec = kv.partition("=")
+            name, sep, spec = kv.partition("=")
+            if not sep or not name:
+                raise CLIError(f"--kwarg {kv!r} is not NAME=SHAPE[:DTYPE]; write it like --kwarg "
+                               "encoder_hidden_states=2,77,768")
             kwargs[name] = parse_tensor_spec(spec)
         if not args and not kwargs:
-            raise SystemExit("error: give example inputs with --input SHAPE[:DTYPE] (repeat) or return "
-                             "(model, args, kwargs) from the factory")
+            raise CLIError("no example inputs: give --input SHAPE[:DTYPE] (repeat, in forward's order) or return "
+                           "(model, args, kwargs) from the factory")
+        _check_inputs(model, args, kwargs)
     else:
         latent = ns.resolution // 8
         model = dit(ns.size, ns.patch, input_size=latent, num_classes=1000)
@@ -133,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_demo(argparse.Namespace(), argv[1:])
     ns = parser.parse_args(argv)
     if ns.command == "inspect":
-        return _cmd_inspect(ns)
+        try:
+            return _cmd_inspect(ns)
+        except CLIError as e:
+            print(f"treadfx inspect: error: {e}", file=sys.stderr)
+            return 2
     parser.print_help()
     return 0
 

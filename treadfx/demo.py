@@ -8,20 +8,26 @@ rectified-flow model (SiT-style velocity objective) on scikit-learn's bundled
   loss ``mean((model(x_t, 1000 t, y) - v) ** 2)``. Training draws
   ``t ~ logit-normal(0, 1)`` (``sigmoid`` of a standard normal, as in SD3); the
   model sees the timestep as ``1000 t`` (DiT's sinusoidal embedding scale).
-* **Two runs, one budget.** The same initial weights (a state copy), the same
-  batches, noise, ``t`` and label-dropout draws (one seeded generator each, route
-  selection uses treadfx's counter-based seed so it draws nothing from torch's
-  RNG), the same AdamW: once dense, once ``treadfx.transform``-ed, each for the
-  same training wall-clock budget. The clock counts training steps only: the
-  held-out evaluations, treadfx's one-time trace (done by ``treadfx.inspect``
-  before training, reported as ``trace_s``) and one untimed forward+backward
-  warm-up per model (no parameter update) are outside it.
+* **Two runs, one budget, interleaved.** The same initial weights (a state copy),
+  the same batches, noise, ``t`` and label-dropout draws (one seeded generator and
+  one saved global-RNG state per run; route selection uses treadfx's counter-based
+  seed so it draws nothing from torch's RNG), the same AdamW: one run dense, one
+  ``treadfx.transform``-ed. The runs step in one process, interleaved: the run
+  whose own clock is behind steps next (:func:`interleave`), so load that comes
+  and goes on a shared machine hits both alike. Each run's clock counts only its
+  own training steps: the other run's steps, the held-out evaluations, treadfx's
+  one-time trace (done by ``treadfx.inspect`` before training, reported as
+  ``trace_s``) and one untimed forward+backward warm-up per model are outside it.
+  A run stops before a step that would take its clock past the budget.
+* **Threads.** torch uses :func:`auto_threads` CPU threads unless ``--threads``
+  says otherwise: 1 on a machine with at most 2 cores, where two busy threads on
+  shared cores thrash.
 * **Held-out loss** is the same objective on a fixed split of 297 images with
   fixed noise and ``t`` (independent of ``--seed``), in eval mode (for TREAD
   that is the original model), so it is deterministic and comparable. It is
   measured periodically (for the curves), at the end of the budget (equal
-  wall-clock), and for TREAD exactly at the step count the dense run reached
-  (equal steps).
+  wall-clock), and for both runs at the larger of the two step counts (equal
+  steps: the run with fewer steps continues outside the budget to get there).
 * **Samples** come from an Euler sampler over the velocity field (t = 1 -> 0),
   with classifier-free guidance: the DiT's label embedder drops 10% of the
   labels in training into a null class.
@@ -36,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -50,7 +57,8 @@ from treadfx.models.dit import DiT
 
 __all__ = [
     "DemoConfig", "PRESETS", "load_digits_dataset", "make_heldout", "rectified_flow_loss", "heldout_loss",
-    "sample", "build_model", "train_for_budget", "run_demo", "format_table", "plot_result", "build_parser", "main",
+    "sample", "build_model", "auto_threads", "Run", "interleave", "train_interleaved", "run_demo", "speed_label",
+    "format_table", "plot_result", "build_parser", "main",
 ]
 
 #: model presets for ``--size`` (depth, hidden size, attention heads); ``--depth/--hidden/--heads`` override them
@@ -87,6 +95,7 @@ class DemoConfig:
     samples_per_class: int = 6
     eval_points: int = 10  # periodic held-out evaluations per run (plus start, end and equal-steps)
     device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; None: auto_threads()
     seed: int = 0
     out: str | None = "treadfx_demo.png"
     progress: bool = True
@@ -132,6 +141,8 @@ class DemoConfig:
             raise ValueError("--device cuda: no CUDA device is available to torch")
         if c.sample_steps < 1 or c.samples_per_class < 1 or c.eval_points < 1:
             raise ValueError("--sample-steps, samples per class and eval points must be >= 1")
+        if c.threads is not None and c.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {c.threads}")
         if not c.lr > 0:
             raise ValueError(f"--lr must be > 0, got {c.lr}")
         return c
@@ -319,74 +330,179 @@ def _warm_up(model: nn.Module, config: DemoConfig) -> None:
         p.grad = None
 
 
-def train_for_budget(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], heldout: dict[str, torch.Tensor],
-                     config: DemoConfig, *, eval_at_steps: Sequence[int] = (), desc: str = "train") -> dict[str, Any]:
-    """Train ``model`` with AdamW on the rectified-flow loss until the budget is spent; return the run's record.
+def auto_threads(cores: int | None = None, load: float | None = None) -> int:
+    """The demo's torch thread count: 1 on machines with at most 2 cores (two busy threads on two shared
+    cores thrash: one thread is several times faster there), else the cores left idle by the current load,
+    at least 1 and at most half the cores (capped at 8). ``cores``/``load`` default to this machine's."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    if cores <= 2:
+        return 1
+    return max(1, min(cores // 2, 8, int(cores - load)))
 
-    Guarantees: the batches (images, labels, noise, t) and torch's global RNG
-    (label dropout) are seeded from ``config.seed`` only, so two calls see the
-    same data in the same order; the clock counts only training steps (batch,
-    forward, backward, optimizer step; synchronised on CUDA), never the held-out
-    evaluations; training stops when the clock reaches ``config.seconds`` or the
-    step count reaches ``config.steps``, whichever is first, after at least one
-    step. The record has ``steps``, per-step ``step_times``, the held-out
-    ``curve`` (``[clock_s, step, loss]`` at step 0, about ``config.eval_points``
-    times during the run and at the end), ``at_step`` (held-out loss exactly at
-    every reached step in ``eval_at_steps``) and ``final_loss``.
+
+class Run:
+    """One training run of the demo, advanced one optimizer step at a time by :func:`interleave`.
+
+    Guarantees: its batches (images, labels, noise, t) come from its own generator
+    seeded with ``config.seed``, and torch's global RNG (label dropout) is swapped
+    in and out around each step from a state seeded with ``config.seed``, so two
+    runs see the same data in the same order whatever the interleaving.
+    """
+
+    def __init__(self, name: str, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config: DemoConfig):
+        self.name, self.model, self.config = name, model, config
+        self.device = torch.device(config.device)
+        model.to(self.device).train()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.batches = _batches(data[0], data[1], config.batch, config.seed)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(config.seed)
+            self.rng = torch.get_rng_state()
+            self.cuda_rng = torch.cuda.get_rng_state(self.device) if cuda else None
+        self.steps = 0
+        self.train_losses: list[float] = []
+
+    def step(self) -> float:
+        """One optimizer step on the next batch (synchronised on CUDA); returns its training loss."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            outer_cuda = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        try:
+            x0, yb, noise, tb = (v.to(self.device, non_blocking=True) for v in next(self.batches))
+            with _autocast(self.device):
+                loss = rectified_flow_loss(self.model, x0, yb, noise, tb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            _sync(self.device)
+        finally:
+            self.rng = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            if self.cuda_rng is not None:
+                self.cuda_rng = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
+        self.steps += 1
+        self.train_losses.append(float(loss.detach()))
+        return self.train_losses[-1]
+
+
+def interleave(step_fns: dict[str, Callable[[], Any]], seconds: float | None, steps: int | None, *,
+               clock: Callable[[], float] = time.perf_counter,
+               after_step: Callable[[str, int, float], Any] | None = None) -> dict[str, Any]:
+    """Run several training loops in one process, interleaved so that changing machine load hits them alike.
+
+    Each call of ``step_fns[name]()`` is one training step of run ``name``; it is timed
+    with ``clock`` and charged to that run's own clock only. Next, the unfinished run
+    whose clock is smallest steps (ties: the order of ``step_fns``), so all clocks
+    advance together and every run sees the same stretch of real time. A run stops
+    when it has done ``steps`` steps, or (after at least one step) when one more step,
+    estimated as the median of its last 5, would take its clock past ``seconds``: no
+    run's clock passes the budget unless a step runs far over its estimate.
+    ``after_step(name, step, clock)`` is called after each step, outside every clock
+    (evaluations, progress bars). Returns ``{"order": [names in the order they
+    stepped], "clock": {name: seconds}, "step_times": {name: [seconds, ...]}}``.
+    """
+    if seconds is None and steps is None:
+        raise ValueError("interleave needs a time budget (seconds) or a step cap (steps)")
+    names = list(step_fns)
+    clocks = {n: 0.0 for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    order: list[str] = []
+    active = list(names)
+
+    def finished(n: str) -> bool:
+        if steps is not None and len(times[n]) >= steps:
+            return True
+        if seconds is not None and times[n]:
+            return clocks[n] + statistics.median(times[n][-5:]) > seconds
+        return False
+
+    active = [n for n in active if not finished(n)]
+    while active:
+        name = min(active, key=lambda n: (clocks[n], names.index(n)))
+        t0 = clock()
+        step_fns[name]()
+        dt = clock() - t0
+        clocks[name] += dt
+        times[name].append(dt)
+        order.append(name)
+        if after_step is not None:
+            after_step(name, len(times[name]), clocks[name])
+        if finished(name):
+            active.remove(name)
+    return {"order": order, "clock": clocks, "step_times": times}
+
+
+def train_interleaved(models: dict[str, nn.Module], data: tuple[torch.Tensor, torch.Tensor],
+                      heldout: dict[str, torch.Tensor], config: DemoConfig) -> dict[str, dict[str, Any]]:
+    """Train every model with AdamW on the rectified-flow loss, interleaved (:func:`interleave`), same budget each.
+
+    Guarantees: every run sees the same batches and label-dropout draws (:class:`Run`);
+    each run's clock counts only its own training steps (batch, forward, backward,
+    optimizer step; synchronised on CUDA), never the held-out evaluations nor the
+    other runs' steps; training stops at ``config.seconds`` of a run's own clock
+    (before a step that would pass it) or at ``config.steps`` steps. Afterwards the
+    runs with fewer steps continue, outside the budget and unrecorded in the curve,
+    up to the largest step count, so ``equal_steps`` compares all models after the
+    same number of identical batches. Each record has ``steps``, ``clock_s``,
+    ``step_times``, ``train_losses``, the held-out ``curve`` (``[clock_s, step,
+    loss]`` at step 0, about ``config.eval_points`` times and at the end of the
+    budget), ``final_loss`` (end of the budget) and ``equal_steps`` (``[step, loss]``).
     """
     device = torch.device(config.device)
-    x, y = data
-    batches = _batches(x, y, config.batch, config.seed)
-    torch.manual_seed(config.seed)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    wanted = set(int(s) for s in eval_at_steps)
+    runs = {n: Run(n, m, data, config) for n, m in models.items()}
     if config.time_limited:
         interval, total = config.seconds / config.eval_points, config.seconds
     else:
         interval, total = max(1, config.steps // config.eval_points), config.steps
-    curve = [[0.0, 0, heldout_loss(model, heldout, device=device)]]
-    at_step: dict[int, float] = {0: curve[0][2]} if 0 in wanted else {}
-    step_times: list[float] = []
-    train_losses: list[float] = []
-    clock, step, next_eval = 0.0, 0, interval
-    bar = _progress(total, desc, config)
+    curves = {n: [[0.0, 0, heldout_loss(m, heldout, device=device)]] for n, m in models.items()}
+    next_eval = {n: interval for n in models}
+    bar = _progress(total * len(runs), "dense + TREAD, interleaved", config)
+    last_clock = {n: 0.0 for n in models}
+
+    def after_step(name: str, step: int, clock_s: float) -> None:
+        progress = clock_s if config.time_limited else step
+        if bar is not None:
+            bar.update(clock_s - last_clock[name] if config.time_limited else 1)
+            bar.set_postfix_str(", ".join(f"{n} {r.steps} steps" for n, r in runs.items()), refresh=False)
+        last_clock[name] = clock_s
+        if progress >= next_eval[name]:
+            curves[name].append([clock_s, step, heldout_loss(runs[name].model, heldout, device=device)])
+            while next_eval[name] <= progress:
+                next_eval[name] += interval
+
     try:
-        while True:
-            _sync(device)
-            t0 = time.perf_counter()
-            x0, yb, noise, tb = (v.to(device, non_blocking=True) for v in next(batches))
-            with _autocast(device):
-                loss = rectified_flow_loss(model, x0, yb, noise, tb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            _sync(device)
-            dt = time.perf_counter() - t0
-            clock += dt
-            step += 1
-            step_times.append(dt)
-            train_losses.append(float(loss.detach()))
-            done = (config.steps is not None and step >= config.steps) or (
-                config.seconds is not None and clock >= config.seconds)
-            if bar is not None:
-                bar.update(min(dt, max(0.0, total - bar.n)) if config.time_limited else 1)
-                bar.set_postfix(step=step, loss=f"{train_losses[-1]:.4f}", refresh=False)
-            progress = clock if config.time_limited else step
-            if step in wanted:
-                at_step[step] = heldout_loss(model, heldout, device=device)
-            if done or progress >= next_eval:
-                loss_now = at_step[step] if step in at_step else heldout_loss(model, heldout, device=device)
-                curve.append([clock, step, loss_now])
-                if done:
-                    break
-                while next_eval <= progress:
-                    next_eval += interval
+        sched = interleave({n: r.step for n, r in runs.items()}, config.seconds, config.steps,
+                           after_step=after_step)
     finally:
         if bar is not None:
             bar.close()
-    return {"steps": step, "clock_s": clock, "step_times": step_times, "train_losses": train_losses,
-            "curve": curve, "at_step": {str(k): v for k, v in sorted(at_step.items())}, "final_loss": curve[-1][2]}
+    out: dict[str, dict[str, Any]] = {}
+    for n, r in runs.items():
+        cur = curves[n]
+        if cur[-1][1] != r.steps:  # the end of the budget, unless the last periodic point already is
+            cur.append([sched["clock"][n], r.steps, heldout_loss(r.model, heldout, device=device)])
+        out[n] = {"steps": r.steps, "clock_s": sched["clock"][n], "step_times": sched["step_times"][n],
+                  "train_losses": list(r.train_losses), "curve": cur, "final_loss": cur[-1][2]}
+    target = max(r.steps for r in runs.values())
+    for n, r in runs.items():  # equal steps: the runs behind continue, untimed, to the same step count
+        while r.steps < target:
+            r.step()
+        out[n]["equal_steps"] = [target, out[n]["final_loss"] if r.steps == out[n]["steps"]
+                                 else heldout_loss(r.model, heldout, device=device)]
+    return out
 
 
 def _progress(total: float, desc: str, config: DemoConfig):
@@ -405,22 +521,34 @@ def _state_checksum(model: nn.Module) -> float:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Train dense, then TREAD, from the same initial weights for the same budget; return a JSON-able result.
+    """Train dense and TREAD, interleaved, from the same initial weights for the same budget; return a JSON-able dict.
 
     Result keys: ``config`` (resolved), ``model`` (description), ``route``
     (start, end as block indices, ratio, tokens kept of N), ``flops`` (fwd+bwd
     per training step from ``treadfx.inspect``: ``dense``, ``routed``,
-    ``ideal_speedup``), ``dense`` and ``tread`` (each: ``steps``,
-    ``median_step_s``, ``clock_s``, ``first_step_s``, ``init_loss``,
-    ``final_loss`` (equal wall-clock when time-limited), ``curve``,
-    ``train_losses`` (per step), ``init_checksum`` (sum of the initial state)), ``equal_steps``
-    (dense's final step count and both held-out losses there, the TREAD one
-    ``None`` if TREAD did not reach it), ``png`` (path or ``None``) and
+    ``ideal_speedup``), ``threads`` (torch CPU threads used), ``dense`` and
+    ``tread`` (each: ``steps``, ``median_step_s``, ``clock_s``, ``first_step_s``,
+    ``init_loss``, ``final_loss`` (end of the budget: equal wall-clock when
+    time-limited), ``curve``, ``train_losses`` and ``step_times`` (per budgeted step),
+    ``init_checksum`` (sum of the initial state)), ``equal_steps`` (``step``: the
+    larger step count, and both held-out losses there; the run with fewer steps
+    continued outside the budget to reach it), ``png`` (path or ``None``),
     ``trace_s`` (treadfx's trace + analysis, before the clocks) and ``wall_s``.
+    torch's thread count is restored on return.
     """
     wall0 = time.perf_counter()
     config = config.resolved()
     device = torch.device(config.device)
+    threads_before = torch.get_num_threads()
+    threads = config.threads if config.threads is not None else auto_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(config, device, threads, wall0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_demo(config: DemoConfig, device: torch.device, threads: int, wall0: float) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te = load_digits_dataset(config.resolution)
     heldout = make_heldout(x_te, y_te)
 
@@ -438,10 +566,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     for m in (dense, tread):  # allocator / thread-pool warm-up outside the clocks (the trace ran in inspect)
         _warm_up(m, config)
-    runs: dict[str, dict[str, Any]] = {}
-    runs["dense"] = train_for_budget(dense, (x_tr, y_tr), heldout, config, desc="dense")
-    s_eq = runs["dense"]["steps"]
-    runs["tread"] = train_for_budget(tread, (x_tr, y_tr), heldout, config, eval_at_steps=[s_eq], desc="TREAD")
+    runs = train_interleaved({"dense": dense, "tread": tread}, (x_tr, y_tr), heldout, config)
 
     out: dict[str, Any] = {
         "config": dataclasses.asdict(config),
@@ -454,15 +579,19 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                   "num_tokens": route.num_tokens, "num_keep": route.num_keep},
         "flops": {"dense": report.dense_flops, "routed": report.routed_flops, "ideal_speedup": report.ideal_speedup},
         "trace_s": report.trace_seconds,
-        "device": str(device) + (" (bf16 autocast)" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
+        "threads": threads,
+        "device": str(device) + (" (bf16 autocast)" if device.type == "cuda" else
+                                 f" ({threads} torch thread{'s' if threads != 1 else ''}"
+                                 f"{', chosen automatically' if config.threads is None else ''})"),
     }
-    for name, r, ck in (("dense", runs["dense"], init_checksums[0]), ("tread", runs["tread"], init_checksums[1])):
+    for name, ck in (("dense", init_checksums[0]), ("tread", init_checksums[1])):
+        r = runs[name]
         out[name] = {"steps": r["steps"], "median_step_s": statistics.median(r["step_times"]),
                      "clock_s": r["clock_s"], "first_step_s": r["step_times"][0], "init_loss": r["curve"][0][2],
                      "final_loss": r["final_loss"], "curve": r["curve"], "init_checksum": ck,
-                     "train_losses": r["train_losses"]}
-    out["equal_steps"] = {"step": s_eq, "dense": runs["dense"]["final_loss"],
-                          "tread": runs["tread"]["at_step"].get(str(s_eq))}
+                     "train_losses": r["train_losses"], "step_times": r["step_times"]}
+    out["equal_steps"] = {"step": runs["dense"]["equal_steps"][0], "dense": runs["dense"]["equal_steps"][1],
+                          "tread": runs["tread"]["equal_steps"][1]}
     out["png"] = None
     if config.out:
         g = torch.Generator().manual_seed(config.seed)
@@ -480,6 +609,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- output
 
 
+def speed_label(dense_s: float, tread_s: float) -> str:
+    """``"1.28x faster"`` when TREAD's step time is shorter, ``"1.05x slower"`` when longer (ratio >= 1 either way)."""
+    if tread_s <= dense_s:
+        return f"{dense_s / tread_s:.2f}x faster"
+    return f"{tread_s / dense_s:.2f}x slower"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable comparison table of a :func:`run_demo` result."""
     d, t, c, f = result["dense"], result["tread"], result["config"], result["flops"]
@@ -491,16 +627,15 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [
         ("steps done", f"{d['steps']}", f"{t['steps']}", f"{t['steps'] / d['steps']:.2f}x"),
         ("median step time", f"{d['median_step_s'] * 1e3:.1f} ms", f"{t['median_step_s'] * 1e3:.1f} ms",
-         f"{d['median_step_s'] / t['median_step_s']:.2f}x faster"),
+         speed_label(d["median_step_s"], t["median_step_s"])),
         ("FLOPs/step (fwd+bwd)", f"{f['dense'] / 1e9:.2f} G", f"{f['routed'] / 1e9:.2f} G",
          f"{f['ideal_speedup']:.2f}x fewer"),
         ("held-out loss, start", f"{d['init_loss']:.4f}", f"{t['init_loss']:.4f}", ""),
         ("held-out loss, equal wall-clock" if c["seconds"] is not None and c["steps"] is None
          else "held-out loss, end of run", f"{d['final_loss']:.4f}", f"{t['final_loss']:.4f}",
          f"{t['final_loss'] - d['final_loss']:+.4f}"),
-        (f"held-out loss, equal steps ({eq['step']})", f"{eq['dense']:.4f}",
-         "not reached" if eq["tread"] is None else f"{eq['tread']:.4f}",
-         "" if eq["tread"] is None else f"{eq['tread'] - eq['dense']:+.4f}"),
+        (f"held-out loss, equal steps ({eq['step']})", f"{eq['dense']:.4f}", f"{eq['tread']:.4f}",
+         f"{eq['tread'] - eq['dense']:+.4f}"),
     ]
     w0 = max(len(x[0]) for x in rows)
     lines = [
@@ -508,12 +643,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"  data: {result['data']}; {result['objective']}; batch {c['batch']}; {result['device']}",
         f"  TREAD: blocks {r['start']}..{r['end']} of {r['depth']}, ratio {r['ratio']:g} "
         f"(keep {r['num_keep']} of {r['num_tokens']} tokens); budget per model: {budget} "
-        "(training clock: held-out evaluations excluded)",
+        "(interleaved, each run on its own training clock; held-out evaluations excluded)",
         "",
         f"  {'':<{w0}}  {'dense':>11}  {'TREAD':>11}  TREAD vs dense",
     ]
     lines += [f"  {a:<{w0}}  {b:>11}  {x:>11}  {e}".rstrip() for a, b, x, e in rows]
-    lines.append("  (held-out: fixed 297 images, fixed noise and t, eval mode; lower is better)")
+    lines.append("  (held-out: fixed 297 images, fixed noise and t, eval mode; lower is better; equal steps: the run "
+                 "with fewer steps continued outside the budget)")
     if result.get("png"):
         lines.append(f"  plot and samples: {result['png']}")
     return "\n".join(lines)
@@ -537,10 +673,12 @@ def plot_result(result: dict[str, Any], samples: dict[str, torch.Tensor], path: 
         ax.plot([p[0] for p in cur], [p[2] for p in cur], "o-", color=color, ms=3,
                 label=f"{label} ({result[name]['steps']} steps)")
     eq = result["equal_steps"]
-    if eq["tread"] is not None:
-        ax.axhline(eq["dense"], color="tab:blue", ls=":", lw=1)
-        ax.annotate(f"dense @ {eq['step']} steps", (0, eq["dense"]), fontsize=8, color="tab:blue",
-                    xytext=(2, 3), textcoords="offset points")
+    for name, color in (("dense", "tab:blue"), ("tread", "tab:orange")):
+        ax.axhline(eq[name], color=color, ls=":", lw=1)
+    ax.annotate(f"dotted: both at {eq['step']} steps", (0, min(eq["dense"], eq["tread"])), fontsize=8,
+                xytext=(2, -10), textcoords="offset points")
+    if result["config"]["seconds"] is not None:
+        ax.set_xlim(0, result["config"]["seconds"])
     ax.set_yscale("log")
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("held-out velocity loss (eval mode)")
@@ -592,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale for the samples (1 = off; default 2)")
     p.add_argument("--sample-steps", type=int, default=25, help="Euler steps for the samples (default 25)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda trains under bf16 autocast)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on <= 2 cores, else the idle cores, at most half)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches, noise and routes")
     p.add_argument("--out", default="treadfx_demo.png", help="PNG path (default treadfx_demo.png)")
     p.add_argument("--no-plot", action="store_true", help="skip sampling and the PNG")
@@ -607,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = DemoConfig(
         seconds=ns.seconds, steps=ns.steps, batch=ns.batch, size=ns.size, depth=ns.depth, hidden=ns.hidden,
         heads=ns.heads, ratio=ns.ratio, start=ns.start, end=ns.end, lr=ns.lr, cfg_scale=ns.cfg_scale,
-        sample_steps=ns.sample_steps, device=ns.device, seed=ns.seed, out=None if ns.no_plot else ns.out,
+        sample_steps=ns.sample_steps, device=ns.device, threads=ns.threads, seed=ns.seed, out=None if ns.no_plot else ns.out,
         progress=not ns.quiet,
     )
     try:

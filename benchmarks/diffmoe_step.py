@@ -1,6 +1,10 @@
 """Dense vs DiffMoE vs DiffMoE+TREAD training steps of a DiT, in one run.
 
     python -m benchmarks.diffmoe_step --model tiny --steps 20 --json
+    python -m benchmarks.diffmoe_step --model S --experts 8 --compare-loop --no-tread --threads 1
+
+``--compare-loop`` adds "diffmoe (loop)" (experts one after another) next to
+"diffmoe" (experts as one grouped computation) in the same interleaved run.
 
 For each variant: median wall time of a full training step (forward, diffusion
 loss + ``treadfx.diffmoe_loss``, backward, AdamW step; variants interleaved
@@ -38,8 +42,9 @@ def build(name: str, variant: str, args, device: torch.device) -> torch.nn.Modul
     torch.manual_seed(0)
     m = DiT(**MODELS[name], class_dropout_prob=0.1)
     if variant != "dense":
+        impl = "loop" if variant == "diffmoe (loop)" else "grouped"
         m = treadfx.diffmoe(m, num_experts=args.experts, capacity=args.capacity, interleave=not args.all_blocks,
-                            inplace=True, seed=0)
+                            inplace=True, seed=0, experts_impl=impl)
     if variant == "diffmoe+tread":
         m = treadfx.transform(m, start=args.start, end=args.end, ratio=args.ratio, inplace=True)
     return m.to(device).train()
@@ -72,7 +77,11 @@ def run(args) -> dict:
     batch = (torch.randn(args.batch, 4, cfg["input_size"], cfg["input_size"], generator=g).to(device),
              (torch.rand(args.batch, generator=g) * 1000).to(device),
              torch.randint(0, cfg["num_classes"], (args.batch,), generator=g).to(device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variants = ["dense", "diffmoe"] + ([] if args.no_tread else ["diffmoe+tread"])
+    if args.compare_loop:  # experts one after another (the reference) vs grouped ("diffmoe"), interleaved
+        variants.insert(1, "diffmoe (loop)")
     models, steps, results = {}, {}, {}
     for v in variants:
         models[v] = build(args.model, v, args, device)
@@ -129,6 +138,10 @@ def main(argv=None) -> dict:
     p.add_argument("--end", type=int, default=-2)
     p.add_argument("--ratio", type=flags.ratio(), default=0.5)
     p.add_argument("--no-tread", action="store_true")
+    p.add_argument("--compare-loop", action="store_true",
+                   help="add 'diffmoe (loop)': the experts one after another, next to the grouped experts")
+    p.add_argument("--threads", type=flags.positive_int("--threads"), default=None,
+                   help="torch intra-op threads (1 for a stable CPU ratio)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -137,9 +150,10 @@ def main(argv=None) -> dict:
         print(json.dumps(res, indent=2))
     else:
         print(f"{res['model']} on {res['device']} (bf16 autocast: {res['amp_bf16']}), batch {res['batch']}, "
+              f"threads {torch.get_num_threads()}, "
               f"{res['steps']} timed steps, E={res['experts']} capacity={res['capacity']}")
         for v, r in res["variants"].items():
-            print(f"  {v:<14} {r['median_ms']:8.2f} ms/step ({r['time_ratio']:.2f}x)  "
+            print(f"  {v:<16} {r['median_ms']:8.2f} ms/step ({r['time_ratio']:.2f}x)  "
                   f"{r['flops_per_step'] / 1e9:8.3f} GFLOP/step ({r['flops_ratio']:.2f}x)  "
                   f"activated params {r['activated_params']:,} ({r['activated_params_ratio']:.2f}x) of "
                   f"{r['total_params']:,}")

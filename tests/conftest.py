@@ -7,6 +7,7 @@ deadline), ``dev`` (25 examples, the default otherwise). Select with
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -43,3 +44,20 @@ def fresh_dynamo():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    """Collect garbage in an xdist worker before it reports "finished" to the controller.
+
+    Why: xdist's worker sends ``workerfinished`` right after ``pytest_sessionfinish``;
+    the controller then shuts the worker's execnet gateway down, and execnet sends the
+    worker a SIGINT if its main thread is still busy 5 s later. The worker is still in
+    ``pytest_unconfigure``, whose ``gc.collect()`` over the suite's torch/fx garbage
+    can take that long on a loaded machine; the SIGINT then lands in hypothesis' gc
+    callback and is printed as an unraisable ``KeyboardInterrupt`` although nothing was
+    interrupted. Collecting here, before ``workerfinished``, leaves little for the
+    later collections.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        gc.collect()

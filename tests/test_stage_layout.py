@@ -171,3 +171,46 @@ def test_side_input_layout_rules(traced):
     assert side_input_layout(gm, nodes["m_rope_img"], 0, 6, []) == (img(6),)  # the whole axis is image tokens
     assert side_input_layout(gm, rope, 1, 6, []) is None  # 8 features: no rule finds image tokens
     assert side_input_layout(gm, rope, 0, 3, []) == (img(3), extra(6))  # exactly one piece of the image count
+
+
+class Patchify(nn.Module):
+    """A 2x2-patch convolution on a 4x6 image, then ``pre`` and column-major (``transposed``) or row-major tokens."""
+
+    def __init__(self, pre, transposed: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=2, stride=2)
+        self.pre, self.transposed = pre, transposed
+
+    def forward(self, x):
+        g = self.pre(self.conv(x))  # [B, 8, 2, 3]
+        if self.transposed:
+            g = g.transpose(2, 3)
+        return g.flatten(2).transpose(1, 2)  # [B, 6, 8]
+
+
+def token_map_of(model: nn.Module):
+    from treadfx.patch_map import derive_token_map
+
+    prog = trace(model, type(model).forward, (torch.randn(2, 3, 4, 6),), {}, leaves=[])
+    a = LayoutAnalysis(prog.gm, 0, [], lambda n: {})
+    stream = next(n for n in prog.gm.graph.nodes if n.op == "output").args[0][0]
+    return derive_token_map(prog.gm, a, stream, a.token_info(stream))
+
+
+def test_token_map_follows_the_shape_ops_from_the_patch_convolution():
+    row = token_map_of(Patchify(nn.Identity(), transposed=False))
+    assert (row.kind, row.patch, row.grid) == ("patch", (2, 2), (2, 3))
+    assert row.order.tolist() == [0, 1, 2, 3, 4, 5]
+    col = token_map_of(Patchify(nn.Identity(), transposed=True))
+    # token n sits at column n // 2, row n % 2 of the 2x3 grid: row-major patch index row * 3 + column
+    assert col.order.tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_a_new_op_on_the_patch_path_is_one_added_replay_rule(monkeypatch):
+    from treadfx.patch_map import REPLAY_RULES
+
+    unknown = token_map_of(Patchify(torch.tanh, transposed=False))
+    assert unknown.kind == "unknown" and unknown.reason == "`tanh` between the patch embedding and the token stream"
+    monkeypatch.setitem(REPLAY_RULES, torch.tanh, lambda node, value, B, D: value)  # elementwise: positions stay
+    known = token_map_of(Patchify(torch.tanh, transposed=False))
+    assert (known.kind, known.grid, known.order.tolist()) == ("patch", (2, 3), [0, 1, 2, 3, 4, 5])

@@ -10,8 +10,8 @@ With R routes and per-route masks m_r (1 where route r skipped a token)::
 The per-token loss is the mean of the per-element loss map over each token's
 pixels (or latent positions); the pixel->token mapping comes from the traced
 graph (:mod:`treadfx.patch_map`).  When the last forward did not route (eval
-mode, ratio 0, routes that skip nothing) every token counts as kept and
-``total`` is the plain mean loss.
+mode, ratio 0, routes that skip nothing), or there was no forward yet, every
+token counts as kept and ``total`` is the plain mean loss.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class Route:
 
     ``order``: "random" keeps tokens in random order (official TREAD), "sorted"
     keeps their original relative order (required by order-dependent blocks),
-    "auto" picks "sorted" when a routed block is found to be order dependent.
+    "auto" picks "sorted" when a routed block is found to be order dependent
+    or when its permutation-equivariance cannot be shown (the probe fails).
     ``selection``: "per_sample" draws a subset per sample (official), "shared"
     one subset for the whole batch, "auto" uses shared only when a side input
     without batch dimension (a RoPE table) must be gathered.

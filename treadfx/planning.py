@@ -121,7 +121,7 @@ def _all_sizes(values: Sequence[Any]) -> set[int]:
 
 def _shrunk(value: torch.Tensor, info: TokenInfo, keep: int, per_sample_unbatched: bool, batch: int,
             mode) -> torch.Tensor:
-    off, n = image_span(info.layout)
+    _, n = image_span(info.layout)
     shape = list(value.shape)
     shape[info.axis] = shape[info.axis] - n + keep
     if not info.batched and per_sample_unbatched:
@@ -450,7 +450,7 @@ def _initial_decision(inp: fx.Node, stream: fx.Node, analysis: LayoutAnalysis, n
         return ValueDecision(inp, "gather", "token stream", "the image tokens this route thins out",
                              info.axis, info.layout, True)
     if isinstance(info, TokenInfo) and info.has_image():
-        off, n = image_span(info.layout)
+        _, n = image_span(info.layout)
         if n == n_img:
             from_block = depends_on(inp, chain_set)
             role = "skip connection" if from_block else "per-token input"
@@ -497,7 +497,7 @@ def _leaving_decision(node: fx.Node, orig: Any, new: Any, info: TokenInfo | None
             f"({list(new.shape)}) and used after it, but treadfx cannot tell which of its positions are image tokens. "
             "Fix: end the route before it is produced."
         )
-    off, n = image_span(info.layout)
+    _, n = image_span(info.layout)
     base = stream_val
     width_ok = (orig.ndim == base.ndim and info.axis == stream_info.axis and all(
         a == b for i, (a, b) in enumerate(zip(orig.shape, base.shape)) if i != info.axis))

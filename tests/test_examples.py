@@ -117,3 +117,80 @@ def test_examples_run_as_scripts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step     1  loss" in proc.stdout and f"saved {ckpt}" in proc.stdout
     plain_dit_from(torch.load(ckpt, weights_only=True)["model"])
+
+
+# ---------------------------------------------------------------------------------------------------- diffusers
+
+
+def flux_eval_inputs(config, tokens=16, text_len=5):
+    """Fixed inputs for an eval forward of the tiny Flux, built here independently of the example."""
+    g = torch.Generator().manual_seed(11)
+    side = int(tokens ** 0.5)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(tokens, 3).float()
+    return dict(hidden_states=torch.randn(2, tokens, config.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(2, text_len, config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.3, 0.8]), img_ids=img_ids, txt_ids=torch.zeros(text_len, 3), return_dict=False)
+
+
+@pytest.fixture(scope="module")
+def flux_full(tmp_path_factory):
+    ex = load_example("train_diffusers")
+    out = tmp_path_factory.mktemp("flux") / "full"
+    return ex.main(["--steps", str(STEPS), "--batch", "2", "--out", str(out)])
+
+
+def test_train_diffusers_full_finetune_routes_and_saves_a_plain_checkpoint(flux_full):
+    from diffusers import FluxTransformer2DModel
+
+    res = flux_full
+    model, bare = res["model"], res["bare"]
+    assert treadfx.is_transformed(model) and treadfx.original_class(model) is FluxTransformer2DModel
+    assert bare.is_gradient_checkpointing
+    assert len(res["losses"]) == STEPS and all(math.isfinite(v) for v in res["losses"])
+    # Flux routes with one shared subset (its RoPE table has no batch axis): 8 of the 16 image tokens kept
+    rec = treadfx.last_routes(model)[0]
+    assert rec.kept.shape == (8,) and rec.num_tokens == 16
+    final = bare.state_dict()
+    moved = [k for k in final if not torch.equal(final[k], res["initial"][k])]
+    assert len(moved) > 0.9 * len(final)
+    # save_pretrained wrote a plain diffusers checkpoint that reproduces the trained model's eval output
+    loaded = FluxTransformer2DModel.from_pretrained(str(res["out"])).eval()
+    assert type(loaded) is FluxTransformer2DModel
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**flux_eval_inputs(loaded.config))[0],
+                                   model.eval()(**flux_eval_inputs(loaded.config))[0], rtol=0, atol=0)
+
+
+def test_train_diffusers_gradient_checkpointing_changes_nothing_but_memory(flux_full, tmp_path):
+    """Same seed without checkpointing: the same losses and the same trained weights."""
+    ex = load_example("train_diffusers")
+    plain = ex.main(["--steps", str(STEPS), "--batch", "2", "--no-grad-checkpointing", "--out", str(tmp_path / "p")])
+    assert not plain["bare"].is_gradient_checkpointing
+    assert plain["losses"] == pytest.approx(flux_full["losses"], rel=1e-5, abs=1e-6)
+    ref = flux_full["bare"].state_dict()
+    for k, v in plain["bare"].state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_train_diffusers_lora_trains_only_the_adapter_and_saves_it(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    ex = load_example("train_diffusers")
+    res = ex.main(["--steps", str(STEPS), "--batch", "2", "--lora", "4", "--out", str(tmp_path / "lora")])
+    bare, initial = res["bare"], res["initial"]
+    final = bare.state_dict()
+    lora_keys = [k for k in final if "lora_" in k]
+    assert lora_keys and all(torch.equal(final[k], initial[k]) for k in final if "lora_" not in k)
+    assert any(not torch.equal(final[k], initial[k]) for k in lora_keys if "lora_B" in k)
+    assert treadfx.last_routes(res["model"])[0].kept.shape == (8,)
+    # the saved adapter, loaded into a fresh base with the same seed, gives the trained model's eval output
+    torch.manual_seed(0)
+    fresh = FluxTransformer2DModel(**ex.TINY_FLUX)
+    fresh.load_lora_adapter(str(tmp_path / "lora" / "lora"), weight_name="pytorch_lora_weights.safetensors",
+                            adapter_name="default", prefix=None)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**flux_eval_inputs(fresh.config))[0],
+                                   res["model"].eval()(**flux_eval_inputs(fresh.config))[0], rtol=1e-5, atol=1e-6)

@@ -1,6 +1,6 @@
 """Train a small DiT with TREAD in a plain PyTorch loop.
 
-    python examples/train_plain.py --steps 300            # ~20 s on 2 CPU cores
+    python examples/train_plain.py --steps 300            # CPU is enough (the tests run 3 steps)
     python examples/train_plain.py --steps 2000 --device cuda
 
 Rectified-flow velocity loss, AdamW, an EMA copy and a checkpoint. The only

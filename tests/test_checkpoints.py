@@ -248,8 +248,8 @@ def test_copies_work_and_are_independent():
     train_step(tm, opt, 0)  # traced, with optimizer state
     x, t, y = dit_inputs(m, B)
     kept = random_kept(B, N, K, seed=21)
-    with torch.no_grad(), treadfx.fixed_routes(tm, [kept]):
-        ref_train = tm.train()(x, t, y)
+    with treadfx.fixed_routes(tm, [kept]):  # routes only with gradients enabled
+        ref_train = tm.train()(x, t, y).detach()
     ref_eval = eval_out(tm)
     for how, c in _copies(tm):
         assert type(c) is type(tm) and treadfx.is_transformed(c), how
@@ -257,7 +257,7 @@ def test_copies_work_and_are_independent():
         assert list(c.state_dict()) == list(m.state_dict()), how
         assert all(a is not b and torch.equal(a, b) for a, b in zip(c.parameters(), tm.parameters())), how
         assert torch.equal(eval_out(c), ref_eval), how
-        with torch.no_grad(), treadfx.fixed_routes(c, [kept]):
+        with treadfx.fixed_routes(c, [kept]):
             assert torch.equal(c.train()(x, t, y), ref_train), how
         c.train()(x, t, y)  # the copy draws its own routes
         assert treadfx.last_routes(c)[0].kept.shape == (B, K), how
@@ -266,7 +266,7 @@ def test_copies_work_and_are_independent():
                 p.add_(1.0)
         treadfx.set_ratio(c, 0.25)
         assert torch.equal(eval_out(tm), ref_eval), how  # the original is untouched
-        with torch.no_grad(), treadfx.fixed_routes(tm, [kept]):
+        with treadfx.fixed_routes(tm, [kept]):
             assert torch.equal(tm.train()(x, t, y), ref_train), how
         c.train()(x, t, y)
         assert treadfx.last_routes(c)[0].kept.shape == (B, N - int(N * 0.25)), how

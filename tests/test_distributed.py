@@ -79,7 +79,7 @@ def _train_one_step(rank: int, wrap: str) -> dict:
         if wrap != "fsdp2_root":
             for blk in tm.blocks:
                 fully_shard(blk)
-        wrapped = fully_shard(tm)  # swaps the class in place: FSDPTreadDiT
+        wrapped = fully_shard(tm)  # swaps the class in place: FSDPDiT
     assert wrapped.module is tm if wrap == "ddp" else (wrapped is tm and treadfx.is_transformed(wrapped))
     opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
     with treadfx.fixed_routes(wrapped, [kept[sl]]):
@@ -104,10 +104,10 @@ def _seeded_draws(rank: int) -> dict:
     x, t, y, _ = global_batch()
     sl = slice(rank * GLOBAL_B // WORLD, (rank + 1) * GLOBAL_B // WORLD)
     draws = []
-    with torch.no_grad():
-        for _ in range(2):
-            ddp(x[sl], t[sl], y[sl])
-            draws.append(_gather(treadfx.last_routes(ddp)[0].kept))
+    # with gradients: training mode routes only when gradients are enabled
+    for _ in range(2):
+        ddp(x[sl], t[sl], y[sl])
+        draws.append(_gather(treadfx.last_routes(ddp)[0].kept))
     return {"draws": draws}
 
 
@@ -204,7 +204,7 @@ def test_ddp_gradients_and_step_equal_single_process(ranks, reference):
 def test_fsdp2_root_gradients_and_step_equal_single_process(ranks, reference):
     """FSDP2 (fully_shard on the transformed root, after transform): gradients and step equal the reference."""
     _check_wrap(ranks, reference, "fsdp2_root")
-    assert ranks[0]["fsdp2_root"]["class"] == "FSDPTreadDiT"
+    assert ranks[0]["fsdp2_root"]["class"] == "FSDPDiT"
 
 
 def test_fsdp2_per_block_after_prepare_equals_single_process(ranks, reference):
@@ -227,10 +227,10 @@ def test_seeded_selection_differs_per_rank_and_rank0_is_reproducible(ranks):
     assert not torch.equal(draws[0][0], draws[1][0])  # and each forward draws anew
     tm = treadfx.transform(model(), **ROUTE, seed=SEED).train()
     x, t, y, _ = global_batch()
-    with torch.no_grad():
-        for step in draws:
-            tm(x[:2], t[:2], y[:2])
-            assert torch.equal(treadfx.last_routes(tm)[0].kept, step[0])
+    # with gradients: training mode routes only when gradients are enabled
+    for step in draws:
+        tm(x[:2], t[:2], y[:2])
+        assert torch.equal(treadfx.last_routes(tm)[0].kept, step[0])
 
 
 def test_seeded_selection_differs_per_rank_when_traced_before_init(ranks):

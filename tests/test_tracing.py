@@ -64,7 +64,7 @@ def test_random_ops_are_recorded_not_frozen():
     assert "torch.rand(8" in state_of(tm).current.gm.code
 
 
-def test_non_tensor_arguments_are_part_of_the_signature():
+def test_bool_arguments_are_part_of_the_signature_and_floats_are_graph_inputs():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -79,10 +79,11 @@ def test_non_tensor_arguments_are_part_of_the_signature():
     tm = treadfx.transform(Net(), start=0, end=1)
     x = torch.randn(2, 6, 4)
     tm(x)
-    tm(x, 2.0)
+    with treadfx.fixed_routes(tm, [torch.tensor([[0, 1, 2], [3, 4, 5]])]):
+        a, b = tm(x, 2.0), tm(x, 1.0)  # one graph: the float is an input, not a constant
+    assert torch.equal(a, 2.0 * b)
     tm(x, scale=2.0, flip=True)
-    tm(x, 1.0)
-    assert len(state_of(tm).programs) == 4
+    assert len(state_of(tm).programs) == 3  # (x), (x, float), (x, scale=float, flip=True)
     tm.eval()
     net = Net()
     net.load_state_dict(tm.state_dict())

@@ -32,6 +32,7 @@ from .errors import (
     InvalidMoEConfigError,
     InvalidRatioError,
     InvalidRouteError,
+    LiveModelError,
     NoBlocksFoundError,
     StreamAnalysisError,
     TokenCountError,
@@ -55,7 +56,7 @@ __all__ = [
     "keep_tokens", "routing_guidance", "routing_step", "set_routing_step", "route_loss", "RouteLoss", "token_map", "RatioSchedule",
     "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",
     "TokenCountError", "UntraceableForwardError", "StreamAnalysisError", "UnroutableRegionError",
-    "CompileTimeTraceError",
+    "CompileTimeTraceError", "LiveModelError",
     "diffmoe", "diffmoe_loss", "diffmoe_stats", "DiffMoELayer", "DiffMoEStats", "FFNNotFoundError",
     "InvalidMoEConfigError",
 ]

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from .blocks import find_block_candidates
-from .errors import InvalidRouteError, NoBlocksFoundError, TransformError
-from .routes import Route, check_ratio, normalize_routes
+from .errors import InvalidRouteError, LiveModelError, NoBlocksFoundError, TransformError
+from .routes import Route, check_ratio, normalize_routes, resolve_routes
 from .transformed import (
     RouteRecord,
     TransformConfig,
@@ -116,6 +116,13 @@ def transform(
             "this model is already transformed by treadfx. Fix: transform the original model, or change routing "
             "with treadfx.set_ratio / force_routing."
         )
+    nested = next((name for name, sub in model.named_modules() if name and is_transformed(sub)), None)
+    if nested is not None:
+        raise LiveModelError(
+            f"`{nested}` inside this {type(model).__name__} is already a treadfx-transformed model; transforming "
+            "the outer module would route twice. Fix: transform only one of them (usually the backbone), or "
+            f"pass the original module instead of `{nested}`."
+        )
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or hasattr(model, "_orig_mod"):
         raise TransformError(
             f"transform() got a {type(model).__name__} wrapper. Fix: transform the bare model first, then wrap it "
@@ -136,7 +143,7 @@ def transform(
             f"{type(model).__name__} has no repeated blocks: no ModuleList/Sequential holds two or more submodules "
             "of the same class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, diffusers and timm do)."
         )
-    upper = len(candidates)
+    upper = _expected_chain_length(candidates, chain)
     for k, r in enumerate(route_specs):
         for name in ("start", "end"):
             v = getattr(r, name)
@@ -146,6 +153,7 @@ def transform(
                     f"({candidates[0].path} ... {candidates[-1].path}), so valid indices are {-upper}..{upper - 1}. "
                     f"Fix: choose {name} inside the chain; negative indices count from the end."
                 )
+    resolve_routes(route_specs, upper)  # order, overlap and start <= end, before the model is touched
     config = TransformConfig(
         routes=route_specs, chain=chain, stream=stream, fp32_after_route=fp32_after_route,
         leaf_modules=tuple(leaf_modules), aux_loss=bool(aux_loss), mae_weight=float(mae_weight),
@@ -155,6 +163,16 @@ def transform(
     if example_inputs is not None:
         prepare(out, *example_inputs, **(example_kwargs or {}))
     return out
+
+
+def _expected_chain_length(candidates: list, chain: str | int | None) -> int:
+    """Blocks in the chain routes index, as far as the module tree tells (the trace confirms it later)."""
+    if isinstance(chain, str):
+        names = chain.split("+")
+        picked = [c for c in candidates if c.container in names or c.path.rsplit(".", 1)[0] in names]
+        if picked:
+            return len(picked)
+    return len(candidates)
 
 
 def original_class(model: nn.Module) -> type:

@@ -70,3 +70,10 @@ class FFNNotFoundError(TransformError):
 
 
 __all__ += ["InvalidMoEConfigError", "FFNNotFoundError"]
+
+
+class LiveModelError(TransformError):
+    """A part of the training stack (a hook, a nested transformed model) that the routed model could not honour."""
+
+
+__all__ += ["LiveModelError"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -18,7 +19,69 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
-__all__ = ["FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs"]
+__all__ = [
+    "FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs", "forward_of", "no_user_hooks",
+    "rng_preserved",
+]
+
+
+def _compiled_inner(m: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) wraps, else None."""
+    if type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo"):
+        return m.__dict__["_modules"].get("_orig_mod")
+    return None
+
+
+def forward_of(m: nn.Module):
+    """The plain ``forward`` of a module for analysis: no hooks, and through a ``torch.compile`` wrapper."""
+    inner = _compiled_inner(m)
+    while inner is not None:
+        m, inner = inner, _compiled_inner(inner)
+    return m.forward
+
+
+_HOOKLESS = threading.local()
+
+
+@contextlib.contextmanager
+def no_user_hooks() -> Iterator[None]:
+    """While active, module calls *in this thread* run ``forward`` only: no user hooks, no compiled wrappers.
+
+    Shape inference evaluates modules on fake tensors; user hooks (feature
+    capture, logging, statistics) and compiled regions belong to real calls.
+    Other threads are not affected: their module calls run as usual.
+    """
+    if getattr(_HOOKLESS, "depth", 0):
+        _HOOKLESS.depth += 1
+        try:
+            yield
+        finally:
+            _HOOKLESS.depth -= 1
+        return
+    previous = nn.Module.__call__
+    me = threading.get_ident()
+
+    def call(self, *args, **kwargs):
+        if threading.get_ident() == me and getattr(_HOOKLESS, "depth", 0):
+            return forward_of(self)(*args, **kwargs)
+        return previous(self, *args, **kwargs)
+
+    _HOOKLESS.depth = 1
+    nn.Module.__call__ = call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _HOOKLESS.depth = 0
+        nn.Module.__call__ = previous  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def rng_preserved(tensors: Any = ()) -> Iterator[None]:
+    """Global RNG states (CPU, and the CUDA devices of ``tensors``) are restored on exit: analysis draws nothing."""
+    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(tensors)
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 @contextlib.contextmanager
@@ -209,10 +272,10 @@ class FakeEvaluator:
             return self._rebuild(hit)
         a, k = self.fakeify((args, kwargs))
         try:
-            with self.mode, _unsharded(module, self):
+            with self.mode, _unsharded(module, self), no_user_hooks():
                 # .forward, not __call__: the module's own hooks (FSDP, logging) and a regional
                 # compile wrapper belong to real calls, not to shape inference
-                out = module.forward(*a, **k)
+                out = forward_of(module)(*a, **k)
         except _DATA_DEPENDENT:
             out = self._real_fallback(module, a, k)
         if len(_OUTPUT_META) >= _OUTPUT_META_LIMIT:
@@ -221,7 +284,11 @@ class FakeEvaluator:
         return out
 
     def _real_fallback(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """Output metadata of a module whose forward branches on data: run it once on random real inputs."""
+        """Output metadata of a module whose forward branches on data: run it once on random real inputs.
+
+        The global RNG state is restored afterwards and no user hook runs, so the
+        user's run draws exactly what it would draw without treadfx.
+        """
 
         def real(x):
             if not isinstance(x, torch.Tensor):
@@ -234,8 +301,8 @@ class FakeEvaluator:
 
         grad = any(p.requires_grad for p in module.parameters()) or any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves((args, kwargs)))
-        with unset_fake_temporarily(), torch.no_grad():
-            out = module.forward(*pytree.tree_map(real, args), **pytree.tree_map(real, kwargs))
+        with unset_fake_temporarily(), torch.no_grad(), rng_preserved((args, kwargs)), no_user_hooks():
+            out = forward_of(module)(*pytree.tree_map(real, args), **pytree.tree_map(real, kwargs))
 
         def fake(x):
             if not isinstance(x, torch.Tensor):

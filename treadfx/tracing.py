@@ -15,9 +15,24 @@ whose outputs are the tensor leaves of the result.  Unlike
   recorded as graph nodes instead of being frozen into constants, so the
   graph is random exactly where the forward is;
 * a branch on tensor *data* raises :class:`UntraceableForwardError` naming
-  the line of user code, never a silently specialised graph.
+  the line of user code, never a silently specialised graph;
+* user code is never run with proxies: modules are entered through their
+  ``forward`` (their hooks belong to real calls), ``torch.compile``d modules
+  through the module they wrap, and ``torch.utils.checkpoint`` is recorded as
+  an attribute of the block calls it wraps instead of being executed;
+* every module call is recorded (:class:`CallRecord`, ``node.meta["treadfx_scope"]``)
+  so that :mod:`treadfx.live` can turn the calls that do not contain the
+  routed blocks back into live calls of the user's modules;
+* Python ``float`` arguments are graph inputs, not constants: the graph
+  specialises on a float's value only where the forward branches on it, and
+  records that (``TracedProgram.value_guards``);
+* tracing is serialised by a process-wide lock and only affects the tracing
+  thread: module calls in other threads run normally meanwhile.
 
-Tracing never runs real computation and never mutates the traced module.
+Tracing never mutates the traced module.  Module outputs are inferred on fake
+tensors; a module whose output shape depends on tensor data is run once on
+random data with the global RNG state saved and restored and without hooks
+(see :mod:`treadfx.fake_eval`).
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import contextlib
 import dataclasses
 import linecache
 import operator
-import sys
+import threading
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,9 +53,16 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 
 from .errors import UntraceableForwardError
-from .fake_eval import FakeEvaluator
+from .fake_eval import FakeEvaluator, forward_of, rng_preserved
+from .outputs import flatten_output, unflatten_output
 
-__all__ = ["TracedProgram", "InputSignature", "trace", "flatten_call", "signature_of", "make_fake_mode"]
+__all__ = [
+    "TracedProgram", "InputSignature", "CallRecord", "trace", "flatten_call", "signature_of", "make_fake_mode",
+    "TRACE_LOCK",
+]
+
+#: One trace at a time in the process: torch.fx patches ``nn.Module.__call__`` globally while it traces.
+TRACE_LOCK = threading.RLock()
 
 try:  # private, stable since torch 2.1; only needed to evaluate leaves mid-trace
     from torch.fx._symbolic_trace import _maybe_revert_all_patches as _revert_fx_patches
@@ -73,6 +95,8 @@ class InputSignature:
         for leaf in self.leaves:
             if leaf[0] == "T":
                 parts.append(f"{str(leaf[2]).replace('torch.', '')}{list(leaf[1])}@{leaf[3]}")
+            elif leaf[0] == "F":
+                parts.append("float")
             else:
                 parts.append(repr(leaf[2]))
         return "(" + ", ".join(parts) + ")"
@@ -83,9 +107,16 @@ def flatten_call(args: tuple, kwargs: dict) -> tuple[list, Any]:
     return pytree.tree_flatten((tuple(args), dict(kwargs)))
 
 
+def is_float_input(leaf: Any) -> bool:
+    """A Python float argument: traced as a graph input, not specialised (bools and ints stay constants)."""
+    return type(leaf) is float
+
+
 def _leaf_key(leaf: Any) -> tuple:
     if isinstance(leaf, torch.Tensor):
         return ("T", tuple(leaf.shape), leaf.dtype, str(leaf.device))
+    if is_float_input(leaf):
+        return ("F",)
     try:
         hash(leaf)
         return ("C", type(leaf), leaf)
@@ -124,9 +155,10 @@ class TracedProgram:
     out_template: list  # output leaves; None where a tensor comes from the graph
     out_tensor_positions: list[int]
     model_root: str  # attribute path of the traced model inside gm ("m")
-    batch_size: int | None = None
     evaluator: FakeEvaluator | None = None
-    fake_inputs: list | None = None  # fake value of each placeholder
+    fake_inputs: list | None = None  # fake value of each placeholder (a float for float inputs)
+    calls: list["CallRecord"] = dataclasses.field(default_factory=list)
+    value_guards: dict[int, Any] = dataclasses.field(default_factory=dict)  # call leaf -> float the graph needs
 
     def __call__(self, *args, **kwargs):
         leaves, _ = flatten_call(args, kwargs)
@@ -134,20 +166,35 @@ class TracedProgram:
         return self.unflatten_outputs(outs)
 
     def unflatten_outputs(self, outs: Sequence[torch.Tensor]):
+        """A new output object for every call, with these tensors in it."""
         result = list(self.out_template)
         for pos, value in zip(self.out_tensor_positions, outs):
             result[pos] = value
-        return pytree.tree_unflatten(result, self.out_spec)
+        return unflatten_output(result, self.out_spec)
 
-    def module_of(self, node: fx.Node) -> nn.Module:
-        """The module a ``call_module`` node calls."""
-        return self.gm.get_submodule(node.target)
+    def tensor_inputs(self) -> list:
+        """Fake values of the tensor placeholders (float inputs left out)."""
+        return [v for v in (self.fake_inputs or []) if isinstance(v, torch.Tensor)]
 
     def model_path(self, node: fx.Node) -> str:
         """Path of a call_module target relative to the traced model."""
         prefix = self.model_root + "."
         t = str(node.target)
         return t[len(prefix):] if t.startswith(prefix) else t
+
+
+@dataclasses.dataclass
+class CallRecord:
+    """One module call met while tracing (the blocks and torch.nn leaves excepted)."""
+
+    index: int
+    path: str  # qualified name inside the traced root, e.g. "m.x_embedder"
+    module: nn.Module
+    parent: int | None  # the enclosing call, None at the top level
+    args: tuple
+    kwargs: dict
+    result: Any = None
+    checkpoint: dict | None = None  # torch.utils.checkpoint options when the call was checkpointed
 
 
 # --------------------------------------------------------------------------- tracer
@@ -206,13 +253,13 @@ class ValueProxy(fx.Proxy):
         return self.tracer.to_bool(self)
 
     def __int__(self) -> int:
-        return self.tracer.data_dependent(self, "int()")
+        return int(self.tracer.data_dependent(self, "int()"))
 
     def __float__(self) -> float:
-        return self.tracer.data_dependent(self, "float()")
+        return float(self.tracer.data_dependent(self, "float()"))
 
     def __index__(self) -> int:
-        return self.tracer.data_dependent(self, "use as an index")
+        return operator.index(self.tracer.data_dependent(self, "use as an index"))
 
     def __setitem__(self, key, value) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
@@ -236,7 +283,7 @@ class _Recorder(TorchFunctionMode):
         leaves = pytree.tree_leaves((args, kwargs))
         if any(isinstance(l, fx.Proxy) for l in leaves):
             return func(*args, **kwargs)  # Proxy.__torch_function__ records it
-        if getattr(func, "__name__", "") in _NOT_RECORDED or func in _NOT_RECORDED_FUNCS:
+        if getattr(func, "__name__", "") in _NOT_RECORDED:
             return func(*args, **kwargs)
         try:
             value = self.tracer.evaluate_call(func, args, kwargs)
@@ -266,7 +313,6 @@ class _Recorder(TorchFunctionMode):
 
 # Calls whose result must stay a Python/real value during tracing.
 _NOT_RECORDED = {"is_tensor", "is_floating_point", "is_complex", "numel", "dim", "size", "__len__", "__get__", "__set__"}
-_NOT_RECORDED_FUNCS: set = set()
 
 
 class SpecializingTracer(fx.Tracer):
@@ -278,12 +324,110 @@ class SpecializingTracer(fx.Tracer):
         self.fake_mode = fake_mode
         self.recorder = _Recorder(self)
         self.evaluator = FakeEvaluator(fake_mode)
+        self.thread = threading.get_ident()
+        self.calls: list[CallRecord] = []
+        self.call_stack: list[int] = []
+        self.checkpoints: list[dict] = []  # active torch.utils.checkpoint calls (options, scope depth)
+        self.specialised: set[int] = set()  # float inputs whose value the graph depends on
+
+    def _foreign(self) -> bool:
+        """True in a thread other than the tracing one (fx's patches are process-wide)."""
+        return threading.get_ident() != self.thread
 
     # -- structure ---------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if id(m) in self.leaf_ids:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._foreign():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._foreign():
+            return forward(*args, **kwargs)  # another thread: the module's normal call
+        ckpt = self.checkpoints[-1]["options"] if self.checkpoints and \
+            self.checkpoints[-1]["depth"] == len(self.call_stack) else None
+        if self.is_leaf_module(m, self.path_of_module(m)):
+            out = super().call_module(m, forward, args, kwargs)
+            if ckpt is not None:
+                for leaf in pytree.tree_leaves(out):
+                    if isinstance(leaf, fx.Proxy):
+                        call = leaf.node if leaf.node.op == "call_module" else None
+                        if call is not None:
+                            call.meta["treadfx_checkpoint"] = ckpt
+                        break
+            return out
+        rec = CallRecord(len(self.calls), self.path_of_module(m), m, self.call_stack[-1] if self.call_stack else None,
+                         args, kwargs, checkpoint=ckpt)
+        self.calls.append(rec)
+        self.call_stack.append(rec.index)
+        target = forward_of(m)
+        try:
+            # the module's forward, not __call__: its hooks belong to real calls, never to a trace
+            rec.result = super().call_module(m, lambda *a, **k: target(*a, **k), args, kwargs)
+        finally:
+            self.call_stack.pop()
+        return rec.result
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["treadfx_scope"] = tuple(self.call_stack)
+        return node
+
+    @contextlib.contextmanager
+    def checkpoint_interception(self):
+        """Record ``torch.utils.checkpoint`` around block calls instead of running its machinery on proxies.
+
+        Both ways in (``use_reentrant=True`` through ``CheckpointFunction.apply``
+        and the non-reentrant generator) are module globals of
+        ``torch.utils.checkpoint``, looked up at call time, so this also
+        catches ``functools.partial(checkpoint, ...)`` (diffusers'
+        ``_gradient_checkpointing_func``).  Other threads get the original.
+        """
+        import torch.utils.checkpoint as ckpt_mod
+
+        tracer = self
+        orig_fn = ckpt_mod.CheckpointFunction
+        orig_gen = ckpt_mod._checkpoint_without_reentrant_generator
+
+        class _TracedCheckpointFunction:
+            @staticmethod
+            def apply(function, preserve, *args):
+                if tracer._foreign():
+                    return orig_fn.apply(function, preserve, *args)
+                tracer.checkpoints.append(dict(depth=len(tracer.call_stack), options=dict(
+                    use_reentrant=True, preserve_rng_state=bool(preserve))))
+                try:
+                    return function(*args)
+                finally:
+                    tracer.checkpoints.pop()
+
+        def _traced_generator(fn, preserve_rng_state=True, context_fn=None, determinism_check="default",
+                              debug=False, *args, **kwargs):
+            if tracer._foreign():
+                yield from orig_gen(fn, preserve_rng_state, context_fn, determinism_check, debug, *args, **kwargs)
+                return
+            # (torch >= 2.4 passes early_stop next; the remaining arguments are the function's, unused here)
+            options = dict(use_reentrant=False, preserve_rng_state=bool(preserve_rng_state),
+                           determinism_check=determinism_check, debug=debug)
+            if context_fn is not None and context_fn is not ckpt_mod.noop_context_fn:
+                options["context_fn"] = context_fn
+            tracer.checkpoints.append(dict(depth=len(tracer.call_stack), options=options))
+            try:
+                yield
+            finally:
+                tracer.checkpoints.pop()
+
+        ckpt_mod.CheckpointFunction = _TracedCheckpointFunction
+        ckpt_mod._checkpoint_without_reentrant_generator = _traced_generator
+        try:
+            yield
+        finally:
+            ckpt_mod.CheckpointFunction = orig_fn
+            ckpt_mod._checkpoint_without_reentrant_generator = orig_gen
 
     def proxy(self, node: fx.Node) -> ValueProxy:
         return ValueProxy(node, self)
@@ -359,16 +503,24 @@ class SpecializingTracer(fx.Tracer):
                 "support: mark its module as a leaf with transform(..., leaf_modules=[...])."
             ) from e
         if not _has_tensor(value):
+            self.note_specialised(pytree.tree_leaves((args, kwargs)))
             return value  # specialised to a Python value; no node
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         proxy.node.meta["val"] = value
         return proxy
+
+    def note_specialised(self, leaves: Iterable[Any]) -> None:
+        """A Python value was computed from these: float inputs among them become value guards."""
+        for leaf in leaves:
+            if isinstance(leaf, fx.Proxy) and leaf.node.op == "placeholder" and "float_input" in leaf.node.meta:
+                self.specialised.add(leaf.node.meta["float_input"])
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return self.data_dependent(obj, "a Python condition (if/while/and/or/assert)")
 
     def data_dependent(self, obj: fx.Proxy, what: str):
         value = obj.node.meta["val"]
+        self.note_specialised([obj])
         if isinstance(value, torch.Tensor):
             raise UntraceableForwardError(
                 f"the forward uses the *data* of tensor `{obj.node.name}` (shape {list(value.shape)}) in {what} "
@@ -452,15 +604,22 @@ def trace(
     """Trace ``forward(model, *args, **kwargs)`` specialised to these inputs.
 
     Guarantees: the returned program computes what ``forward`` computes for any
-    inputs with the same signature; ``leaves`` appear as single ``call_module``
-    nodes; the model is neither run nor mutated. ``args`` may hold real, meta or
+    inputs with the same signature (and, for float inputs the graph branches
+    on, the same values: ``value_guards``); ``leaves`` appear as single
+    ``call_module`` nodes; the model is neither run nor mutated, no user hook
+    runs and the global RNG state is unchanged. ``args`` may hold real, meta or
     fake tensors (only metadata is read).
     """
+    with TRACE_LOCK, rng_preserved((args, kwargs)):
+        return _trace(model, forward, args, kwargs, leaves, arg_names)
+
+
+def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
     fake_mode = make_fake_mode()
     call_leaves, spec = flatten_call(args, kwargs)
     signature = InputSignature(spec, tuple(_leaf_key(l) for l in call_leaves))
     fake_leaves = _fake_inputs(call_leaves, fake_mode)
-    tensor_positions = [i for i, l in enumerate(call_leaves) if isinstance(l, torch.Tensor)]
+    input_positions = [i for i, l in enumerate(call_leaves) if isinstance(l, torch.Tensor) or is_float_input(l)]
     names = _leaf_names(spec, len(call_leaves))
     if arg_names is not None:
         names = [_readable(n, arg_names) for n in names]
@@ -472,17 +631,20 @@ def trace(
     def traced(root_self, *placeholders):
         flat = list(fake_leaves)
         proxies = list(placeholders)
-        for pos in tensor_positions:
+        for pos in input_positions:
             flat[pos] = proxies.pop(0)
         call_args, call_kwargs = pytree.tree_unflatten(flat, spec)
         result = forward(root_self.m, *call_args, **call_kwargs)
-        out_leaves, out_spec = pytree.tree_flatten(result)
+        out_leaves, out_spec = flatten_output(result)
         template, tensor_outs, positions = [], [], []
         for i, leaf in enumerate(out_leaves):
-            if isinstance(leaf, fx.Proxy):
+            if isinstance(leaf, fx.Proxy) and isinstance(leaf.node.meta.get("val"), torch.Tensor):
                 template.append(None)
                 tensor_outs.append(leaf)
                 positions.append(i)
+            elif isinstance(leaf, fx.Proxy):  # a float input returned as is
+                tracer.note_specialised([leaf])
+                template.append(leaf.node.meta.get("val"))
             elif isinstance(leaf, torch.Tensor):
                 raise UntraceableForwardError(
                     f"output leaf {i} of the forward is a tensor that does not depend on the inputs; "
@@ -495,34 +657,78 @@ def trace(
 
     def create_args_for_root(root_fn, is_module, concrete_args=None):
         placeholders = []
-        for pos in tensor_positions:
+        for pos in input_positions:
             p = fx.Tracer.create_proxy(tracer, "placeholder", _sanitize(names[pos]), (), {})
             p.node.meta["val"] = fake_leaves[pos]
             p.node.meta["input_name"] = names[pos]
+            if is_float_input(call_leaves[pos]):
+                p.node.meta["float_input"] = pos
             placeholders.append(p)
         return traced, [root] + placeholders
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
-    with tracer.recorder:
+    with tracer.recorder, tracer.checkpoint_interception(), autowrap_guard():
         graph = tracer.trace(root)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{type(model).__name__}")
-    batch = None
-    if tensor_positions:
-        first = fake_leaves[tensor_positions[0]]
-        batch = int(first.shape[0]) if first.ndim > 0 else None
     return TracedProgram(
         gm=gm,
         signature=signature,
-        input_names=[names[p] for p in tensor_positions],
-        tensor_positions=tensor_positions,
+        input_names=[names[p] for p in input_positions],
+        tensor_positions=input_positions,
         out_spec=out_info["spec"],
         out_template=out_info["template"],
         out_tensor_positions=out_info["positions"],
         model_root="m",
-        batch_size=batch,
         evaluator=tracer.evaluator,
-        fake_inputs=[fake_leaves[p] for p in tensor_positions],
+        fake_inputs=[fake_leaves[p] for p in input_positions],
+        calls=tracer.calls,
+        value_guards={pos: call_leaves[pos] for pos in sorted(tracer.specialised)},
     )
+
+
+_LRU_WRAPPERS: dict[str, Any] = {"modules": -1, "wrappers": []}
+
+
+def _lru_wrappers() -> list:
+    """Every ``functools.lru_cache`` wrapper in the process (rescanned when new modules were imported)."""
+    import functools
+    import gc
+    import sys
+
+    if _LRU_WRAPPERS["modules"] != len(sys.modules):
+        import warnings
+
+        with warnings.catch_warnings():  # touching some deprecated module objects warns
+            warnings.simplefilter("ignore")
+            _LRU_WRAPPERS["wrappers"] = [o for o in gc.get_objects()
+                                         if type(o) is functools._lru_cache_wrapper]
+        _LRU_WRAPPERS["modules"] = len(sys.modules)
+    return _LRU_WRAPPERS["wrappers"]
+
+
+def _cache_misses(wrapper: Any) -> int:
+    try:
+        return wrapper.cache_info().misses
+    except Exception:  # pragma: no cover - exotic wrappers
+        return 0
+
+
+@contextlib.contextmanager
+def autowrap_guard():
+    """Nothing a trace leaves behind may reach the user's caches (``functools.lru_cache``).
+
+    A forward may call cached helpers (diffusers' RoPE tables) with values
+    derived from the trace; every lru cache that stored a new entry during the trace is
+    cleared afterwards, so no proxy or fake tensor is ever served to a real call.
+    """
+    wrappers = _lru_wrappers()
+    before = [_cache_misses(w) for w in wrappers]
+    try:
+        yield
+    finally:
+        for w, misses in zip(wrappers, before):
+            if _cache_misses(w) != misses:  # something was computed and stored during the trace
+                w.cache_clear()
 
 
 def _readable(name: str, arg_names: Sequence[str]) -> str:

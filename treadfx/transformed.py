@@ -1,7 +1,7 @@
 """The transformed model: a drop-in subclass of the user's model class.
 
 ``transform`` returns an object of a dynamically created subclass of the
-model's own class (``TreadDiT`` for ``DiT``), with the same submodules, the
+model's own class (same name, ``TreadModule`` first in the MRO), with the same submodules, the
 same parameter *objects* and the same ``state_dict`` keys, so ``isinstance``
 checks, ``model.config``, optimizers, EMA, checkpoints and FSDP wrapping keep
 working.  Its ``forward``
@@ -21,10 +21,12 @@ happens inside a compiled region and there are no graph breaks.
 
 from __future__ import annotations
 
-import copy
+import collections
 import dataclasses
 import inspect as _inspect
+import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -42,13 +44,14 @@ from .errors import (
     TransformError,
     UntraceableForwardError,
 )
-from .fake_eval import autocast_cache_off, module_structure_key
+from .fake_eval import autocast_cache_off, dtype_state, module_structure_key, rng_preserved
+from .live import LiveGuard, LiveProgram, check_inlined_hooks, make_live
 from .graph_walk import upstream
 from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
 from .ops import RouteSelect, num_kept
 from .planning import RoutePlan, plan_route
 from .routes import Route, check_ratio, resolve_routes
-from .tracing import InputSignature, TracedProgram, signature_of, trace
+from .tracing import TRACE_LOCK, TracedProgram, flatten_call, signature_of, trace
 from .equivariance import make_order_probe
 
 __all__ = ["TransformConfig", "TreadState", "RoutedProgram", "TreadModule", "is_transformed", "state_of"]
@@ -87,7 +90,13 @@ class RouteRecord:
 
 
 class RoutedProgram:
-    """A traced, route-rewritten graph for one input signature and mode."""
+    """A traced, route-rewritten graph for one input signature and mode.
+
+    ``gm`` is the analysis graph (every module inlined, route ops inserted:
+    what ``inspect`` and the loss helpers read); ``live`` is what runs: the same
+    program with every module that does not call the routed blocks called live
+    on the model (see :mod:`treadfx.live`), guarded by ``guard``.
+    """
 
     def __init__(self, traced: TracedProgram, plans: list[RoutePlan], selects: list[RouteSelect],
                  chain: Chain, chains: list[Chain], analysis: LayoutAnalysis, trace_seconds: float,
@@ -103,34 +112,47 @@ class RoutedProgram:
         self.trace_seconds = trace_seconds
         self.original_code = original_gm_code
         self.shapes = tuple(
-            (tuple(t.shape), t.dtype) for t in (traced.fake_inputs or [])
+            (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else (None, float)
+            for t in (traced.fake_inputs or [])
         )
         self.seeded = any(s.seed is not None for s in selects)
         self.token_map = None
+        self.live: LiveProgram | None = None
+        self.guard: LiveGuard | None = None
 
     def matches(self, args: tuple, kwargs: dict) -> bool:
         from .tracing import flatten_call
 
         leaves, _ = flatten_call(args, kwargs)
-        tensors = [leaves[i] for i in self.traced.tensor_positions if i < len(leaves)]
-        if len(tensors) != len(self.shapes):
+        inputs = [leaves[i] for i in self.traced.tensor_positions if i < len(leaves)]
+        if len(inputs) != len(self.shapes):
             return False
-        return all(isinstance(t, torch.Tensor) and tuple(t.shape) == s and t.dtype == d
-                   for t, (s, d) in zip(tensors, self.shapes))
+        for t, (s, d) in zip(inputs, self.shapes):
+            if s is None:
+                if type(t) is not float:
+                    return False
+            elif not (isinstance(t, torch.Tensor) and tuple(t.shape) == s and t.dtype == d):
+                return False
+        return self.values_match(leaves)
+
+    def values_match(self, leaves: list) -> bool:
+        """The float inputs the graph specialised on have the values it was traced with."""
+        return all(leaves[pos] == v for pos, v in self.traced.value_guards.items())
 
     def run(self, state: "TreadState", args: tuple, kwargs: dict):
         from .tracing import flatten_call
 
         leaves, _ = flatten_call(args, kwargs)
-        tensors = [leaves[i] for i in self.traced.tensor_positions]
+        inputs = [leaves[i] for i in self.traced.tensor_positions]
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         keep = state.keep_mask(self, tensors)
         step = state.step_counter(tensors) if self.seeded else None
-        outs = self.gm(*tensors, keep, step)
+        gm = self.live.gm if self.live is not None else self.gm
+        outs = gm(*inputs, keep, step)
         if step is not None:
             step.add_(1)
         user, kept = outs[: self.n_outputs], outs[self.n_outputs:]
-        state.last_kept = list(kept)
-        state.last_program = self
+        state.record(self, list(kept))
         return self.traced.unflatten_outputs(user)
 
 
@@ -142,17 +164,29 @@ class TreadState:
         self.original_class = original_class
         self.original_forward: Callable = original_class.forward
         self.candidates = candidates
-        self.programs: dict[Any, RoutedProgram] = {}
+        self.programs: "collections.OrderedDict[Any, list[RoutedProgram]]" = collections.OrderedDict()
         self.current: RoutedProgram | None = None
-        self.last_kept: list = []
-        self.last_program: RoutedProgram | None = None
+        self._last = threading.local()  # per thread: (program, kept indices) of the last routed forward
+        self.warned: set = set()
         self.forced = False
         self.forced_ratio: float | None = None
         self.fixed: list | None = None
         self.keep: torch.Tensor | None = None
         self.steps: dict[str, torch.Tensor] = {}
         self.base_step = 0  # where new step counters start (set_routing_step, copies, unpickling)
-        self.hash_cache: dict[Any, str] = {}
+
+    # ---------------------------------------------------------------- last routed forward (per thread)
+    def record(self, prog: "RoutedProgram | None", kept: list) -> None:
+        """Remember the kept indices of this thread's last forward (``last_routes``)."""
+        self._last.value = (prog, kept)
+
+    @property
+    def last_program(self) -> "RoutedProgram | None":
+        return getattr(self._last, "value", (None, []))[0]
+
+    @property
+    def last_kept(self) -> list:
+        return getattr(self._last, "value", (None, []))[1]
 
     def keep_mask(self, prog: "RoutedProgram", tensors: list) -> torch.Tensor | None:
         """The active keep mask as [B, N] bool image-token mask, or None."""
@@ -218,11 +252,17 @@ class TreadState:
         return self.config.routes[route_index].ratio
 
     def active(self, training: bool) -> bool:
-        return self.forced or training
+        """Route in this call? In training with gradients enabled (validation and sampling under no_grad or
+        inference_mode are the original model, as hand-written TREAD does), or when forced."""
+        return self.forced or (training and torch.is_grad_enabled())
+
+    def programs_iter(self):
+        for progs in self.programs.values():
+            yield from progs
 
     def sync_selects(self) -> None:
         """Push ratios / forced flags / fixed indices into every built program's route ops."""
-        for prog in self.programs.values():
+        for prog in self.programs_iter():
             self._sync(prog)
 
     def _sync(self, prog: RoutedProgram) -> None:
@@ -317,11 +357,11 @@ class TreadModule(LazyModuleMixin):
     def forward(self, *args, **kwargs):
         st: TreadState = self.__dict__["_treadfx"]
         if not st.active(self.training):
-            st.last_program = None  # route_loss of a non-routed forward is the plain mean
+            st.record(None, [])  # route_loss of a non-routed forward is the plain mean
             return st.original_forward(self, *args, **kwargs)
         if torch.compiler.is_compiling():
             prog = st.current
-            if prog is None or not prog.matches(args, kwargs):
+            if prog is None or not prog.matches(args, kwargs) or (prog.guard is not None and prog.guard.check()):
                 raise CompileTimeTraceError(
                     "treadfx: torch.compile reached the transformed model with inputs it has not been prepared for. "
                     "Fix: compile the transformed model itself (torch.compile(model)), or call "
@@ -381,7 +421,10 @@ def tread_subclass(cls: type) -> type:
     """The (cached) dynamic subclass ``Tread<cls>`` with TreadModule first in the MRO."""
     sub = _SUBCLASSES.get(cls)
     if sub is None:
-        sub = type(f"Tread{cls.__name__}", (TreadModule, cls), {"__module__": cls.__module__})
+        # the subclass keeps the original class's name and module, so that libraries that save the class name
+        # (diffusers' config.json and model_index.json, transformers' auto classes) reload the original class
+        sub = type(cls.__name__, (TreadModule, cls), {"__module__": cls.__module__,
+                                                      "__qualname__": getattr(cls, "__qualname__", cls.__name__)})
         _SUBCLASSES[cls] = sub
     return sub
 
@@ -390,26 +433,80 @@ def tread_subclass(cls: type) -> type:
 
 
 def _mode_key(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> tuple:
-    sig = signature_of(args, kwargs)
-    device_type = "cpu"
-    for leaf in sig.leaves:
-        if leaf[0] == "T":
-            device_type = torch.device(leaf[3]).type
-            break
-    try:
-        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-    except (TypeError, AttributeError, RuntimeError):  # pragma: no cover - old torch
-        autocast = (torch.is_autocast_enabled(),)
-    return (sig, model.training, torch.is_grad_enabled(), autocast)
+    """Everything a traced graph is specialised on: input signature, mode, grad mode, autocast of every device."""
+    return (signature_of(args, kwargs), model.training, torch.is_grad_enabled(), dtype_state())
+
+
+#: at most this many traced graphs per model (least recently used first out), and per signature for float values
+MAX_PROGRAMS = 16
+MAX_VALUE_VARIANTS = 4
+_RETRACE_WARN_AFTER = 3
 
 
 def _program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
+    """The routed program for this call: cached, guarded, retraced when the model or a guarded value changed."""
     key = _mode_key(model, st, args, kwargs)
-    prog = st.programs.get(key)
-    if prog is None:
-        prog = build_program(model, st, args, kwargs)
-        st.programs[key] = prog
+    progs = st.programs.get(key)
+    reason = None
+    if progs is not None:
+        st.programs.move_to_end(key)
+        leaves, _ = flatten_call(args, kwargs)
+        for i, prog in enumerate(progs):
+            if not prog.values_match(leaves):
+                continue
+            reason = prog.guard.check() if prog.guard is not None else None
+            if reason is None:
+                return prog
+            progs.pop(i)
+            _note_retrace(st, key, reason)
+            break
+    prog = build_program(model, st, args, kwargs)
+    progs = st.programs.setdefault(key, [])
+    progs.append(prog)
+    if len(progs) > MAX_VALUE_VARIANTS:
+        progs.pop(0)
+        names = dict(zip(prog.traced.tensor_positions, prog.traced.input_names))
+        args_named = ", ".join(f"`{names.get(p, p)}`" for p in prog.traced.value_guards)
+        _warn_once(st, ("values", key[0]),
+                   f"treadfx: the forward branches on the value of float argument(s) {args_named}, which keep "
+                   f"changing, so each new value needs its own traced graph (only {MAX_VALUE_VARIANTS} are kept). "
+                   "Fix: pass the value as a tensor, or keep it fixed during training.")
+    if len(st.programs) > MAX_PROGRAMS:
+        st.programs.popitem(last=False)
+        _warn_once(st, "signatures", f"treadfx: more than {MAX_PROGRAMS} different call signatures; "
+                   + _changing_constants(model, st, key[0]) + " Each one is traced separately and only the "
+                   f"{MAX_PROGRAMS} most recent graphs are kept. Fix: pass values that change between calls as "
+                   "tensors, and keep shapes fixed (bucket them).")
     return prog
+
+
+def _note_retrace(st: TreadState, key: Any, reason: str) -> None:
+    counts = st.__dict__.setdefault("retraces", {})
+    counts[reason] = counts.get(reason, 0) + 1
+    if counts[reason] >= _RETRACE_WARN_AFTER:
+        _warn_once(st, ("retrace", reason),
+                   f"treadfx: retraced {counts[reason]} times because {reason} between calls. If the forward itself "
+                   "changes this attribute, treadfx's graph cannot replay that side effect. Fix: keep such state "
+                   "outside the module whose forward calls the blocks, or in a tensor buffer.")
+
+
+def _warn_once(st: TreadState, key: Any, message: str) -> None:
+    if key not in st.warned:
+        st.warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+def _changing_constants(model: nn.Module, st: TreadState, sig: Any) -> str:
+    """Name the non-tensor arguments whose values differ between the cached signatures."""
+    from .tracing import _leaf_names, _readable
+
+    others = [k[0] for k in st.programs if k[0].spec == sig.spec and k[0] is not sig]
+    differing = sorted({i for o in others for i, (a, b) in enumerate(zip(o.leaves, sig.leaves))
+                        if a != b and a[0] == "C"})
+    if not differing:
+        return "input shapes keep changing."
+    names = [_readable(n, _forward_arg_names(st.original_forward)) for n in _leaf_names(sig.spec, len(sig.leaves))]
+    return "the value of argument(s) " + ", ".join(f"`{names[i]}`" for i in differing) + " keeps changing."
 
 
 def _forward_arg_names(fn: Callable) -> list[str]:
@@ -547,7 +644,7 @@ def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -
 
     Safe inside ``torch.autocast``: the analysis leaves nothing in autocast's cast cache.
     """
-    with autocast_cache_off():
+    with TRACE_LOCK, autocast_cache_off(), rng_preserved((args, kwargs)):
         return _build_program(model, st, args, kwargs)
 
 
@@ -593,14 +690,7 @@ def _build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) 
     probe = make_order_probe(prog, analysis)
     plans = []
     for i, (route, (s, e)) in enumerate(zip(cfg.routes, spans)):
-        plan = plan_route(prog, analysis, chain, i, route, s, e, name_of, order_probe=probe)
-        keep = num_kept(plan.num_tokens, st.ratio_of(i))
-        if keep < 1 or plan.num_tokens < 1:
-            raise TokenCountError(
-                f"route {i} would keep {keep} of {plan.num_tokens} image tokens. Fix: lower the ratio or use "
-                "larger inputs; at least one token must go through the routed blocks."
-            )
-        plans.append(plan)
+        plans.append(plan_route(prog, analysis, chain, i, route, s, e, name_of, order_probe=probe))
     tread_pass = TreadPass(plans, fp32_after_route=cfg.fp32_after_route, forced=st.forced, training=model.training)
     tread_pass.requires(prog.gm)
     tread_pass.call(prog.gm)
@@ -613,6 +703,11 @@ def _build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) 
         from .loss import program_token_map
 
         program_token_map(routed)
+    routed.live = make_live(prog.gm, prog, model, list(chain.nodes))
+    inner_paths = [p[len(prog.model_root) + 1:] for p in routed.live.inlined]
+    guarded = [("", model)] + [(p, model.get_submodule(p)) for p in inner_paths]
+    check_inlined_hooks(guarded)
+    routed.guard = LiveGuard(guarded, model)
     routed.trace_seconds = time.perf_counter() - t0
     return routed
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .blocks import find_block_candidates
 from .errors import InvalidRouteError, LiveModelError, NoBlocksFoundError, TransformError
-from .routes import Route, check_ratio, normalize_routes, resolve_routes
+from .routes import check_ratio, normalize_routes, resolve_routes
 from .transformed import (
     RouteRecord,
     TransformConfig,

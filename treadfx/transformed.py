@@ -42,7 +42,6 @@ from .errors import (
     StreamAnalysisError,
     TokenCountError,
     TransformError,
-    UntraceableForwardError,
 )
 from .fake_eval import autocast_cache_off, dtype_state, module_structure_key, rng_preserved
 from .live import LiveGuard, LiveProgram, check_inlined_hooks, make_live
@@ -50,7 +49,7 @@ from .graph_walk import upstream
 from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
 from .ops import RouteSelect, num_kept
 from .planning import RoutePlan, plan_route
-from .routes import Route, check_ratio, resolve_routes
+from .routes import Route, resolve_routes
 from .tracing import TRACE_LOCK, TracedProgram, flatten_call, signature_of, trace
 from .equivariance import make_order_probe
 

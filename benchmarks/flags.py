@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["positive_int", "positive_float", "ratio"]
+__all__ = ["positive_int", "positive_float", "ratio", "resolve_device"]
 
 
 def positive_int(flag: str) -> Callable[[str], int]:
@@ -51,3 +51,13 @@ def positive_float(flag: str) -> Callable[[str], float]:
         return v
 
     return parse
+
+
+def resolve_device(p: argparse.ArgumentParser, args: argparse.Namespace, advice: str = "use --device cpu") -> None:
+    """Fill ``args.device`` (cuda when available, else cpu); ``--device cuda`` without CUDA exits 2 with advice."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: torch.cuda.is_available() is False on this machine; {advice}")

@@ -492,11 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False on this machine (no GPU, or a CPU build of "
-                "torch); use --device cpu --tiny for a smoke run")
+    flags.resolve_device(p, args, "no GPU, or a CPU build of torch: use --device cpu --tiny for a smoke run")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in QUICK_MODELS]
     if bad or not models:

@@ -201,10 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
+    flags.resolve_device(p, args)
     gpu = args.device == "cuda"
     args.batch = args.batch or (16 if gpu else 4)
     args.tokens = args.tokens or (1024 if gpu else 256)

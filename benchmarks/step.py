@@ -431,10 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
+    flags.resolve_device(p, args)
     if args.variants is not None:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         bad = [v for v in names if v not in BASE_VARIANTS + FP32_VARIANTS]

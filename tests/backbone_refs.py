@@ -1,6 +1,6 @@
 """Backbone test cases and hand-written TREAD reference forwards.
 
-Every reference here follows the algorithm of ../shared/design.md §1 directly
+Every reference here follows the official TREAD algorithm (CompVis/tread) directly
 on the original modules and shares no code with treadfx: it takes the kept
 image tokens out of the stream before block ``start`` (tokens outside the
 image segment -- class, register, time, label tokens -- stay), runs blocks

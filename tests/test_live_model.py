@@ -63,6 +63,14 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values()), out
 
 
+class ThreeBlocks(nn.Module):
+    """Three one-Linear blocks in a ModuleList; each test writes the forward it needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -195,11 +203,10 @@ def test_replaced_module_reassigned_parameter_and_attributes_take_effect_at_the_
 
 
 def test_root_attribute_change_retraces():
-    class Net(nn.Module):
+    class Net(ThreeBlocks):
         def __init__(self):
             super().__init__()
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
-            self.scale = 1.0
+            self.scale = 1.0  # an instance attribute the root forward reads
 
         def forward(self, x):
             for b in self.blocks:
@@ -249,7 +256,6 @@ def test_peft_lora_inside_and_outside_the_blocks_before_and_after_the_first_step
 
 
 def test_peft_adapter_toggles_take_effect_at_the_next_step():
-    from diffusers import SD3Transformer2DModel  # noqa: F401  (diffusers' peft integration)
     from peft import LoraConfig
 
     case = _diffusers_case("diffusers_sd3")
@@ -381,11 +387,7 @@ def test_structured_outputs_carry_real_tensors_and_train(kind):
         "nested": lambda a, b: (a, (b, (a,))),
     }[kind]
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
-
+    class Net(ThreeBlocks):
         def forward(self, x):
             for b in self.blocks:
                 x = b(x)
@@ -515,11 +517,7 @@ def test_compiled_submodules_train_routed_like_uncompiled(where, fresh_dynamo):
 
 
 def test_a_float_argument_that_changes_every_step_does_not_retrace():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
-
+    class Net(ThreeBlocks):
         def forward(self, x, guidance: float):
             for b in self.blocks:
                 x = b(x) * guidance
@@ -536,11 +534,7 @@ def test_a_float_argument_that_changes_every_step_does_not_retrace():
 
 
 def test_a_float_the_forward_branches_on_is_guarded_and_bounded_with_a_warning():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
-
+    class Net(ThreeBlocks):
         def forward(self, x, cfg_scale: float):
             for b in self.blocks:
                 x = b(x)
@@ -560,11 +554,7 @@ def test_a_float_the_forward_branches_on_is_guarded_and_bounded_with_a_warning()
 
 
 def test_an_int_argument_that_changes_every_step_is_bounded_with_a_warning_naming_it():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
-
+    class Net(ThreeBlocks):
         def forward(self, x, step: int):
             for b in self.blocks:
                 x = b(x)

@@ -79,8 +79,12 @@ class _Collapser:
         self.val_map = val_map
         self._param_paths: dict[int, str] | None = None
 
-    def node_of(self, proxy: fx.Proxy) -> fx.Node | None:
-        return self.val_map.get(proxy.node)
+    def node_of(self, proxy: fx.Proxy) -> fx.Node:
+        """The node of this trace value in the graph being collapsed (not collapsible if it has none)."""
+        node = self.val_map.get(proxy.node)
+        if node is None:
+            raise _NotCollapsible
+        return node
 
     def constant_node(self, value: Any, before: fx.Node) -> Any:
         """A get_attr node for a tensor or module of the model (looked up live), or the constant itself."""
@@ -120,29 +124,12 @@ class _Collapser:
         inner_set = set(inner)
         first = inner[0] if inner else None
         leaves, spec = pytree.tree_flatten((tuple(call.args), dict(call.kwargs)))
-        arg_nodes: set[fx.Node] = set()
-        mapped = []
-        for leaf in leaves:
-            if isinstance(leaf, fx.Proxy):
-                n = self.node_of(leaf)
-                if n is None:
-                    raise _NotCollapsible
-                arg_nodes.add(n)
-                mapped.append(n)
-            else:
-                mapped.append(leaf)
+        mapped = [self.node_of(leaf) if isinstance(leaf, fx.Proxy) else leaf for leaf in leaves]
+        arg_nodes = {n for n in mapped if isinstance(n, fx.Node)}
         out_leaves, out_spec = flatten_output(call.result)
-        out_nodes: list[fx.Node | None] = []
-        for leaf in out_leaves:
-            if isinstance(leaf, fx.Proxy):
-                n = self.node_of(leaf)
-                if n is None:
-                    raise _NotCollapsible
-                out_nodes.append(n)
-            elif isinstance(leaf, torch.Tensor):
-                raise _NotCollapsible  # a constant tensor returned: keep the inlined code
-            else:
-                out_nodes.append(None)
+        if any(isinstance(leaf, torch.Tensor) for leaf in out_leaves):
+            raise _NotCollapsible  # a constant tensor returned: keep the inlined code
+        out_nodes = [self.node_of(leaf) if isinstance(leaf, fx.Proxy) else None for leaf in out_leaves]
         if first is None:  # the call recorded nothing (returns its input or constants): nothing to run live
             anchor = next((n for n in arg_nodes), None)
             if anchor is None:

@@ -352,13 +352,8 @@ class SpecializingTracer(fx.Tracer):
             self.checkpoints[-1]["depth"] == len(self.call_stack) else None
         if self.is_leaf_module(m, self.path_of_module(m)):
             out = super().call_module(m, forward, args, kwargs)
-            if ckpt is not None:
-                for leaf in pytree.tree_leaves(out):
-                    if isinstance(leaf, fx.Proxy):
-                        call = leaf.node if leaf.node.op == "call_module" else None
-                        if call is not None:
-                            call.meta["treadfx_checkpoint"] = ckpt
-                        break
+            if ckpt is not None and isinstance(out, fx.Proxy) and out.node.op == "call_module":
+                out.node.meta["treadfx_checkpoint"] = ckpt  # the leaf's own call node
             return out
         rec = CallRecord(len(self.calls), self.path_of_module(m), m, self.call_stack[-1] if self.call_stack else None,
                          args, kwargs, checkpoint=ckpt)

@@ -10,14 +10,20 @@ U-ViT in-blocks, mid-block and out-blocks).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
 from .blocks import BlockCandidate
-from .errors import InvalidRouteError
+from .errors import AmbiguousChainError, InvalidRouteError, NoBlocksFoundError, StreamAnalysisError
 from .graph_walk import upstream
+from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
 
-__all__ = ["Chain", "find_chains", "resolve_index"]
+if TYPE_CHECKING:
+    from .tracing import TracedProgram
+    from .transformed import TransformConfig
+
+__all__ = ["Chain", "find_chains", "resolve_index", "pick_chain", "image_input_index"]
 
 
 @dataclasses.dataclass
@@ -98,3 +104,66 @@ def resolve_index(index: int, length: int, what: str) -> int:
             f"(valid: {-length}..{length - 1}). Fix: choose {what} inside the chain; negative indices count from the end."
         )
     return resolved
+
+
+def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
+    """The chain to route: the one named by ``config.chain``, else the only chain carrying image tokens.
+
+    Raises AmbiguousChainError for an unknown name/index or several image chains, NoBlocksFoundError when no
+    chain receives the image stream.
+    """
+    def carries_image(c: Chain) -> bool:
+        for inp in tensor_input_nodes(c.nodes[0]):
+            info = analysis.token_info(inp)
+            if isinstance(info, TokenInfo) and info.has_image():
+                return True
+        return False
+
+    if config.chain is not None:
+        if isinstance(config.chain, int) and not isinstance(config.chain, bool):
+            if not 0 <= config.chain < len(chains):
+                raise AmbiguousChainError(
+                    f"chain={config.chain} but the model has {len(chains)} chains: "
+                    + "; ".join(f"{k}: {c.name} ({len(c)} blocks)" for k, c in enumerate(chains))
+                    + ". Fix: pass one of those indices or names."
+                )
+            return chains[config.chain]
+        for c in chains:
+            if c.name == config.chain or config.chain in c.name.split("+"):
+                return c
+        raise AmbiguousChainError(
+            f"chain={config.chain!r} names no chain; the model has: "
+            + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
+        )
+    image_chains = [c for c in chains if carries_image(c)]
+    if not image_chains:
+        raise NoBlocksFoundError(
+            "treadfx found repeated blocks ("
+            + "; ".join(f"{c.name}: {len(c)}" for c in chains)
+            + ") but none of them receives the image token stream. Fix: make sure the image (noisy latent) is the "
+            "first tensor argument of forward or name it with stream='<argument>', and that blocks take [B, N, D] tokens."
+        )
+    if len(image_chains) > 1:
+        raise AmbiguousChainError(
+            "the model has several chains of repeated blocks carrying image tokens: "
+            + "; ".join(f"{c.name!r} ({c.describe()})" for c in image_chains)
+            + ". Route indices would be ambiguous. Fix: pass chain='<name>' to transform()."
+        )
+    return image_chains[0]
+
+
+def image_input_index(prog: TracedProgram, config: TransformConfig) -> int:
+    """Position of the image (noisy latent) among the traced tensor inputs: 0, or the one named by ``config.stream``.
+
+    Raises StreamAnalysisError when ``stream=`` names no tensor input.
+    """
+    if config.stream is None:
+        return 0
+    names = prog.input_names
+    for k, name in enumerate(names):
+        if name == config.stream or name.split(".")[0] == config.stream:
+            return k
+    raise StreamAnalysisError(
+        f"stream={config.stream!r} names no tensor input of forward; its tensor inputs are {names}. "
+        "Fix: pass the name of the argument that carries the image (noisy latent)."
+    )

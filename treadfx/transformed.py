@@ -34,9 +34,8 @@ import torch.nn as nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .blocks import BlockCandidate, block_graph_hash, find_block_candidates
-from .chains import Chain, find_chains
+from .chains import Chain, find_chains, image_input_index, pick_chain
 from .errors import (
-    AmbiguousChainError,
     CompileTimeTraceError,
     NoBlocksFoundError,
     StreamAnalysisError,
@@ -46,7 +45,7 @@ from .errors import (
 from .fake_eval import autocast_cache_off, dtype_state, module_structure_key, rng_preserved
 from .live import LiveGuard, LiveProgram, check_inlined_hooks, make_live
 from .graph_walk import upstream
-from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
+from .layout import LayoutAnalysis, tensor_input_nodes
 from .ops import RouteSelect, num_kept
 from .planning import RoutePlan, plan_route
 from .routes import Route, resolve_routes
@@ -584,60 +583,6 @@ def _residual_sources(module: nn.Module, node) -> dict[int, int]:
     return result
 
 
-def _pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
-    def carries_image(c: Chain) -> bool:
-        for inp in tensor_input_nodes(c.nodes[0]):
-            info = analysis.token_info(inp)
-            if isinstance(info, TokenInfo) and info.has_image():
-                return True
-        return False
-
-    if config.chain is not None:
-        if isinstance(config.chain, int) and not isinstance(config.chain, bool):
-            if not 0 <= config.chain < len(chains):
-                raise AmbiguousChainError(
-                    f"chain={config.chain} but the model has {len(chains)} chains: "
-                    + "; ".join(f"{k}: {c.name} ({len(c)} blocks)" for k, c in enumerate(chains))
-                    + ". Fix: pass one of those indices or names."
-                )
-            return chains[config.chain]
-        for c in chains:
-            if c.name == config.chain or config.chain in c.name.split("+"):
-                return c
-        raise AmbiguousChainError(
-            f"chain={config.chain!r} names no chain; the model has: "
-            + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
-        )
-    image_chains = [c for c in chains if carries_image(c)]
-    if not image_chains:
-        raise NoBlocksFoundError(
-            "treadfx found repeated blocks ("
-            + "; ".join(f"{c.name}: {len(c)}" for c in chains)
-            + ") but none of them receives the image token stream. Fix: make sure the image (noisy latent) is the "
-            "first tensor argument of forward or name it with stream='<argument>', and that blocks take [B, N, D] tokens."
-        )
-    if len(image_chains) > 1:
-        raise AmbiguousChainError(
-            "the model has several chains of repeated blocks carrying image tokens: "
-            + "; ".join(f"{c.name!r} ({c.describe()})" for c in image_chains)
-            + ". Route indices would be ambiguous. Fix: pass chain='<name>' to transform()."
-        )
-    return image_chains[0]
-
-
-def _image_input_index(prog: TracedProgram, config: TransformConfig) -> int:
-    if config.stream is None:
-        return 0
-    names = prog.input_names
-    for k, name in enumerate(names):
-        if name == config.stream or name.split(".")[0] == config.stream:
-            return k
-    raise StreamAnalysisError(
-        f"stream={config.stream!r} names no tensor input of forward; its tensor inputs are {names}. "
-        "Fix: pass the name of the argument that carries the image (noisy latent)."
-    )
-
-
 def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
     """Trace, analyse, plan and rewrite for this call; raises TransformError subclasses with fixes.
 
@@ -671,9 +616,9 @@ def _build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) 
             f"({', '.join(c.path for c in st.candidates[:4])}...). Fix: check the forward, or name the blocks with "
             "leaf_modules=[...]."
         )
-    image_index = _image_input_index(prog, cfg)
+    image_index = image_input_index(prog, cfg)
     analysis = LayoutAnalysis(prog.gm, image_index, [n for c in chains for n in c.nodes], _block_carry_fn(prog))
-    chain = _pick_chain(chains, analysis, cfg)
+    chain = pick_chain(chains, analysis, cfg)
     spans = resolve_routes(cfg.routes, len(chain))
 
     def name_of(node) -> str:

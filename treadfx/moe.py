@@ -35,10 +35,13 @@ import torch.nn.functional as F
 __all__ = [
     "DiffMoELayer", "expert_capacity", "scheduled_capacity", "static_capacity_tokens", "diffmoe_layers",
     "diffmoe_loss", "diffmoe_stats", "DiffMoEStats", "LayerStats", "ffn_flops_per_token", "grouped_linear",
-    "grouped_mm_available", "static_capacity_check", "StaticCapacityCheck",
+    "grouped_mm_available", "static_capacity_check", "StaticCapacityCheck", "StaticLayerCheck",
+    "DEFAULT_STATIC_CAPACITY",
 ]
 
 EXPERT_IMPLS = ("grouped", "bmm", "loop")
+#: the static-capacity factor :func:`static_capacity_check` (and ``treadfx.inspect``) assumes for layers without one
+DEFAULT_STATIC_CAPACITY = 2.0
 INITS = ("official", "treadfx")
 
 
@@ -752,3 +755,152 @@ def diffmoe_stats(model: nn.Module, pools: dict[str, int] | None = None) -> Diff
         activated_params=other + sum(l.activated_params for l in layers),
         total_params=total,
     )
+
+
+# ---------------------------------------------------------------------------------------- static vs dynamic inference
+
+
+@dataclasses.dataclass
+class StaticLayerCheck:
+    """One call of a DiffMoE layer at inference, dynamic vs static capacity, on the same input.
+
+    FLOPs are forward FLOPs (2 per multiply-add, matmuls only) of the experts,
+    the shared expert, the router and the capacity predictor.
+    """
+
+    path: str
+    pool_tokens: int               # S
+    factor: float                  # static_capacity factor used
+    slots: int                     # C = static_capacity_tokens(S, E, capacity, factor) per expert
+    tokens_per_expert: list[int]   # k_e of the dynamic mode (tokens whose predictor score passed the threshold)
+    dropped: int                   # sum_e max(k_e - C, 0): tokens the static mode drops
+    dynamic_flops: int             # sum_e k_e experts' tokens (an eager dynamic forward; host sync per layer)
+    static_flops: int              # E * C expert slots, padding included (static shapes, fullgraph compile)
+    masked_flops: int              # E * S: every expert on every token (torch.compile without static_capacity)
+    max_abs_diff: float            # max |static - dynamic| of this layer's output on the same input
+
+
+@dataclasses.dataclass
+class StaticCapacityCheck:
+    """Static-capacity inference measured against the dynamic mode on given inputs (see :func:`static_capacity_check`)."""
+
+    layers: list[StaticLayerCheck]
+    max_abs_diff: float | None     # max |static - dynamic| over the floating-point tensors of the model output
+    dynamic_flops: int
+    static_flops: int
+    masked_flops: int
+    default_factor: bool           # True when some layer had no static_capacity and DEFAULT_STATIC_CAPACITY was used
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        diff = "n/a" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
+        dyn = self.dynamic_flops or 1
+        lines = [f"DiffMoE inference (eval, these inputs): FFN+router+predictor FLOPs dynamic "
+                 f"{self.dynamic_flops / 1e6:.3f} M, static capacity {self.static_flops / 1e6:.3f} M "
+                 f"({self.static_flops / dyn:.3f}x), masked compile {self.masked_flops / 1e6:.3f} M "
+                 f"({self.masked_flops / dyn:.3f}x); output max |static - dynamic| {diff}"
+                 + (f" (static_capacity={DEFAULT_STATIC_CAPACITY:g} assumed where unset)" if self.default_factor else "")]
+        for l in self.layers:
+            lines.append(f"  {l.path} pool {l.pool_tokens}: {l.slots} slots/expert (factor {l.factor:g}), "
+                         f"dynamic tokens/expert {l.tokens_per_expert}, dropped {l.dropped}, "
+                         f"FLOPs dynamic {l.dynamic_flops / 1e6:.3f} M / static {l.static_flops / 1e6:.3f} M, "
+                         f"max |diff| {l.max_abs_diff:.3g}")
+        return "\n".join(lines)
+
+
+def _float_leaves(value: Any) -> list[torch.Tensor]:
+    import torch.utils._pytree as pytree
+
+    if hasattr(value, "to_tuple") and callable(value.to_tuple):  # diffusers / transformers output classes
+        value = value.to_tuple()
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _inference_flops(m: DiffMoELayer, S: int, expert_tokens: int) -> int:
+    D, E = m.dim, m.num_experts
+    shared = S * m.ffn_flops_per_token if m.shared_expert is not None else 0
+    return expert_tokens * m.ffn_flops_per_token + shared + S * 2 * D * E + S * (2 * D * D + 2 * D * E)
+
+
+def static_capacity_check(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
+                          factor: float | None = None, forward: Any = None) -> StaticCapacityCheck | None:
+    """Run ``model`` at inference (eval, no grad) on ``args``/``kwargs`` in the dynamic mode and in the
+    static-capacity mode and compare them.
+
+    Each DiffMoE layer uses ``factor`` if given, else its own ``static_capacity``, else
+    :data:`DEFAULT_STATIC_CAPACITY`.  Per layer call: the slots ``C``, the dynamic ``k_e``, the tokens the
+    static mode drops, inference FLOPs of both modes (and of the masked compiled mode), and the max abs
+    difference of the layer's output when the static mode runs on the exact input the dynamic mode saw; for
+    the model, the max abs difference of its floating-point outputs.  ``forward`` (default ``model``) is
+    called as ``forward(*args, **kwargs)``.  Guarantees: training flags, ``static_capacity`` options and
+    each layer's record of its last forward (so :func:`diffmoe_loss`) are restored; parameters, buffers and
+    gradients are unchanged (no gradient is computed).  None when the model has no DiffMoE layer or an
+    input is a meta or fake tensor.
+    """
+    import torch.utils._pytree as pytree
+
+    kwargs = dict(kwargs or {})
+    layers = diffmoe_layers(model)
+    if not layers or any(isinstance(t, torch.Tensor) and _is_fake(t) for t in pytree.tree_leaves((args, kwargs))):
+        return None
+    run = forward if forward is not None else model
+    flags = [(mod, mod.training) for mod in model.modules()]
+    saved = [(lay, lay.static_capacity, lay._last) for _, lay in layers]
+    factors = {id(lay): float(factor if factor is not None else (
+        lay.static_capacity if lay.static_capacity is not None else DEFAULT_STATIC_CAPACITY)) for _, lay in layers}
+    calls: list[tuple[str, DiffMoELayer, torch.Tensor, tuple, dict, torch.Tensor, torch.Tensor]] = []
+    handles = []
+
+    def hook(path):
+        def record(mod, a, k, out):
+            if mod.static_capacity is None and a and isinstance(a[0], torch.Tensor):
+                calls.append((path, mod, a[0], tuple(a[1:]), dict(k), out, mod._last["counts"].clone()))
+        return record
+
+    try:
+        model.eval()
+        for path, lay in layers:
+            lay.static_capacity = None
+            handles.append(lay.register_forward_hook(hook(path), with_kwargs=True))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            dynamic = run(*args, **kwargs)
+            for h in handles:
+                h.remove()
+            handles = []
+            for _, lay in layers:
+                lay.static_capacity = factors[id(lay)]
+            static = run(*args, **kwargs)
+            checks = []
+            seen: dict[str, int] = {}
+            for path, lay, x, a, k, out, counts in calls:
+                n = seen[path] = seen.get(path, 0) + 1
+                y = lay(x, *a, **k)
+                S = x.numel() // x.shape[-1]
+                C = int(lay._last["slots"])
+                ke = [int(c) for c in counts.tolist()]
+                checks.append(StaticLayerCheck(
+                    path=path if n == 1 else f"{path} (call {n})", pool_tokens=S, factor=factors[id(lay)], slots=C,
+                    tokens_per_expert=ke, dropped=sum(max(c - C, 0) for c in ke),
+                    dynamic_flops=_inference_flops(lay, S, sum(ke)),
+                    static_flops=_inference_flops(lay, S, lay.num_experts * C),
+                    masked_flops=_inference_flops(lay, S, lay.num_experts * S),
+                    max_abs_diff=float((y.float() - out.float()).abs().max()) if y.numel() else 0.0))
+    finally:
+        for h in handles:
+            h.remove()
+        for lay, f, last in saved:
+            lay.static_capacity = f
+            lay._last = last
+        for mod, fl in flags:
+            mod.training = fl
+    dl, sl = _float_leaves(dynamic), _float_leaves(static)
+    diff = None
+    if dl and len(dl) == len(sl):
+        diff = max(float((a.float() - b.float()).abs().max()) if a.numel() else 0.0 for a, b in zip(dl, sl))
+    return StaticCapacityCheck(
+        layers=checks, max_abs_diff=diff,
+        dynamic_flops=sum(c.dynamic_flops for c in checks), static_flops=sum(c.static_flops for c in checks),
+        masked_flops=sum(c.masked_flops for c in checks),
+        default_factor=factor is None and any(lay.static_capacity is None for _, lay in layers))

@@ -89,6 +89,8 @@ class Report:
     trace_seconds: float
     token_map: str = ""
     diffmoe: Any = None  # DiffMoEStats of a training step (models converted with treadfx.diffmoe), else None
+    # StaticCapacityCheck: DiffMoE inference on these inputs, static-capacity vs dynamic mode, else None
+    diffmoe_inference: Any = None
     graph_code: str = dataclasses.field(repr=False, default="")
 
     @property
@@ -99,6 +101,7 @@ class Report:
         d = dataclasses.asdict(self)
         d.pop("graph_code", None)
         d["diffmoe"] = self.diffmoe.to_dict() if self.diffmoe is not None else None
+        d["diffmoe_inference"] = self.diffmoe_inference.to_dict() if self.diffmoe_inference is not None else None
         d["ideal_speedup"] = self.ideal_speedup
         return d
 
@@ -140,6 +143,8 @@ class Report:
         if self.diffmoe is not None:
             lines.append("  " + str(self.diffmoe).replace("\n", "\n  ") + "\n  (a training step: each expert takes k "
                          "tokens of the pool; FLOPs above include the experts, router and predictor)")
+        if self.diffmoe_inference is not None:
+            lines.append("  " + str(self.diffmoe_inference).replace("\n", "\n  "))
         lines.append(f"  trace + analysis + rewrite: {self.trace_seconds:.2f} s")
         return "\n".join(lines)
 
@@ -240,6 +245,15 @@ def _diffmoe_training_stats(m: nn.Module, prog: RoutedProgram):
     return diffmoe_stats(m, pools)
 
 
+def _diffmoe_inference_check(m: nn.Module, st: TreadState, args: tuple, kwargs: dict):
+    """DiffMoE static-capacity inference vs the dynamic mode on the inspect inputs (the dense forward, eval, no
+    grad), or None without DiffMoE layers or with meta/fake inputs; model state is restored."""
+    from .moe import static_capacity_check
+
+    return static_capacity_check(m, tuple(args), dict(kwargs),
+                                 forward=lambda *a, **k: st.original_forward(m, *a, **k))
+
+
 def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     """Analyse ``model`` on these example inputs and return (printable) :class:`Report`.
 
@@ -305,5 +319,6 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         trace_seconds=prog.trace_seconds,
         token_map=program_token_map(prog).describe() if prog.plans else "",
         diffmoe=_diffmoe_training_stats(m, prog),
+        diffmoe_inference=_diffmoe_inference_check(m, st, args, kwargs),
         graph_code=traced.gm.code,
     )

@@ -8,23 +8,55 @@ kept tokens it inserts a :class:`~treadfx.ops.RouteScatter` that restores the
 skipped tokens from the stream saved at route-out.  The kept indices of every
 route are appended to the graph outputs so the caller can record them.
 
-Pre-condition (``requires``): every node a plan names is in the graph.
-Post-condition (``ensures``): the graph lints, and every route's gathers and
-scatters read that route's indices.
+Use it through the ``torch.fx`` pass protocol: ``TreadPass(plans)(gm)`` runs
+``requires``, ``call`` and ``ensures`` and returns a ``PassResult``; the route
+ops it added are read back from the graph module (:func:`route_selects`).
+
+Metadata of inserted nodes: every node gets ``meta["val"]``, its fake value
+with routing active at the kept count the route was built with (a select's
+``[B, K]`` / ``[K]`` int64 indices, a gather's K-token tensor; a scatter
+stands for the value it restores, so it gets that node's value) and
+``meta["treadfx_scope"]`` of the block where its route begins (select,
+gathers) or ends (scatters), so :mod:`treadfx.live` treats route ops as code
+of the modules that call the blocks.  The two optional inputs
+``treadfx_keep`` (bool ``[B, N]``) and ``treadfx_step`` (int64 ``[]``) get
+the fake value they have when given.  Other nodes keep their traced (dense)
+values.
+
+Pre-condition (``requires``): every node a plan names is in the graph, and
+the stream and every tensor the pass gathers or scatters has ``meta["val"]``.
+Post-condition (``ensures``): the graph lints, every route's gathers and
+scatters read that route's own indices, and every inserted node has
+``meta["val"]``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from treadfx.layout import image_span
 from treadfx.ops import AutocastDisabled, RouteGather, RouteScatter, RouteSelect
 from treadfx.planning import RoutePlan
 
-__all__ = ["TreadPass"]
+__all__ = ["TreadPass", "route_selects", "select_name"]
+
+_INPUTS = ("treadfx_keep", "treadfx_step")
+
+
+def select_name(route_index: int) -> str:
+    """The submodule name of route ``route_index``'s RouteSelect in a rewritten graph module."""
+    return f"treadfx_route{route_index}_select"
+
+
+def route_selects(gm: fx.GraphModule, plans: Sequence[RoutePlan]) -> list[RouteSelect]:
+    """The RouteSelect op of each plan's route in ``gm`` (rewritten by :class:`TreadPass`), in plan order."""
+    return [gm.get_submodule(select_name(p.index)) for p in plans]
 
 
 class TreadPass(PassBase):
@@ -37,8 +69,6 @@ class TreadPass(PassBase):
         self.fp32_after_route = fp32_after_route
         self.forced = forced
         self.training = training
-        self.selects: list[RouteSelect] = []
-        self.touched: list[fx.Node] = []
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         nodes = set(graph_module.graph.nodes)
@@ -46,52 +76,76 @@ class TreadPass(PassBase):
             missing = [n.name for n in [plan.stream, *plan.region] if n not in nodes]
             if missing:
                 raise ValueError(f"TreadPass: plan {plan.index} names nodes not in this graph: {missing[:5]}")
+            touched = [plan.stream] + [d.node for d in plan.entering + plan.leaving if d.action != "pass"]
+            unvalued = [n.name for n in touched if not isinstance(n.meta.get("val"), torch.Tensor)]
+            if unvalued:
+                raise ValueError(f"TreadPass: plan {plan.index} routes nodes without a fake value "
+                                 f"(meta['val']): {unvalued[:5]}")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first_op):
             # optional inputs of every route: tokens that must stay, and the forward counter for seeded routes
-            self.keep_ph = graph.placeholder("treadfx_keep", default_value=None)
-            self.step_ph = graph.placeholder("treadfx_step", default_value=None)
+            keep_ph = graph.placeholder(_INPUTS[0], default_value=None)
+            step_ph = graph.placeholder(_INPUTS[1], default_value=None)
+        if self.plans:
+            ref = self.plans[0].stream.meta["val"]
+            with _fake_mode_of([ref]):
+                keep_ph.meta["val"] = torch.empty(ref.shape[0], self.plans[0].num_tokens, dtype=torch.bool,
+                                                  device=ref.device)
+                step_ph.meta["val"] = torch.empty((), dtype=torch.int64, device=ref.device)
         idx_nodes: dict[int, fx.Node] = {}
-        selects: dict[int, RouteSelect] = {}
         for plan in reversed(self.plans):
-            idx_nodes[plan.index], selects[plan.index] = self._rewrite(graph_module, plan)
-        self.selects = [selects[p.index] for p in self.plans]
-        output = next(n for n in graph_module.graph.nodes if n.op == "output")
+            idx_nodes[plan.index] = self._rewrite(graph_module, plan, keep_ph, step_ph)
+        output = next(n for n in graph.nodes if n.op == "output")
         outs = output.args[0]
         outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         output.args = (outs + tuple(idx_nodes[p.index] for p in self.plans),)
-        graph_module.graph.lint()
+        graph.lint()
         graph_module.recompile()
-        return PassResult(graph_module, True)
+        return PassResult(graph_module, True)  # at least the two optional inputs were added
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         graph_module.graph.lint()
         for node in graph_module.graph.nodes:
-            if node.op == "call_module" and str(node.target).startswith("treadfx_route"):
-                mod = graph_module.get_submodule(node.target)
-                if isinstance(mod, (RouteGather, RouteScatter)):
-                    idx = node.args[-1]
-                    if not (isinstance(idx, fx.Node) and isinstance(graph_module.get_submodule(idx.target), RouteSelect)):
-                        raise AssertionError(f"TreadPass: {node.name} does not read route indices")
+            if node.op == "placeholder" and node.target in _INPUTS and self.plans and "val" not in node.meta:
+                raise AssertionError(f"TreadPass: input {node.name} has no meta['val']")
+            if node.op != "call_module" or not str(node.target).startswith("treadfx_route"):
+                continue
+            if "val" not in node.meta:
+                raise AssertionError(f"TreadPass: {node.name} has no meta['val']")
+            mod = graph_module.get_submodule(node.target)
+            if isinstance(mod, (RouteGather, RouteScatter)):
+                route = node.meta["treadfx"][1]
+                idx = node.args[-1]
+                if not (isinstance(idx, fx.Node) and idx.op == "call_module" and idx.target == select_name(route)):
+                    raise AssertionError(f"TreadPass: {node.name} of route {route} does not read that route's "
+                                         f"indices ({select_name(route)}), but {idx}")
 
     # ------------------------------------------------------------------------------------------------
-    def _rewrite(self, gm: fx.GraphModule, plan: RoutePlan) -> tuple[fx.Node, RouteSelect]:
+    def _rewrite(self, gm: fx.GraphModule, plan: RoutePlan, keep_ph: fx.Node, step_ph: fx.Node) -> fx.Node:
         graph = gm.graph
         rset = set(plan.region)
         first = plan.chain.nodes[plan.start]
+        last = plan.chain.nodes[plan.end]
         i = plan.index
         per_sample = plan.selection == "per_sample"
         select = RouteSelect(i, plan.num_tokens, plan.num_keep, plan.order == "sorted", not per_sample,
                              seed=plan.route.seed)
         select.train(self.training)
         select.forced = self.forced
-        gm.add_submodule(f"treadfx_route{i}_select", select)
+        gm.add_submodule(select_name(i), select)
         with graph.inserting_before(first):
-            idx = graph.call_module(f"treadfx_route{i}_select", (plan.stream, self.keep_ph, self.step_ph))
-        self.touched.append(idx)
+            idx = graph.call_module(select_name(i), (plan.stream, keep_ph, step_ph))
+        _copy_scope(idx, first)
+        with _fake_mode_of([plan.stream.meta["val"]]):
+            forced = select.forced
+            select.forced = True  # the value with the route active, whatever the mode at build time
+            try:
+                idx.meta["val"] = select(plan.stream.meta["val"])
+            finally:
+                select.forced = forced
 
         order = {n: k for k, n in enumerate(graph.nodes)}
         for j, d in enumerate(d for d in plan.entering if d.action == "gather"):
@@ -107,7 +161,9 @@ class TreadPass(PassBase):
             with graph.inserting_before(first_user):
                 g = graph.call_module(name, (d.node, idx))
             g.meta["treadfx"] = ("gather", i, d.role)
-            self.touched.append(g)
+            _copy_scope(g, first)
+            with _fake_mode_of([d.node.meta["val"]]):
+                g.meta["val"] = op(d.node.meta["val"], idx.meta["val"])
             for u in users:
                 u.replace_input_with(d.node, g)
 
@@ -121,7 +177,8 @@ class TreadPass(PassBase):
             with graph.inserting_after(d.node):
                 s = graph.call_module(name, (d.node, plan.stream, idx))
             s.meta["treadfx"] = ("scatter", i, d.role)
-            self.touched.append(s)
+            s.meta["val"] = d.node.meta["val"]  # the scatter restores the value it replaces for the nodes after it
+            _copy_scope(s, last)
             for u in outside:
                 u.replace_input_with(d.node, s)
 
@@ -130,4 +187,16 @@ class TreadPass(PassBase):
             name = f"treadfx_route{i}_fp32_block"
             gm.add_submodule(name, AutocastDisabled(gm.get_submodule(nxt.target)))
             nxt.target = name
-        return idx, select
+        return idx
+
+
+def _copy_scope(node: fx.Node, block: fx.Node) -> None:
+    """The module-call scope (and stack trace, when recorded) of the block the route op is attributed to."""
+    for key in ("treadfx_scope", "stack_trace"):
+        if key in block.meta:
+            node.meta[key] = block.meta[key]
+
+
+def _fake_mode_of(values: list[Any]):
+    """The fake mode of these traced values (their graph's), or a fresh one when they are not fake."""
+    return detect_fake_mode(values) or FakeTensorMode(allow_non_fake_inputs=True)

@@ -12,7 +12,9 @@ from a batch-level token pool, with a capacity predictor for inference.
 """
 
 from .api import (
+    apply,
     clone_module_tree,
+    diffmoe,
     fixed_routes,
     force_routing,
     keep_tokens,
@@ -41,17 +43,19 @@ from .errors import (
     UntraceableForwardError,
 )
 from .moe import DiffMoELayer, DiffMoEStats, diffmoe_loss, diffmoe_stats
-from .passes.diffmoe import diffmoe
 from .loss import RouteLoss, route_loss, token_map
 from .report import Report, inspect
 from .schedule import RatioSchedule
 from .routes import Route
+from .config import DiffMoEConfig, TreadConfig
+from .method import DiffMoEMethod, Method, TreadMethod
 from .transformed import RouteRecord, is_transformed
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
+    "transform", "apply", "TreadConfig", "DiffMoEConfig", "Method", "TreadMethod", "DiffMoEMethod",
+    "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
     "original_class", "is_transformed", "Route", "RouteRecord", "inspect", "Report",
     "keep_tokens", "routing_guidance", "routing_step", "set_routing_step", "route_loss", "RouteLoss", "token_map", "RatioSchedule",
     "TransformError", "InvalidRatioError", "InvalidRouteError", "NoBlocksFoundError", "AmbiguousChainError",

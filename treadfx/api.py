@@ -9,71 +9,24 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .blocks import find_block_candidates
-from .errors import InvalidRouteError, LiveModelError, NoBlocksFoundError, TransformError
-from .routes import check_ratio, normalize_routes, resolve_routes
-from .transformed import (
-    RouteRecord,
-    TransformConfig,
-    TreadState,
-    _program_for,
-    is_transformed,
-    state_of,
-    tread_subclass,
-    unwrap,
-)
+from .config import DiffMoEConfig, TreadConfig
+from .errors import InvalidMoEConfigError, InvalidRouteError, TransformError
+from .method import apply
+from .routes import check_ratio
+from .transformed import RouteRecord, clone_module_tree, program_for, state_of, unwrap
 
 __all__ = [
-    "transform", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
+    "transform", "diffmoe", "apply", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
     "original_class", "keep_tokens", "routing_guidance",
 ]
 
 
-def clone_module_tree(root: nn.Module) -> nn.Module:
-    """A new module tree with the same classes, attributes, parameter and buffer *objects*.
-
-    Guarantees: ``clone.state_dict()`` has the same keys and the very same
-    tensors as ``root.state_dict()``; changing training flags, hooks or the
-    module structure of the clone leaves ``root`` untouched; modules shared
-    between two paths stay shared.
-    """
-    memo: dict[int, nn.Module] = {}
-
-    def clone(m: nn.Module) -> nn.Module:
-        hit = memo.get(id(m))
-        if hit is not None:
-            return hit
-        new = object.__new__(type(m))
-        memo[id(m)] = new
-        d = dict(m.__dict__)
-        d["_parameters"] = type(m._parameters)(m._parameters)
-        d["_buffers"] = type(m._buffers)(m._buffers)
-        if "_non_persistent_buffers_set" in d:
-            d["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
-        for k, v in list(d.items()):
-            if "hooks" in k and isinstance(v, dict):
-                d[k] = type(v)(v)
-        d["_modules"] = type(m._modules)((k, clone(c) if c is not None else None) for k, c in m._modules.items())
-        new.__dict__.update(d)
-        return new
-
-    return clone(root)
-
-
-def _attach(module: nn.Module, config: TransformConfig) -> nn.Module:
-    original = type(module)
-    candidates = find_block_candidates(module)
-    module.__class__ = tread_subclass(original)
-    module.__dict__["_treadfx"] = TreadState(config, original, candidates)
-    return module
-
-
 def transform(
     model: nn.Module,
+    *,
     start: int | None = None,
     end: int | None = None,
     ratio: float = 0.5,
-    *,
     routes: Sequence[Any] | None = None,
     chain: str | int | None = None,
     stream: str | None = None,
@@ -88,7 +41,7 @@ def transform(
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
 ) -> nn.Module:
-    """Return ``model`` with TREAD token routing during training.
+    """Return ``model`` with TREAD token routing during training: ``apply(model, TreadConfig(...))``.
 
     Guarantees: in eval mode (unless :func:`force_routing` is active) the
     result computes exactly the original forward; parameters and buffers are
@@ -96,83 +49,44 @@ def transform(
     not mutated unless ``inplace=True``; every invalid argument raises a
     :class:`~treadfx.TransformError` subclass before anything is changed.
 
-    ``start``/``end`` (inclusive, negatives from the end, default 2 and -4)
-    index the chain of repeated blocks; ``ratio`` is the fraction of image
-    tokens skipped.  ``routes=[(start, end, ratio), ...]`` or
-    :class:`~treadfx.Route` objects give several routes.  ``chain`` names the
-    chain when a model has several, ``stream`` names the forward argument that
-    carries the image tokens.  ``order``/``selection``/``seed`` set the
-    selection of every route given as a tuple (see :class:`~treadfx.Route`).
-    ``aux_loss=True`` derives the pixel->token mapping for
-    :func:`~treadfx.route_loss` at trace time (and reports it in ``inspect``);
-    ``mae_weight`` is that loss's default MAE weight.  Tracing happens on the
-    first training call for each input signature, or now if
-    ``example_inputs`` is given.
+    The routing arguments are the fields of :class:`~treadfx.TreadConfig`
+    (``start``/``end``/``ratio`` or ``routes``, ``chain``, ``stream``,
+    ``order``, ``selection``, ``seed``, ``fp32_after_route``, ``aux_loss``,
+    ``mae_weight``, ``leaf_modules``).  Tracing happens on the first training
+    call for each input signature, or now if ``example_inputs`` is given.
     """
-    if not isinstance(model, nn.Module):
-        raise TransformError(f"transform() needs a torch.nn.Module, got {type(model).__name__}. Fix: pass the model.")
-    if is_transformed(unwrap(model)):
-        raise TransformError(
-            "this model is already transformed by treadfx. Fix: transform the original model, or change routing "
-            "with treadfx.set_ratio / force_routing."
-        )
-    nested = next((name for name, sub in model.named_modules() if name and is_transformed(sub)), None)
-    if nested is not None:
-        raise LiveModelError(
-            f"`{nested}` inside this {type(model).__name__} is already a treadfx-transformed model; transforming "
-            "the outer module would route twice. Fix: transform only one of them (usually the backbone), or "
-            f"pass the original module instead of `{nested}`."
-        )
-    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or hasattr(model, "_orig_mod"):
-        raise TransformError(
-            f"transform() got a {type(model).__name__} wrapper. Fix: transform the bare model first, then wrap it "
-            "(DDP / FSDP / torch.compile)."
-        )
-    check_ratio(ratio)
-    if isinstance(mae_weight, bool) or not isinstance(mae_weight, (int, float)) or mae_weight < 0:
-        raise TransformError(f"mae_weight={mae_weight!r} must be a number >= 0. Fix: 0 (off) or e.g. 0.1.")
-    route_specs = normalize_routes(routes, start, end, ratio, order, selection, seed)
-    for path in leaf_modules:
-        try:
-            model.get_submodule(path)
-        except AttributeError as e:
-            raise TransformError(f"leaf_modules names {path!r}, which is not a submodule of the model. Fix: {e}") from e
-    candidates = find_block_candidates(model)
-    if not candidates:
-        raise NoBlocksFoundError(
-            f"{type(model).__name__} has no repeated blocks: no ModuleList/Sequential holds two or more submodules "
-            "of the same class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, diffusers and timm do)."
-        )
-    upper = _expected_chain_length(candidates, chain)
-    for k, r in enumerate(route_specs):
-        for name in ("start", "end"):
-            v = getattr(r, name)
-            if v >= upper or v < -upper:
-                raise InvalidRouteError(
-                    f"route {k} {name}={v} is out of range: the model has {upper} repeated blocks "
-                    f"({candidates[0].path} ... {candidates[-1].path}), so valid indices are {-upper}..{upper - 1}. "
-                    f"Fix: choose {name} inside the chain; negative indices count from the end."
-                )
-    resolve_routes(route_specs, upper)  # order, overlap and start <= end, before the model is touched
-    config = TransformConfig(
-        routes=route_specs, chain=chain, stream=stream, fp32_after_route=fp32_after_route,
-        leaf_modules=tuple(leaf_modules), aux_loss=bool(aux_loss), mae_weight=float(mae_weight),
-    )
-    target = model if inplace else clone_module_tree(model)
-    out = _attach(target, config)
-    if example_inputs is not None:
-        prepare(out, *example_inputs, **(example_kwargs or {}))
-    return out
+    config = TreadConfig(start=start, end=end, ratio=ratio, routes=routes, chain=chain, stream=stream, order=order,
+                         selection=selection, fp32_after_route=fp32_after_route, seed=seed, aux_loss=aux_loss,
+                         mae_weight=mae_weight, leaf_modules=tuple(leaf_modules))
+    return apply(model, config, inplace=inplace, example_inputs=example_inputs, example_kwargs=example_kwargs)
 
 
-def _expected_chain_length(candidates: list, chain: str | int | None) -> int:
-    """Blocks in the chain routes index, as far as the module tree tells (the trace confirms it later)."""
-    if isinstance(chain, str):
-        names = chain.split("+")
-        picked = [c for c in candidates if c.container in names or c.path.rsplit(".", 1)[0] in names]
-        if picked:
-            return len(picked)
-    return len(candidates)
+def diffmoe(model: nn.Module, *, inplace: bool = False, example_inputs: tuple | None = None,
+            example_kwargs: dict | None = None, **options: Any) -> nn.Module:
+    """Return ``model`` with the FFN of its repeated blocks replaced by DiffMoE layers:
+    ``apply(model, DiffMoEConfig(**options))``.
+
+    Guarantees: every invalid argument, a model without repeated blocks, and
+    a block whose FFN cannot be identified raise a
+    :class:`~treadfx.TransformError` subclass before anything is changed;
+    ``model`` is not mutated unless ``inplace=True`` (otherwise the result is
+    a ``copy.deepcopy``); with ``interleave=True`` blocks 1, 3, 5, ... (0-based,
+    module order) are converted and the others stay dense, else every block;
+    each expert is a deep copy of the block's FFN with relative Gaussian noise
+    ``noise_std * std(weight)`` added to each weight (``seed`` fixes it), so
+    with ``num_experts=1``, ``capacity=1``, ``noise_std=0`` a training forward
+    equals the dense model's.  Works on a ``treadfx.transform``-ed model too
+    (its traced-program cache is cleared).  ``example_inputs`` lets the FFN
+    finder trace each block on its real input signature.  The options are the
+    fields of :class:`~treadfx.DiffMoEConfig` (see ``docs/diffmoe.md``).
+    """
+    fields = {f.name for f in dataclasses.fields(DiffMoEConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise InvalidMoEConfigError(f"diffmoe() got unknown option(s) {unknown}. Fix: use the fields of "
+                                    f"treadfx.DiffMoEConfig: {', '.join(sorted(fields))}.")
+    return apply(model, DiffMoEConfig(**options), inplace=inplace, example_inputs=example_inputs,
+                 example_kwargs=example_kwargs)
 
 
 def original_class(model: nn.Module) -> type:
@@ -189,9 +103,9 @@ def prepare(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     m = unwrap(model)
     st = state_of(m)
     if st.active(m.training):
-        prog = _program_for(m, st, tuple(args), dict(kwargs))
+        prog = program_for(m, st, tuple(args), dict(kwargs))
         st.current = prog
-        st._sync(prog)
+        st.sync(prog)
         st.prime(prog, tuple(args), dict(kwargs))
     return model
 

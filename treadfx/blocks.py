@@ -2,19 +2,17 @@
 
 The module tree is the strongest signal: a ``ModuleList`` / ``Sequential`` /
 ``ModuleDict`` holding two or more composite children of the same class (the
-same idea diffusers uses for regional compilation).  Structural sameness is
-confirmed per block with a Weisfeiler-Lehman hash (networkx) of the block's own
-FX graph, so a container of same-class blocks whose forwards differ (U-ViT's
-skip blocks) is reported as two kinds, and same-structure blocks of different
-classes are recognised as one kind.
+same idea diffusers uses for regional compilation).  Each block is labelled
+with a Weisfeiler-Lehman hash (networkx) of its own FX graph, its *kind*: a
+container of same-class blocks whose forwards differ (U-ViT's skip blocks) is
+reported as two kinds, and same-structure blocks of different classes as one.
+The hash labels blocks for reports; it does not decide what is a block.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Iterable
-
 import networkx as nx
 import torch.fx as fx
 import torch.nn as nn
@@ -42,7 +40,7 @@ def _is_composite(m: nn.Module) -> bool:
     return any(True for _ in m.children())
 
 
-def find_block_candidates(model: nn.Module, extra_leaves: Iterable[nn.Module] = ()) -> list[BlockCandidate]:
+def find_block_candidates(model: nn.Module) -> list[BlockCandidate]:
     """All modules that look like repeated blocks, in module-tree order.
 
     Guarantees: a candidate is never inside another candidate; every child of a
@@ -51,7 +49,6 @@ def find_block_candidates(model: nn.Module, extra_leaves: Iterable[nn.Module] = 
     """
     found: list[BlockCandidate] = []
     block_classes: set[type] = set()
-    extra = {id(m) for m in extra_leaves}
 
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, _CONTAINERS):
@@ -74,13 +71,13 @@ def find_block_candidates(model: nn.Module, extra_leaves: Iterable[nn.Module] = 
 
     visit(model, "")
     taken = {id(c.module) for c in found}
-    # singletons of a block class (U-ViT mid block) and user-declared leaves
+    # singletons of a block class (U-ViT mid block)
     for path, module in model.named_modules():
         if not path or id(module) in taken:
             continue
         if any(path.startswith(c.path + ".") for c in found):
             continue
-        if type(module) in block_classes or id(module) in extra:
+        if type(module) in block_classes:
             found.append(BlockCandidate(path, module, ""))
             taken.add(id(module))
     order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}

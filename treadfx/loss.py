@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from .errors import TransformError
-from .patch_map import TokenMap, derive_token_map
+from .patch_map import TokenMap
 from .transformed import RoutedProgram, state_of
 
 __all__ = ["RouteLoss", "route_loss", "token_map"]
@@ -47,17 +47,7 @@ def token_map(model) -> TokenMap:
             "treadfx has not traced this model yet, so it does not know how pixels map to tokens. Fix: run one "
             "training forward first (or treadfx.prepare(model, *example_inputs))."
         )
-    return program_token_map(prog)
-
-
-def program_token_map(prog: RoutedProgram) -> TokenMap:
-    """The pixel->token map of a routed program, derived once from its patch embedding and cached on it."""
-    tm = getattr(prog, "token_map", None)
-    if tm is None:
-        plan = prog.plans[0]
-        tm = derive_token_map(prog.gm, prog.analysis, plan.stream, plan.stream_info)
-        prog.token_map = tm
-    return tm
+    return prog.token_map()
 
 
 def _norm_pix_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -99,7 +89,7 @@ def route_loss(model, loss_map: torch.Tensor, *, pred: torch.Tensor | None = Non
         mean = loss_map.float().mean()
         return RouteLoss(mean, mean, torch.zeros((), device=mean.device) if weight else None, [], False)
     masks = _skipped_masks(prog, st.last_kept, loss_map.shape[0])
-    tmap = program_token_map(prog)
+    tmap = prog.token_map()
     per_token = tmap.per_token(loss_map)
     if not masks:
         mean = per_token.mean()

@@ -19,11 +19,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .api import transform
 from .fake_eval import _meta_key, autocast_cache_off, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
-from .loss import program_token_map
-from .transformed import RoutedProgram, TreadState, _program_for, is_transformed, state_of, unwrap
+from .transformed import RoutedProgram, TreadState, is_transformed, program_for, state_of, unwrap
 
 __all__ = ["Report", "RouteReport", "inspect"]
 
@@ -131,7 +131,7 @@ class Report:
             )
             lines.append(f"    selection: {r.selection} ({r.selection_reason})")
             lines.append(f"    order:     {r.order} ({r.order_reason})")
-            lines.append(f"    random:    " + ("torch global RNG" if r.seed is None else f"counter-based hash, seed {r.seed}"))
+            lines.append("    random:    " + ("torch global RNG" if r.seed is None else f"counter-based hash, seed {r.seed}"))
             for t in r.tensors:
                 lay = f" {t.layout} axis {t.axis}" if t.layout else ""
                 lines.append(f"    {t.action:<7} {t.name}: {t.role}{lay} -- {t.reason}")
@@ -174,10 +174,8 @@ _NODE_FLOPS: dict[Any, int] = {}  # process-wide: (structure, input metadata) ->
 
 
 def _dense_value(n: fx.Node) -> Any:
-    """The value a node has without routing (route ops are looked through to their input)."""
-    while "treadfx" in n.meta and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n.meta.get("val")
+    """The value a node has without routing: a gather's is its input's (route ops record their routed value)."""
+    return (n.args[0] if n.meta.get("treadfx", ("",))[0] == "gather" else n).meta.get("val")
 
 
 def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
@@ -261,14 +259,12 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     one (analysed with the paper default route, blocks 2..depth-4, ratio 0.5).
     The model's mode, parameters and gradients are left as they were.
     """
-    from .api import transform
-
     m = unwrap(model)
     if not is_transformed(m):
         m = transform(m)
     st = state_of(m)
     with _train_mode(m), autocast_cache_off():
-        prog = _program_for(m, st, tuple(args), dict(kwargs))
+        prog = program_for(m, st, tuple(args), dict(kwargs))
         traced = prog.traced
         ev = traced.evaluator
         dense = fwd_bwd_flops(ev, lambda *a, **k: st.original_forward(m, *a, **k), tuple(args), dict(kwargs),
@@ -317,7 +313,7 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         routed_flops=routed,
         predicted_routed_flops=predicted,
         trace_seconds=prog.trace_seconds,
-        token_map=program_token_map(prog).describe() if prog.plans else "",
+        token_map=prog.token_map().describe() if prog.plans else "",
         diffmoe=_diffmoe_training_stats(m, prog),
         diffmoe_inference=_diffmoe_inference_check(m, st, args, kwargs),
         graph_code=traced.gm.code,

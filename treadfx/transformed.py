@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect as _inspect
 import threading
-import time
 import warnings
 from typing import Any, Callable
 
@@ -33,39 +31,23 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .blocks import BlockCandidate, block_graph_hash, find_block_candidates
-from .chains import Chain, find_chains, image_input_index, pick_chain
-from .errors import (
-    CompileTimeTraceError,
-    NoBlocksFoundError,
-    StreamAnalysisError,
-    TokenCountError,
-    TransformError,
-)
-from .fake_eval import autocast_cache_off, dtype_state, module_structure_key, rng_preserved
-from .live import LiveGuard, LiveProgram, check_inlined_hooks, make_live
-from .graph_walk import upstream
-from .layout import LayoutAnalysis, tensor_input_nodes
-from .ops import RouteSelect, num_kept
-from .planning import RoutePlan, plan_route
-from .routes import Route, resolve_routes
-from .tracing import TRACE_LOCK, TracedProgram, flatten_call, signature_of, trace
-from .equivariance import make_order_probe
+from .blocks import BlockCandidate, find_block_candidates
+from .config import TransformConfig
+from .errors import CompileTimeTraceError, TokenCountError, TransformError
+from .fake_eval import dtype_state
+from .live import LiveGuard, LiveProgram
+from .ops import num_kept
+from .patch_map import TokenMap, derive_token_map
+from .pipeline import BuildRequest, Built, build, forward_arg_names
+from .planning import RoutePlan
+# _leaf_names/_readable: tracing.py exposes no public names for them yet
+from .data_guards import run_guarded
+from .tracing import _leaf_names, _readable, flatten_call, signature_of
 
-__all__ = ["TransformConfig", "TreadState", "RoutedProgram", "TreadModule", "is_transformed", "state_of"]
-
-
-@dataclasses.dataclass
-class TransformConfig:
-    """The validated arguments of ``transform`` (routes and options), shared by every traced graph of the model."""
-
-    routes: tuple[Route, ...]
-    chain: str | int | None = None
-    stream: str | None = None
-    fp32_after_route: bool = False
-    leaf_modules: tuple[str, ...] = ()
-    aux_loss: bool = False
-    mae_weight: float = 0.0
+__all__ = [
+    "TransformConfig", "TreadState", "RoutedProgram", "RouteRecord", "TreadModule", "is_transformed", "state_of",
+    "unwrap", "attach", "program_for", "tread_subclass", "clone_module_tree",
+]
 
 
 @dataclasses.dataclass
@@ -88,7 +70,7 @@ class RouteRecord:
 
 
 class RoutedProgram:
-    """A traced, route-rewritten graph for one input signature and mode.
+    """A traced, route-rewritten graph for one input signature and mode, as :func:`treadfx.pipeline.build` made it.
 
     ``gm`` is the analysis graph (every module inlined, route ops inserted:
     what ``inspect`` and the loss helpers read); ``live`` is what runs: the same
@@ -96,31 +78,35 @@ class RoutedProgram:
     on the model (see :mod:`treadfx.live`), guarded by ``guard``.
     """
 
-    def __init__(self, traced: TracedProgram, plans: list[RoutePlan], selects: list[RouteSelect],
-                 chain: Chain, chains: list[Chain], analysis: LayoutAnalysis, trace_seconds: float,
-                 original_gm_code: str):
-        self.traced = traced
-        self.gm = traced.gm
-        self.plans = plans
-        self.selects = selects
-        self.chain = chain
-        self.chains = chains
-        self.analysis = analysis
-        self.n_outputs = len(traced.out_tensor_positions)
-        self.trace_seconds = trace_seconds
-        self.original_code = original_gm_code
+    def __init__(self, built: Built):
+        self.traced = built.traced
+        self.gm = built.traced.gm
+        self.plans = built.plans
+        self.selects = built.selects
+        self.chain = built.chain
+        self.chains = built.chains
+        self.analysis = built.analysis
+        self.n_outputs = len(built.traced.out_tensor_positions)
+        self.trace_seconds = built.seconds
+        self.original_code = built.original_code
         self.shapes = tuple(
             (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else (None, float)
-            for t in (traced.fake_inputs or [])
+            for t in (built.traced.fake_inputs or [])
         )
-        self.seeded = any(s.seed is not None for s in selects)
-        self.token_map = None
-        self.live: LiveProgram | None = None
-        self.guard: LiveGuard | None = None
+        self.seeded = any(s.seed is not None for s in built.selects)
+        self._token_map: TokenMap | None = built.token_map
+        self.live: LiveProgram = built.live
+        self.guard: LiveGuard = built.guard
+
+    def token_map(self) -> TokenMap:
+        """The pixel->token map of this program, derived once from its patch embedding (never raises)."""
+        if self._token_map is None:
+            plan = self.plans[0]
+            self._token_map = derive_token_map(self.gm, self.analysis, plan.stream, plan.stream_info)
+        return self._token_map
 
     def matches(self, args: tuple, kwargs: dict) -> bool:
-        from .tracing import flatten_call
-
+        """The call has this program's input shapes, dtypes and guarded float values."""
         leaves, _ = flatten_call(args, kwargs)
         inputs = [leaves[i] for i in self.traced.tensor_positions if i < len(leaves)]
         if len(inputs) != len(self.shapes):
@@ -138,27 +124,27 @@ class RoutedProgram:
         return all(leaves[pos] == v for pos, v in self.traced.value_guards.items())
 
     def run(self, state: "TreadState", args: tuple, kwargs: dict):
-        from .tracing import flatten_call
-
+        """Run the live graph on this call and record the kept indices (the graph's extra outputs)."""
         leaves, _ = flatten_call(args, kwargs)
         inputs = [leaves[i] for i in self.traced.tensor_positions]
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         keep = state.keep_mask(self, tensors)
         step = state.step_counter(tensors) if self.seeded else None
-        gm = self.live.gm if self.live is not None else self.gm
-        outs = gm(*inputs, keep, step)
+        outs = self.live.gm(*inputs, keep, step)
         if step is not None:
             step.add_(1)
-        user, kept = outs[: self.n_outputs], outs[self.n_outputs:]
-        state.record(self, list(kept))
+        user, extra = outs[: self.n_outputs], outs[self.n_outputs:]
+        state.method.runtime_outputs(state, self, list(extra))
         return self.traced.unflatten_outputs(user)
 
 
 class TreadState:
     """Per-transformed-model state, kept out of the module tree (never in state_dict)."""
 
-    def __init__(self, config: TransformConfig, original_class: type, candidates: list[BlockCandidate]):
+    def __init__(self, config: TransformConfig, original_class: type, candidates: list[BlockCandidate],
+                 method: Any = None):
         self.config = config
+        self.method = method  # the treadfx.method.Method that attached this state (consumes graph extra outputs)
         self.original_class = original_class
         self.original_forward: Callable = original_class.forward
         self.candidates = candidates
@@ -190,9 +176,7 @@ class TreadState:
         """The active keep mask as [B, N] bool image-token mask, or None."""
         if self.keep is None:
             return None
-        from .loss import program_token_map
-
-        mask = program_token_map(prog).per_token(self.keep, reduce="any")
+        mask = prog.token_map().per_token(self.keep, reduce="any")
         if not torch.compiler.is_compiling():
             most = int(mask.sum(dim=1).max()) if mask.numel() else 0
             for plan, sel in zip(prog.plans, prog.selects):
@@ -207,8 +191,6 @@ class TreadState:
     def prime(self, prog: "RoutedProgram", args: tuple, kwargs: dict) -> None:
         """Create per-device state eagerly, so that a compiled forward never creates it."""
         if prog.seeded:
-            from .tracing import flatten_call
-
             leaves, _ = flatten_call(args, kwargs)
             tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
             with torch._subclasses.fake_tensor.unset_fake_temporarily():  # fake args come from torch.compile
@@ -237,7 +219,7 @@ class TreadState:
             v.fill_(int(step))
 
     def __deepcopy__(self, memo):
-        new = TreadState(self.config, self.original_class, [])
+        new = TreadState(self.config, self.original_class, [], self.method)
         new.base_step = self.routing_step()
         new.forced, new.forced_ratio = self.forced, self.forced_ratio
         memo[id(self)] = new
@@ -261,9 +243,10 @@ class TreadState:
     def sync_selects(self) -> None:
         """Push ratios / forced flags / fixed indices into every built program's route ops."""
         for prog in self.programs_iter():
-            self._sync(prog)
+            self.sync(prog)
 
-    def _sync(self, prog: RoutedProgram) -> None:
+    def sync(self, prog: RoutedProgram) -> None:
+        """Push the ratio, forced flag and fixed indices of each route into this program's route ops."""
         for plan, sel in zip(prog.plans, prog.selects):
             sel.num_keep = num_kept(plan.num_tokens, self.ratio_of(plan.index))
             sel.forced = self.forced
@@ -290,6 +273,37 @@ def _check_fixed(kept: torch.Tensor, plan: RoutePlan) -> None:
             f"fixed kept indices for route {plan.index} have shape {shape}: a route must keep between 1 and {n} of "
             f"the {n} image tokens, as {form}. Fix: pass K >= 1 integer indices below {n}."
         )
+
+
+def clone_module_tree(root: nn.Module) -> nn.Module:
+    """A new module tree with the same classes, attributes, parameter and buffer *objects*.
+
+    Guarantees: ``clone.state_dict()`` has the same keys and the very same
+    tensors as ``root.state_dict()``; changing training flags, hooks or the
+    module structure of the clone leaves ``root`` untouched; modules shared
+    between two paths stay shared.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        hit = memo.get(id(m))
+        if hit is not None:
+            return hit
+        new = object.__new__(type(m))
+        memo[id(m)] = new
+        d = dict(m.__dict__)
+        d["_parameters"] = type(m._parameters)(m._parameters)
+        d["_buffers"] = type(m._buffers)(m._buffers)
+        if "_non_persistent_buffers_set" in d:
+            d["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        for k, v in list(d.items()):
+            if "hooks" in k and isinstance(v, dict):
+                d[k] = type(v)(v)
+        d["_modules"] = type(m._modules)((k, clone(c) if c is not None else None) for k, c in m._modules.items())
+        new.__dict__.update(d)
+        return new
+
+    return clone(root)
 
 
 def is_transformed(model: nn.Module) -> bool:
@@ -348,8 +362,8 @@ class TreadModule(LazyModuleMixin):
     def _infer_parameters(self, module, args, kwargs=None):
         st: TreadState = self.__dict__["_treadfx"]
         if st.active(self.training):
-            st.current = _program_for(self, st, tuple(args), dict(kwargs or {}))
-            st._sync(st.current)
+            st.current = program_for(self, st, tuple(args), dict(kwargs or {}))
+            st.sync(st.current)
             st.prime(st.current, tuple(args), dict(kwargs or {}))
 
     def forward(self, *args, **kwargs):
@@ -366,10 +380,10 @@ class TreadModule(LazyModuleMixin):
                     "treadfx.prepare(model, *example_inputs) before compiling a module that contains it."
                 )
             return prog.run(st, args, kwargs)
-        prog = _program_for(self, st, args, kwargs)
+        prog = program_for(self, st, args, kwargs)
         st.current = prog
-        st._sync(prog)
-        return prog.run(st, args, kwargs)
+        st.sync(prog)
+        return run_guarded(self, st, prog, args, kwargs)  # retraces when a value it specialised on changed
 
     def compile(self, *args, **kwargs) -> None:
         """In-place ``torch.compile`` (like ``nn.Module.compile``) that prepares each new signature eagerly first."""
@@ -394,7 +408,7 @@ class TreadModule(LazyModuleMixin):
         st: TreadState = self.__dict__["_treadfx"]
         plain = object.__new__(st.original_class)
         plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_treadfx"})
-        return (_rebuild, (plain, st.config, st.routing_step()))
+        return (_rebuild, (plain, st.config, st.routing_step(), st.method))
 
     def extra_repr(self) -> str:
         st: TreadState = self.__dict__["_treadfx"]
@@ -403,16 +417,29 @@ class TreadModule(LazyModuleMixin):
         return (base + ", " if base else "") + f"treadfx routes=[{routes}]"
 
 
-def _rebuild(plain: nn.Module, config: TransformConfig, step: int = 0) -> nn.Module:
-    from .api import _attach
-
-    out = _attach(plain, config)
+def _rebuild(plain: nn.Module, config: TransformConfig, step: int, method: Any) -> nn.Module:
+    out = attach(plain, config, method=method)
     out.__dict__["_treadfx"].base_step = step
     return out
 
 
+def attach(module: nn.Module, config: TransformConfig, candidates: list[BlockCandidate] | None = None, *,
+           method: Any) -> nn.Module:
+    """Make ``module`` (in place) a transformed model with this resolved config; returns it.
+
+    Its class becomes :func:`tread_subclass` of its own class and its state a
+    fresh :class:`TreadState` (``method`` consumes the routed graphs' extra
+    outputs); parameters, buffers and submodules are untouched.
+    """
+    original = type(module)
+    if candidates is None:
+        candidates = find_block_candidates(module)
+    module.__class__ = tread_subclass(original)
+    module.__dict__["_treadfx"] = TreadState(config, original, candidates, method)
+    return module
+
+
 _SUBCLASSES: dict[type, type] = {}
-_HASHES: dict[Any, str] = {}  # module structure -> WL hash (same structure, same code path, same graph)
 
 
 def tread_subclass(cls: type) -> type:
@@ -427,7 +454,7 @@ def tread_subclass(cls: type) -> type:
     return sub
 
 
-# ------------------------------------------------------------------------------------------ building
+# ------------------------------------------------------------------------------------------ program cache
 
 
 def _mode_key(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> tuple:
@@ -441,8 +468,9 @@ MAX_VALUE_VARIANTS = 4
 _RETRACE_WARN_AFTER = 3
 
 
-def _program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
-    """The routed program for this call: cached, guarded, retraced when the model or a guarded value changed."""
+def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
+    """The routed program for this call: cached, guarded, built (:func:`treadfx.pipeline.build`) when new or
+    when the model or a guarded value changed."""
     key = _mode_key(model, st, args, kwargs)
     progs = st.programs.get(key)
     reason = None
@@ -458,7 +486,9 @@ def _program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) ->
             progs.pop(i)
             _note_retrace(st, key, reason)
             break
-    prog = build_program(model, st, args, kwargs)
+    req = BuildRequest(model, st.config, st.original_forward, args, kwargs, st.candidates, st.forced)
+    prog = RoutedProgram(build(req))
+    st.candidates = req.candidates  # found by the first build of a copy
     progs = st.programs.setdefault(key, [])
     progs.append(prog)
     if len(progs) > MAX_VALUE_VARIANTS:
@@ -496,188 +526,10 @@ def _warn_once(st: TreadState, key: Any, message: str) -> None:
 
 def _changing_constants(model: nn.Module, st: TreadState, sig: Any) -> str:
     """Name the non-tensor arguments whose values differ between the cached signatures."""
-    from .tracing import _leaf_names, _readable
-
     others = [k[0] for k in st.programs if k[0].spec == sig.spec and k[0] is not sig]
     differing = sorted({i for o in others for i, (a, b) in enumerate(zip(o.leaves, sig.leaves))
                         if a != b and a[0] == "C"})
     if not differing:
         return "input shapes keep changing."
-    names = [_readable(n, _forward_arg_names(st.original_forward)) for n in _leaf_names(sig.spec, len(sig.leaves))]
+    names = [_readable(n, forward_arg_names(st.original_forward)) for n in _leaf_names(sig.spec, len(sig.leaves))]
     return "the value of argument(s) " + ", ".join(f"`{names[i]}`" for i in differing) + " keeps changing."
-
-
-def _forward_arg_names(fn: Callable) -> list[str]:
-    try:
-        params = list(_inspect.signature(fn).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def _block_carry_fn(prog: TracedProgram):
-    """Maps a block call's outputs to the inputs they carry (same shape; residual path when ambiguous)."""
-    cache: dict[Any, dict[int, int]] = {}
-
-    def carry(node) -> dict[int, Any]:
-        value = node.meta.get("val")
-        outs = list(value) if isinstance(value, (tuple, list)) else [value]
-        ins = []
-        for n in tensor_input_nodes(node):
-            if n not in ins:
-                ins.append(n)
-        result: dict[int, Any] = {}
-        ambiguous: list[int] = []
-        for j, o in enumerate(outs):
-            if not isinstance(o, torch.Tensor) or o.ndim < 2:
-                continue
-            matches = [i for i in ins if isinstance(i.meta.get("val"), torch.Tensor) and
-                       tuple(i.meta["val"].shape) == tuple(o.shape)]
-            if len(matches) == 1:
-                result[j] = matches[0]
-            elif len(matches) > 1:
-                ambiguous.append(j)
-        if ambiguous:
-            module = prog.gm.get_submodule(node.target)
-            key = (module_structure_key(module), tuple(
-                (tuple(i.meta["val"].shape), str(i.meta["val"].dtype)) for i in ins
-                if isinstance(i.meta.get("val"), torch.Tensor)))
-            if key not in cache:
-                cache[key] = _residual_sources(module, node)
-            flat = tensor_input_nodes(node)
-            for j in ambiguous:
-                src = cache[key].get(j)
-                if src is not None and src < len(flat):
-                    result[j] = flat[src]
-        return result
-
-    return carry
-
-
-def _residual_sources(module: nn.Module, node) -> dict[int, int]:
-    """For each output of a block: the single input reached by a same-shape (residual) path inside it."""
-    import torch.fx as fx
-
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-    try:
-        inner = trace(module, type(module).forward, tuple(args), dict(kwargs), leaves=[])
-    except TransformError:
-        return {}
-    phs = [n for n in inner.gm.graph.nodes if n.op == "placeholder"]
-    ph_index = {p: k for k, p in enumerate(phs)}
-    output = next(n for n in inner.gm.graph.nodes if n.op == "output")
-    result = {}
-    for j, out_node in enumerate(output.args[0]):
-        if not isinstance(out_node, fx.Node):
-            continue
-        shape = tuple(out_node.meta["val"].shape)
-
-        def same_shape(n: fx.Node, shape=shape) -> bool:
-            v = n.meta.get("val")
-            return isinstance(v, torch.Tensor) and tuple(v.shape) == shape
-
-        reached = {ph_index[n] for n in upstream([out_node], expand=same_shape) if n in ph_index and same_shape(n)}
-        if len(reached) == 1:
-            pos = inner.out_tensor_positions[j] if j < len(inner.out_tensor_positions) else j
-            result[pos] = next(iter(reached))
-    return result
-
-
-def build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
-    """Trace, analyse, plan and rewrite for this call; raises TransformError subclasses with fixes.
-
-    Safe inside ``torch.autocast``: the analysis leaves nothing in autocast's cast cache.
-    """
-    with TRACE_LOCK, autocast_cache_off(), rng_preserved((args, kwargs)):
-        return _build_program(model, st, args, kwargs)
-
-
-def _build_program(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
-    from treadfx.passes.tread import TreadPass
-
-    t0 = time.perf_counter()
-    cfg = st.config
-    if not st.candidates:
-        st.candidates = find_block_candidates(model)
-    leaves = [c.module for c in st.candidates] + [model.get_submodule(p) for p in cfg.leaf_modules]
-    prog = trace(model, st.original_forward, args, kwargs, leaves=leaves,
-                 arg_names=_forward_arg_names(st.original_forward))
-    original_code = prog.gm.code
-    for c in st.candidates:
-        if c.wl_hash is None:
-            key = module_structure_key(c.module)
-            if key not in _HASHES:
-                _HASHES[key] = block_graph_hash(c.module)
-            c.wl_hash = _HASHES[key]
-    chains = find_chains(prog.gm, st.candidates, prog.model_root)
-    if not chains:
-        raise NoBlocksFoundError(
-            f"{type(model).__name__}.forward never calls its repeated blocks "
-            f"({', '.join(c.path for c in st.candidates[:4])}...). Fix: check the forward, or name the blocks with "
-            "leaf_modules=[...]."
-        )
-    image_index = image_input_index(prog, cfg)
-    analysis = LayoutAnalysis(prog.gm, image_index, [n for c in chains for n in c.nodes], _block_carry_fn(prog))
-    chain = pick_chain(chains, analysis, cfg)
-    spans = resolve_routes(cfg.routes, len(chain))
-
-    def name_of(node) -> str:
-        if node.op == "placeholder":
-            return f"input `{node.meta.get('input_name', node.name)}`"
-        if node.op == "call_module":
-            return f"output of `{prog.model_path(node)}`"
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem":
-            src = node.args[0]
-            return f"{name_of(src)}[{node.args[1]}]" if isinstance(src, type(node)) else node.name
-        return f"`{node.name}`"
-
-    probe = make_order_probe(prog, analysis)
-    plans = []
-    for i, (route, (s, e)) in enumerate(zip(cfg.routes, spans)):
-        plans.append(plan_route(prog, analysis, chain, i, route, s, e, name_of, order_probe=probe))
-    tread_pass = TreadPass(plans, fp32_after_route=cfg.fp32_after_route, forced=st.forced, training=model.training)
-    tread_pass.requires(prog.gm)
-    tread_pass.call(prog.gm)
-    tread_pass.ensures(prog.gm)
-    routed = RoutedProgram(prog, plans, tread_pass.selects, chain, chains, analysis,
-                           time.perf_counter() - t0, original_code)
-    st._sync(routed)
-    _validate(routed, st)
-    if cfg.aux_loss:
-        from .loss import program_token_map
-
-        program_token_map(routed)
-    routed.live = make_live(prog.gm, prog, model, list(chain.nodes))
-    inner_paths = [p[len(prog.model_root) + 1:] for p in routed.live.inlined]
-    guarded = [("", model)] + [(p, model.get_submodule(p)) for p in inner_paths]
-    check_inlined_hooks(guarded)
-    routed.guard = LiveGuard(guarded, model)
-    routed.trace_seconds = time.perf_counter() - t0
-    return routed
-
-
-def _validate(routed: RoutedProgram, st: TreadState) -> None:
-    """Fake-run the routed graph with routes active; output metadata must equal the original's."""
-    prog = routed.traced
-    saved = [(s.forced, s.num_keep, s.fixed) for s in routed.selects]
-    try:
-        for sel in routed.selects:
-            sel.forced, sel.fixed = True, None
-        env = prog.evaluator.propagate(prog.gm, list(prog.fake_inputs or []))
-    except Exception as e:
-        raise StreamAnalysisError(
-            f"the routed graph does not run on fake tensors with the routes active: {type(e).__name__}: {e}. "
-            "Fix: report this model to treadfx; meanwhile end the route earlier."
-        ) from e
-    finally:
-        for sel, (f, k, fx_) in zip(routed.selects, saved):
-            sel.forced, sel.num_keep, sel.fixed = f, k, fx_
-    output = next(n for n in prog.gm.graph.nodes if n.op == "output")
-    outs = env[output][: routed.n_outputs]
-    originals = [n.meta.get("val") for n in output.args[0][: routed.n_outputs]]
-    for k, (a, b) in enumerate(zip(outs, originals)):
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
-            raise StreamAnalysisError(
-                f"with routing, output {k} has shape {list(a.shape)} {a.dtype} instead of {list(b.shape)} {b.dtype}. "
-                "Fix: end the route before the tensor that changes shape."
-            )

@@ -1,0 +1,181 @@
+"""Public configuration classes, one per method, each validated in one place.
+
+:class:`TreadConfig` holds the arguments of :func:`treadfx.transform` and
+:class:`DiffMoEConfig` those of :func:`treadfx.diffmoe`; both functions are
+keyword-only sugar for ``treadfx.apply(model, Config(...))``.  A config is
+checked twice, in this module only: ``validate()`` checks what is knowable
+without a model (ratios, route specs, option values) and ``resolve(model)``
+(TREAD) checks it against the model (leaf module paths, route indices inside
+the chain).  Every violation is a :class:`~treadfx.TransformError` subclass
+naming the fix, raised before any module is changed.
+
+:class:`TransformConfig` is the resolved form a transformed model keeps
+(routes as :class:`~treadfx.Route` objects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from .blocks import BlockCandidate, find_block_candidates
+from .errors import InvalidRouteError, NoBlocksFoundError, TransformError
+from .passes.diffmoe import DiffMoEConfig as _DiffMoEPassConfig
+from .routes import Route, check_ratio, normalize_routes, resolve_routes
+
+__all__ = ["TreadConfig", "DiffMoEConfig", "TransformConfig"]
+
+
+@dataclasses.dataclass
+class TransformConfig:
+    """The resolved arguments of ``transform`` (routes and options), shared by every traced graph of the model."""
+
+    routes: tuple[Route, ...]
+    chain: str | int | None = None
+    stream: str | None = None
+    fp32_after_route: bool = False
+    leaf_modules: tuple[str, ...] = ()
+    aux_loss: bool = False
+    mae_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TreadConfig:
+    """TREAD token routing: which blocks each route spans, the fraction of image tokens it skips, and options.
+
+    ``start``/``end`` (inclusive, negatives from the end, default 2 and -4)
+    index the chain of repeated blocks; ``ratio`` is the fraction of image
+    tokens skipped.  ``routes=[(start, end, ratio), ...]`` or
+    :class:`~treadfx.Route` objects give several routes.  ``chain`` names the
+    chain when a model has several, ``stream`` names the forward argument that
+    carries the image tokens.  ``order``/``selection``/``seed`` set the
+    selection of every route given as a tuple (see :class:`~treadfx.Route`).
+    ``aux_loss=True`` derives the pixel->token map for
+    :func:`~treadfx.route_loss` at trace time; ``mae_weight`` is that loss's
+    default MAE weight.  ``leaf_modules`` names extra modules kept as single
+    calls in the traced graph.
+    """
+
+    start: int | None = None
+    end: int | None = None
+    ratio: float = 0.5
+    routes: Sequence[Any] | None = None
+    chain: str | int | None = None
+    stream: str | None = None
+    order: str = "auto"
+    selection: str = "auto"
+    fp32_after_route: bool = False
+    seed: int | None = None
+    aux_loss: bool = False
+    mae_weight: float = 0.0
+    leaf_modules: Sequence[str] = ()
+
+    def validate(self) -> tuple[Route, ...]:
+        """The routes this config describes; raises InvalidRatioError / InvalidRouteError / TransformError with the
+        fix for anything that is wrong without looking at a model."""
+        check_ratio(self.ratio)
+        w = self.mae_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise TransformError(f"mae_weight={w!r} must be a number >= 0. Fix: 0 (off) or e.g. 0.1.")
+        return normalize_routes(self.routes, self.start, self.end, self.ratio, self.order, self.selection, self.seed)
+
+    def resolve(self, model: nn.Module) -> tuple[TransformConfig, list[BlockCandidate]]:
+        """Validate against ``model`` and return the resolved config with the model's block candidates.
+
+        Raises (before anything is changed) for leaf module paths that are not
+        submodules, a model without repeated blocks, and route indices outside
+        the chain, overlapping or out of order.
+        """
+        routes = self.validate()
+        for path in self.leaf_modules:
+            try:
+                model.get_submodule(path)
+            except AttributeError as e:
+                raise TransformError(
+                    f"leaf_modules names {path!r}, which is not a submodule of the model. Fix: {e}") from e
+        candidates = find_block_candidates(model)
+        if not candidates:
+            raise NoBlocksFoundError(
+                f"{type(model).__name__} has no repeated blocks: no ModuleList/Sequential holds two or more "
+                "submodules of the same class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, "
+                "diffusers and timm do)."
+            )
+        upper = _expected_chain_length(candidates, self.chain)
+        for k, r in enumerate(routes):
+            for name in ("start", "end"):
+                v = getattr(r, name)
+                if v >= upper or v < -upper:
+                    raise InvalidRouteError(
+                        f"route {k} {name}={v} is out of range: the model has {upper} repeated blocks "
+                        f"({candidates[0].path} ... {candidates[-1].path}), so valid indices are "
+                        f"{-upper}..{upper - 1}. Fix: choose {name} inside the chain; negative indices count from "
+                        "the end."
+                    )
+        resolve_routes(routes, upper)  # order, overlap and start <= end
+        resolved = TransformConfig(
+            routes=routes, chain=self.chain, stream=self.stream, fp32_after_route=bool(self.fp32_after_route),
+            leaf_modules=tuple(self.leaf_modules), aux_loss=bool(self.aux_loss), mae_weight=float(self.mae_weight),
+        )
+        return resolved, candidates
+
+
+def _expected_chain_length(candidates: list[BlockCandidate], chain: str | int | None) -> int:
+    """Blocks in the chain routes index, as far as the module tree tells (the trace confirms it later)."""
+    if isinstance(chain, str):
+        names = chain.split("+")
+        picked = [c for c in candidates if c.container in names or c.path.rsplit(".", 1)[0] in names]
+        if picked:
+            return len(picked)
+    return len(candidates)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffMoEConfig:
+    """DiffMoE: the feed-forward network of repeated blocks replaced by experts fed from a batch-level token pool.
+
+    ``num_experts`` experts per converted block, ``capacity`` experts per
+    token on average, ``interleave`` converts blocks 1, 3, 5, ... (else all),
+    ``shared_expert`` adds an always-on expert, ``predictor_loss_weight`` /
+    ``threshold_decay`` set the capacity predictor and its thresholds'
+    EMA, ``noise_std`` the relative noise on expert copies (``seed`` fixes
+    it), ``ffn`` names the FFN inside each block instead of finding it.  The
+    remaining fields are passed to every :class:`~treadfx.moe.DiffMoELayer`
+    (see ``docs/diffmoe.md``).
+    """
+
+    num_experts: int = 8
+    capacity: float = 1.0
+    interleave: bool = True
+    shared_expert: bool = False
+    predictor_loss_weight: float = 1.0
+    threshold_decay: float = 0.95
+    noise_std: float = 0.01
+    seed: int | None = None
+    ffn: str | None = None
+    capacity_schedule: tuple[int, int] | None = None
+    experts_impl: str = "grouped"
+    static_capacity: float | None = None
+    fp32_router: bool = True
+    clamp_k: bool = True
+    topk_before_calibration: bool = False
+    init: str = "official"
+
+    @property
+    def layer_options(self) -> dict:
+        """The options passed to every DiffMoE layer."""
+        return dict(capacity_schedule=self.capacity_schedule, experts_impl=self.experts_impl,
+                    static_capacity=self.static_capacity, fp32_router=bool(self.fp32_router),
+                    clamp_k=bool(self.clamp_k), topk_before_calibration=bool(self.topk_before_calibration),
+                    init=self.init)
+
+    def pass_config(self) -> _DiffMoEPassConfig:
+        """The configuration of the DiffMoE pass (:mod:`treadfx.passes.diffmoe`) this config describes."""
+        return _DiffMoEPassConfig(self.num_experts, self.capacity, bool(self.interleave), bool(self.shared_expert),
+                                  self.predictor_loss_weight, self.threshold_decay, self.noise_std, self.seed,
+                                  self.ffn, self.layer_options)
+
+    def validate(self) -> None:
+        """Raise :class:`~treadfx.InvalidMoEConfigError` (with the fix) for a bad value (the pass's own rules)."""
+        self.pass_config().validate()

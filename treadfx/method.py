@@ -1,0 +1,251 @@
+"""One interface for the model transformations treadfx applies (TREAD, DiffMoE, and any later one).
+
+``treadfx.apply(model, config)`` looks up the :class:`Method` registered for
+the config's class and runs its template (:meth:`Method.apply`)::
+
+    check_model -> config.validate -> plan -> copy (unless inplace) -> rewrite -> finish
+
+A new method subclasses :class:`Method` and overrides the named points, as a
+peft tuner overrides ``BaseTuner``'s:
+
+* :meth:`Method.check_model`: refuse a model the method cannot take (before anything changes);
+* :meth:`Method.plan`: analyse the model against the config; raise before anything changes;
+* :meth:`Method.copy`: the copy that ``inplace=False`` rewrites;
+* :meth:`Method.rewrite`: apply the plan to the copy;
+* :meth:`Method.finish`: work that needs the rewritten model (TREAD traces ``example_inputs`` now);
+* :meth:`Method.runtime_outputs`: what the runtime does with the extra outputs a rewritten graph returns
+  after the user's outputs, once per routed forward;
+* :meth:`Method.report_section`: the part of :class:`treadfx.Report` the method fills.
+
+:class:`TreadMethod` routes tokens through a rewritten graph per input
+signature (:mod:`treadfx.pipeline` builds it lazily); :class:`DiffMoEMethod`
+is an adapter over :mod:`treadfx.passes.diffmoe` (find each block's FFN,
+swap in DiffMoE layers).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy as _copy
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from .config import DiffMoEConfig, TransformConfig, TreadConfig
+from .errors import LiveModelError, TransformError
+from .moe import diffmoe_layers
+from .passes.diffmoe import DiffMoEPass, FFNMatch
+from .transformed import RoutedProgram, TreadState, attach, clone_module_tree, is_transformed, program_for, \
+    state_of, unwrap
+
+__all__ = ["Method", "TreadMethod", "DiffMoEMethod", "apply", "register_method", "method_for"]
+
+
+class Method(abc.ABC):
+    """A model transformation configured by one config class; see the module docstring for the override points."""
+
+    #: the config class this method handles (``treadfx.apply`` dispatches on it)
+    config_class: ClassVar[type]
+    #: the public function that is sugar for this method, named in error messages
+    entry_point: ClassVar[str]
+
+    def __init__(self, config: Any):
+        if not isinstance(config, self.config_class):
+            raise TransformError(f"{type(self).__name__} takes a {self.config_class.__name__}, got "
+                                 f"{type(config).__name__}. Fix: pass treadfx.{self.config_class.__name__}(...).")
+        self.config = config
+
+    # ---------------------------------------------------------------- override points
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse what is not a bare ``nn.Module`` (wrappers are applied after the method)."""
+        if not isinstance(model, nn.Module):
+            raise TransformError(f"{self.entry_point}() needs a torch.nn.Module, got {type(model).__name__}. "
+                                 "Fix: pass the model.")
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or \
+                hasattr(model, "_orig_mod"):
+            verb = "transform" if self.entry_point == "transform" else "convert"
+            raise TransformError(
+                f"{self.entry_point}() got a {type(model).__name__} wrapper. Fix: {verb} the bare model first, then "
+                "wrap it (DDP / FSDP / torch.compile)."
+            )
+
+    @abc.abstractmethod
+    def plan(self, model: nn.Module, example_inputs: tuple | None, example_kwargs: dict | None) -> Any:
+        """What the rewrite will do to ``model``; raises a TransformError subclass before anything changes."""
+
+    def copy(self, model: nn.Module) -> nn.Module:
+        """The model ``inplace=False`` rewrites (default: ``copy.deepcopy``)."""
+        return _copy.deepcopy(model)
+
+    @abc.abstractmethod
+    def rewrite(self, target: nn.Module, plan: Any) -> nn.Module:
+        """Apply ``plan`` to ``target`` and return the transformed model."""
+
+    def finish(self, model: nn.Module, example_inputs: tuple | None, example_kwargs: dict | None) -> None:
+        """Work on the transformed model before ``apply`` returns it (default: none)."""
+
+    def runtime_outputs(self, state: TreadState, program: RoutedProgram, extra: list) -> None:
+        """Consume the outputs a rewritten graph returns after the user's, once per routed forward (default:
+        none are expected)."""
+
+    def report_section(self, report: Any) -> Any:
+        """The part of a :class:`treadfx.Report` this method fills (default: None)."""
+        return None
+
+    # ---------------------------------------------------------------- template
+    def apply(self, model: nn.Module, *, inplace: bool = False, example_inputs: tuple | None = None,
+              example_kwargs: dict | None = None) -> nn.Module:
+        """Check, validate, plan, copy (unless ``inplace``), rewrite, finish; nothing is changed when a step
+        before the rewrite raises."""
+        self.check_model(model)
+        self.config.validate()
+        plan = self.plan(model, example_inputs, example_kwargs)
+        target = model if inplace else self.copy(model)
+        out = self.rewrite(target, plan)
+        self.finish(out, example_inputs, example_kwargs)
+        return out
+
+
+_REGISTRY: dict[type, type[Method]] = {}
+
+
+def register_method(method: type[Method]) -> type[Method]:
+    """Register ``method`` as the handler of its ``config_class`` (usable as a class decorator)."""
+    _REGISTRY[method.config_class] = method
+    return method
+
+
+def method_for(config: Any) -> Method:
+    """The registered method for this config object; TransformError naming the config classes otherwise."""
+    cls = _REGISTRY.get(type(config))
+    if cls is None:
+        known = ", ".join(c.__name__ for c in _REGISTRY)
+        raise TransformError(f"no treadfx method takes a {type(config).__name__}. Fix: pass one of: {known}.")
+    return cls(config)
+
+
+def apply(model: nn.Module, config: Any, *, inplace: bool = False, example_inputs: tuple | None = None,
+          example_kwargs: dict | None = None) -> nn.Module:
+    """Transform ``model`` with the method of ``config`` (:class:`~treadfx.TreadConfig`,
+    :class:`~treadfx.DiffMoEConfig`).
+
+    Guarantees: every invalid argument raises a
+    :class:`~treadfx.TransformError` subclass before anything is changed;
+    ``model`` is not mutated unless ``inplace=True``.
+    """
+    return method_for(config).apply(model, inplace=inplace, example_inputs=example_inputs,
+                                    example_kwargs=example_kwargs)
+
+
+# ------------------------------------------------------------------------------------------ TREAD
+
+
+@register_method
+class TreadMethod(Method):
+    """TREAD token routing: the model's class gains a routed forward for training; eval is the original.
+
+    ``plan`` resolves the config against the module tree; ``rewrite``
+    attaches the routed runtime (:mod:`treadfx.transformed`), which builds a
+    routed graph per input signature with :func:`treadfx.pipeline.build`;
+    the kept indices each graph returns after the user's outputs are recorded
+    for ``last_routes`` and ``route_loss``.
+    """
+
+    config_class = TreadConfig
+    entry_point = "transform"
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse non-modules, wrappers, and models that are (or contain) transformed models."""
+        if isinstance(model, nn.Module) and is_transformed(unwrap(model)):
+            raise TransformError(
+                "this model is already transformed by treadfx. Fix: transform the original model, or change routing "
+                "with treadfx.set_ratio / force_routing."
+            )
+        if isinstance(model, nn.Module):
+            nested = next((name for name, sub in model.named_modules() if name and is_transformed(sub)), None)
+            if nested is not None:
+                raise LiveModelError(
+                    f"`{nested}` inside this {type(model).__name__} is already a treadfx-transformed model; "
+                    "transforming the outer module would route twice. Fix: transform only one of them (usually the "
+                    f"backbone), or pass the original module instead of `{nested}`."
+                )
+        super().check_model(model)
+
+    def plan(self, model, example_inputs, example_kwargs) -> TransformConfig:
+        """The resolved config (route indices checked against the model's block candidates)."""
+        return self.config.resolve(model)[0]
+
+    def copy(self, model: nn.Module) -> nn.Module:
+        """A new module tree sharing the parameter and buffer objects (:func:`clone_module_tree`)."""
+        return clone_module_tree(model)
+
+    def rewrite(self, target, plan):
+        """Attach the routed runtime to ``target`` (its own block candidates: a copy has new module objects)."""
+        return attach(target, plan, method=self)
+
+    def finish(self, model, example_inputs, example_kwargs):
+        """Trace and rewrite now for ``example_inputs`` (in the model's current mode), like ``treadfx.prepare``."""
+        if example_inputs is not None:
+            m = unwrap(model)
+            st = state_of(m)
+            args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+            if st.active(m.training):
+                prog = program_for(m, st, args, kwargs)
+                st.current = prog
+                st.sync(prog)
+                st.prime(prog, args, kwargs)
+
+    def runtime_outputs(self, state, program, extra):
+        """The extra outputs are each route's kept indices: remember them as this thread's last routes."""
+        state.record(program, list(extra))
+
+    def report_section(self, report):
+        """The routes as planned (``Report.routes``)."""
+        return report.routes
+
+
+# ------------------------------------------------------------------------------------------ DiffMoE
+
+
+@register_method
+class DiffMoEMethod(Method):
+    """DiffMoE as a :class:`Method`: an adapter over :class:`treadfx.passes.diffmoe.DiffMoEPass`.
+
+    ``plan`` finds the FFN of every block to convert (``DiffMoEPass.analyse``,
+    with ``example_inputs`` when given); ``rewrite`` swaps in DiffMoE layers
+    (``DiffMoEPass.apply``), clears the traced programs of a TREAD-transformed
+    model so they are rebuilt with the new layers, and keeps the FFN matches
+    in ``model._treadfx_diffmoe_matches``.  The layers keep their own
+    statistics, so a rewritten graph returns no extra outputs for DiffMoE.
+    """
+
+    config_class = DiffMoEConfig
+    entry_point = "diffmoe"
+
+    def __init__(self, config: DiffMoEConfig):
+        super().__init__(config)
+        self._pass: DiffMoEPass | None = None
+
+    def plan(self, model, example_inputs, example_kwargs) -> list[FFNMatch]:
+        self._pass = DiffMoEPass(self.config.pass_config())  # validates
+        if diffmoe_layers(model):
+            raise TransformError(
+                f"{type(model).__name__} already has DiffMoE layers. Fix: convert the original dense model once."
+            )
+        return self._pass.analyse(model, example_inputs, example_kwargs)
+
+    def rewrite(self, target, plan):
+        assert self._pass is not None and self._pass.matches == plan
+        self._pass.apply(target)
+        if is_transformed(target):  # traced TREAD programs ran the old FFNs' fake shapes: rebuild lazily
+            st = state_of(target)
+            st.programs.clear()
+            st.current = None
+            st.record(None, [])
+        target.__dict__["_treadfx_diffmoe_matches"] = list(plan)
+        return target
+
+    def report_section(self, report):
+        """The DiffMoE statistics of a training step (``Report.diffmoe``)."""
+        return report.diffmoe

@@ -18,7 +18,7 @@ from .errors import InvalidRatioError, InvalidRouteError
 __all__ = ["Route", "normalize_routes", "check_ratio", "resolve_routes", "ORDERS", "SELECTIONS"]
 
 ORDERS = ("auto", "random", "sorted")
-SELECTIONS = ("auto", "per_sample", "shared")
+SELECTIONS = ("auto", "per_sample", "shared", "structured")
 
 
 def check_ratio(ratio: Any, what: str = "ratio") -> float:
@@ -47,7 +47,13 @@ class Route:
     or when its permutation-equivariance cannot be shown (the probe fails).
     ``selection``: "per_sample" draws a subset per sample (official), "shared"
     one subset for the whole batch, "auto" uses shared only when a side input
-    without batch dimension (a RoPE table) must be gathered.
+    without batch dimension (a RoPE table) must be gathered, and "structured"
+    when the routed blocks reshape their tokens to the token grid (a depthwise
+    conv, as in Sana) so that a random subset cannot run there.
+    "structured" keeps a regular sub-grid (one token per 2x1, 2x2, ... cell at
+    an offset drawn per sample) and gives the routed blocks the sub-grid's
+    height and width; it honours only ratios 1 - 1/cell area (1/2, 3/4, ...),
+    see :mod:`treadfx.structured`.  It is structured, not uniform, selection.
     ``seed``: None draws with torch's global RNG (reproducible with
     ``torch.manual_seed``); an int uses a counter-based hash of (seed, route index,
     distributed rank, forward count, position), reproducible across devices and

@@ -353,8 +353,9 @@ def test_no_or_ambiguous_ffn_raise_exact_messages():
         treadfx.diffmoe(_Stack(_AttnOnly))
     assert str(e.value) == (
         "block `blocks.1` (_AttnOnly) has no feed-forward submodule: no child is a token-wise MLP (Linear D->H, "
-        "activation, Linear H->D) called on the block's [..., D] tokens. Fix: name it with "
-        "treadfx.diffmoe(..., ffn='<path inside the block>'), e.g. ffn='mlp'.")
+        "activation, Linear H->D) called on the block's [..., D] tokens, and its forward has no such Linear -> "
+        "activation -> Linear written inline. Fix: name it with treadfx.diffmoe(..., ffn='<path inside the block>'), "
+        "e.g. ffn='mlp'.")
     with pytest.raises(treadfx.FFNNotFoundError) as e:
         treadfx.diffmoe(_Stack(_TwoMlps))
     assert str(e.value) == ("block `blocks.1` (_TwoMlps) has several feed-forward candidates: `mlp_a`, `mlp_b`. "

@@ -283,3 +283,24 @@ def test_apply_refuses_an_unknown_config_naming_the_config_classes():
     with pytest.raises(treadfx.TransformError, match="no treadfx method takes a dict. Fix: pass one of: "
                        "TreadConfig, DiffMoEConfig."):
         method_for({"ratio": 0.5})
+
+
+class MlpBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, h, c):
+        return h + self.mlp(h) * c.unsqueeze(1)
+
+
+def test_apply_with_a_diffmoe_config_is_what_diffmoe_does():
+    torch.manual_seed(0)
+    m = Net()
+    m.blocks = nn.ModuleList([MlpBlock(8) for _ in range(4)])
+    a = treadfx.apply(m, DiffMoEConfig(num_experts=2, seed=5))
+    b = treadfx.diffmoe(m, num_experts=2, seed=5)
+    assert [x.path for x in a._treadfx_diffmoe_matches] == ["blocks.1.mlp", "blocks.3.mlp"]  # interleaved
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(isinstance(blk.mlp, nn.Sequential) for blk in m.blocks)  # the input model is untouched

@@ -1,4 +1,5 @@
-"""Public entry points: transform, prepare, force_routing, set_ratio, last_routes, fixed_routes."""
+"""Public entry points: transform and diffmoe (sugar for treadfx.apply with a config), prepare, force_routing,
+set_ratio, last_routes, fixed_routes, keep_tokens, routing_guidance and the routing-step helpers."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .config import DiffMoEConfig, TreadConfig
 from .errors import InvalidMoEConfigError, InvalidRouteError, TransformError
 from .method import apply
 from .routes import check_ratio
-from .transformed import RouteRecord, clone_module_tree, program_for, state_of, unwrap
+from .transformed import RouteRecord, clone_module_tree, prepare_now, state_of, unwrap
 
 __all__ = [
     "transform", "diffmoe", "apply", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
@@ -37,6 +39,7 @@ def transform(
     aux_loss: bool = False,
     mae_weight: float = 0.0,
     leaf_modules: Sequence[str] = (),
+    side_exits: str | None = None,
     inplace: bool = False,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
@@ -52,12 +55,13 @@ def transform(
     The routing arguments are the fields of :class:`~treadfx.TreadConfig`
     (``start``/``end``/``ratio`` or ``routes``, ``chain``, ``stream``,
     ``order``, ``selection``, ``seed``, ``fp32_after_route``, ``aux_loss``,
-    ``mae_weight``, ``leaf_modules``).  Tracing happens on the first training
+    ``mae_weight``, ``leaf_modules``, ``side_exits``).  Tracing happens on the first training
     call for each input signature, or now if ``example_inputs`` is given.
     """
     config = TreadConfig(start=start, end=end, ratio=ratio, routes=routes, chain=chain, stream=stream, order=order,
                          selection=selection, fp32_after_route=fp32_after_route, seed=seed, aux_loss=aux_loss,
-                         mae_weight=mae_weight, leaf_modules=tuple(leaf_modules))
+                         mae_weight=mae_weight, leaf_modules=tuple(leaf_modules),
+                         side_exits=side_exits)
     return apply(model, config, inplace=inplace, example_inputs=example_inputs, example_kwargs=example_kwargs)
 
 
@@ -100,13 +104,7 @@ def prepare(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     Use it before compiling a module that *contains* the transformed model, or
     to pay the tracing cost (and see any error) before training starts.
     """
-    m = unwrap(model)
-    st = state_of(m)
-    if st.active(m.training):
-        prog = program_for(m, st, tuple(args), dict(kwargs))
-        st.current = prog
-        st.sync(prog)
-        st.prime(prog, tuple(args), dict(kwargs))
+    prepare_now(unwrap(model), tuple(args), dict(kwargs))
     return model
 
 
@@ -226,8 +224,6 @@ def routing_guidance(model: nn.Module, *args: Any, scale: float, rate: float = 0
     rate, so a sampling loop does not recompile per step.  Structured outputs
     (tuples, dataclasses) are combined leaf by leaf.
     """
-    import torch.utils._pytree as pytree
-
     check_ratio(rate, "routing_guidance rate")
     check_ratio(base_rate, "routing_guidance base_rate")
     with force_routing(model, ratio=rate):

@@ -36,8 +36,8 @@ from .config import DiffMoEConfig, TransformConfig, TreadConfig
 from .errors import LiveModelError, TransformError
 from .moe import diffmoe_layers
 from .passes.diffmoe import DiffMoEPass, FFNMatch
-from .transformed import RoutedProgram, TreadState, attach, clone_module_tree, is_transformed, program_for, \
-    state_of, unwrap
+from .transformed import (RoutedProgram, TreadState, attach, clone_module_tree, is_transformed, prepare_now, state_of,
+                          unwrap)
 
 __all__ = ["Method", "TreadMethod", "DiffMoEMethod", "apply", "register_method", "method_for"]
 
@@ -187,14 +187,7 @@ class TreadMethod(Method):
     def finish(self, model, example_inputs, example_kwargs):
         """Trace and rewrite now for ``example_inputs`` (in the model's current mode), like ``treadfx.prepare``."""
         if example_inputs is not None:
-            m = unwrap(model)
-            st = state_of(m)
-            args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
-            if st.active(m.training):
-                prog = program_for(m, st, args, kwargs)
-                st.current = prog
-                st.sync(prog)
-                st.prime(prog, args, kwargs)
+            prepare_now(model, tuple(example_inputs), dict(example_kwargs or {}))
 
     def runtime_outputs(self, state, program, extra):
         """The extra outputs are each route's kept indices: remember them as this thread's last routes."""
@@ -236,7 +229,9 @@ class DiffMoEMethod(Method):
         return self._pass.analyse(model, example_inputs, example_kwargs)
 
     def rewrite(self, target, plan):
-        assert self._pass is not None and self._pass.matches == plan
+        if self._pass is None:
+            self._pass = DiffMoEPass(self.config.pass_config())
+        self._pass.matches = list(plan)  # same module paths in the copy
         self._pass.apply(target)
         if is_transformed(target):  # traced TREAD programs ran the old FFNs' fake shapes: rebuild lazily
             st = state_of(target)

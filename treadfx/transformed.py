@@ -40,13 +40,14 @@ from .ops import num_kept
 from .patch_map import TokenMap, derive_token_map
 from .pipeline import BuildRequest, Built, build, forward_arg_names
 from .planning import RoutePlan
+from .side_exits import record_outputs, warn_side_exits
 # _leaf_names/_readable: tracing.py exposes no public names for them yet
 from .data_guards import run_guarded
 from .tracing import _leaf_names, _readable, flatten_call, signature_of
 
 __all__ = [
     "TransformConfig", "TreadState", "RoutedProgram", "RouteRecord", "TreadModule", "is_transformed", "state_of",
-    "unwrap", "attach", "program_for", "tread_subclass", "clone_module_tree",
+    "unwrap", "attach", "program_for", "prepare_now", "tread_subclass", "clone_module_tree",
 ]
 
 
@@ -135,6 +136,7 @@ class RoutedProgram:
             step.add_(1)
         user, extra = outs[: self.n_outputs], outs[self.n_outputs:]
         state.method.runtime_outputs(state, self, list(extra))
+        state.record_outputs(user)
         return self.traced.unflatten_outputs(user)
 
 
@@ -171,6 +173,15 @@ class TreadState:
     @property
     def last_kept(self) -> list:
         return getattr(self._last, "value", (None, []))[1]
+
+    def record_outputs(self, user: Any) -> None:
+        """Weak references to the tensors this thread's last routed forward returned (``route_mask`` finds a side
+        exit by the returned tensor; none are kept under torch.compile)."""
+        self._last.outputs = record_outputs(user)
+
+    @property
+    def last_outputs(self) -> tuple:
+        return getattr(self._last, "outputs", ())
 
     def keep_mask(self, prog: "RoutedProgram", tensors: list) -> torch.Tensor | None:
         """The active keep mask as [B, N] bool image-token mask, or None."""
@@ -360,11 +371,7 @@ class TreadModule(LazyModuleMixin):
         return None
 
     def _infer_parameters(self, module, args, kwargs=None):
-        st: TreadState = self.__dict__["_treadfx"]
-        if st.active(self.training):
-            st.current = program_for(self, st, tuple(args), dict(kwargs or {}))
-            st.sync(st.current)
-            st.prime(st.current, tuple(args), dict(kwargs or {}))
+        prepare_now(self, tuple(args), dict(kwargs or {}))
 
     def forward(self, *args, **kwargs):
         st: TreadState = self.__dict__["_treadfx"]
@@ -382,6 +389,7 @@ class TreadModule(LazyModuleMixin):
             return prog.run(st, args, kwargs)
         prog = program_for(self, st, args, kwargs)
         st.current = prog
+        warn_side_exits(st, prog, type(self).__name__)
         st.sync(prog)
         return run_guarded(self, st, prog, args, kwargs)  # retraces when a value it specialised on changed
 
@@ -506,6 +514,18 @@ def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> 
                    f"{MAX_PROGRAMS} most recent graphs are kept. Fix: pass values that change between calls as "
                    "tensors, and keep shapes fixed (bucket them).")
     return prog
+
+
+def prepare_now(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Build (or find) the routed program for this call in the model's current mode and make it current, with
+    its route ops synced and per-device state created; nothing happens when the model would not route."""
+    st = state_of(model)
+    if st.active(model.training):
+        prog = program_for(model, st, args, kwargs)
+        st.current = prog
+        warn_side_exits(st, prog, type(model).__name__)
+        st.sync(prog)
+        st.prime(prog, args, kwargs)
 
 
 def _note_retrace(st: TreadState, key: Any, reason: str) -> None:

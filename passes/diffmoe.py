@@ -20,8 +20,21 @@ is found through the block's graph, never by name:
    (``DiffMoEPass.matches``; the converted model keeps them in
    ``model._treadfx_diffmoe_matches``).
 
+3. *inline*: when no submodule is an FFN, the block's forward is traced with
+   ``torch.fx`` (children as leaves, in training and in eval mode) and a
+   ``Linear(D->H) -> activation -> Linear(H->D)`` subgraph is looked for
+   (``nn.Linear`` or ``F.linear`` on block parameters; GELU of any
+   ``approximate``, SiLU, ReLU, ...; also ``act(Linear_g(x)) * Linear_u(x)``
+   and ``a * act(g)`` of one chunked Linear).  It is cut out into an
+   ``InlineFFN`` module, the DiffMoE layer built from it is registered as
+   ``<block>.ffn``, and the block runs its rewritten graph (the subgraph is
+   one call of the layer; see :class:`GraphForward` and
+   :func:`inline_ffn_subclass`).
+
 Exactly one FFN per block, or :class:`~treadfx.FFNNotFoundError` naming the
-block and the ``ffn=`` fix.
+block and a fix that fits (``ffn=``; move the FFN into a submodule when the
+forward does not trace; FFNs fused with attention, as in Flux single-stream
+blocks, are refused).
 """
 
 from __future__ import annotations
@@ -337,9 +350,9 @@ def _is_act(block: nn.Module, node: fx.Node) -> bool:
 
 
 def _is_dropout(block: nn.Module, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(block.get_submodule(str(node.target)), nn.Dropout) and len(node.args) == 1
-    return node.op == "call_function" and node.target is F.dropout and len(node.all_input_nodes) == 1
+    """An ``nn.Dropout`` module call (``F.dropout``'s ``training`` flag would be frozen by the trace)."""
+    return node.op == "call_module" and isinstance(block.get_submodule(str(node.target)), nn.Dropout) \
+        and len(node.args) == 1 and not node.kwargs
 
 
 def _only_used_by(nodes: Sequence[fx.Node], inside: set) -> bool:
@@ -440,7 +453,14 @@ def _inline_ffns(block: nn.Module, graphs: dict[bool, fx.Graph]) -> dict[tuple, 
             if plan is None or not phs or not depends_on(plan.x, {phs[0]}) or not feeds_output(node):
                 continue
             found.setdefault(plan.key, {})[mode] = plan
-    return {k: v for k, v in found.items() if len(v) == len(graphs)}
+    def signature(plan: _InlinePlan) -> list:
+        pos = {n: i for i, n in enumerate(plan.nodes)}
+        return [(n.op, str(n.target), repr(fx.node.map_arg((n.args, n.kwargs), lambda a: pos.get(a, -1))))
+                for n in plan.nodes]
+
+    # the same FFN in every mode's graph (one module is cut out for both)
+    return {k: v for k, v in found.items() if len(v) == len(graphs)
+            and all(signature(p) == signature(next(iter(v.values()))) for p in v.values())}
 
 
 def _fused_ffn(block: nn.Module, graphs: dict[bool, fx.Graph]) -> str | None:

@@ -304,3 +304,45 @@ def test_apply_with_a_diffmoe_config_is_what_diffmoe_does():
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert all(isinstance(blk.mlp, nn.Sequential) for blk in m.blocks)  # the input model is untouched
+
+
+def test_a_new_method_plugs_in_through_the_override_points(monkeypatch):
+    """A third method only subclasses Method: apply() runs check_model, validate, plan, copy, rewrite, finish."""
+    import dataclasses
+
+    import treadfx.method as method_module
+
+    calls = []
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaleConfig:
+        factor: float = 2.0
+
+        def validate(self) -> None:
+            calls.append("validate")
+            if self.factor <= 0:
+                raise treadfx.TransformError("factor must be > 0. Fix: e.g. factor=2.0.")
+
+    class ScaleMethod(treadfx.Method):
+        config_class = ScaleConfig
+        entry_point = "scale"
+
+        def plan(self, model, example_inputs, example_kwargs):
+            calls.append("plan")
+            return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+        def rewrite(self, target, plan):
+            calls.append("rewrite")
+            for name in plan:
+                target.get_submodule(name).weight.data.mul_(self.config.factor)
+            return target
+
+    monkeypatch.setitem(method_module._REGISTRY, ScaleConfig, ScaleMethod)
+    m = Net()
+    out = treadfx.apply(m, ScaleConfig(3.0))
+    assert calls == ["validate", "plan", "rewrite"]
+    assert torch.equal(out.embed.weight, 3.0 * m.embed.weight) and out is not m  # a copy by default
+    with pytest.raises(treadfx.TransformError, match="factor must be > 0"):
+        treadfx.apply(m, ScaleConfig(-1.0))
+    with pytest.raises(treadfx.TransformError, match="scale\\(\\) got a DataParallel wrapper"):
+        treadfx.apply(nn.DataParallel(m), ScaleConfig())

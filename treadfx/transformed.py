@@ -144,7 +144,7 @@ class TreadState:
     """Per-transformed-model state, kept out of the module tree (never in state_dict)."""
 
     def __init__(self, config: TransformConfig, original_class: type, candidates: list[BlockCandidate],
-                 method: Any = None):
+                 method: Any):
         self.config = config
         self.method = method  # the treadfx.method.Method that attached this state (consumes graph extra outputs)
         self.original_class = original_class

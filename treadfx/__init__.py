@@ -46,6 +46,7 @@ from .moe import DiffMoELayer, DiffMoEStats, diffmoe_loss, diffmoe_stats
 from .loss import RouteLoss, route_loss, token_map
 from .report import Report, inspect
 from .schedule import RatioSchedule
+from .side_exits import SideExit, SideExitError, SideExitWarning, route_mask, route_rows
 from .routes import Route
 from .config import DiffMoEConfig, TreadConfig
 from .method import DiffMoEMethod, Method, TreadMethod
@@ -63,5 +64,6 @@ __all__ = [
     "CompileTimeTraceError", "LiveModelError",
     "diffmoe", "diffmoe_loss", "diffmoe_stats", "DiffMoELayer", "DiffMoEStats", "FFNNotFoundError",
     "InvalidMoEConfigError",
+    "route_mask", "route_rows", "SideExit", "SideExitWarning", "SideExitError",
 ]
 

@@ -24,6 +24,7 @@ from .blocks import BlockCandidate, find_block_candidates
 from .errors import InvalidRouteError, NoBlocksFoundError, TransformError
 from .passes.diffmoe import DiffMoEConfig as _DiffMoEPassConfig
 from .routes import Route, check_ratio, normalize_routes, resolve_routes
+from .side_exits import check_side_exits_mode
 
 __all__ = ["TreadConfig", "DiffMoEConfig", "TransformConfig"]
 
@@ -39,6 +40,7 @@ class TransformConfig:
     leaf_modules: tuple[str, ...] = ()
     aux_loss: bool = False
     mae_weight: float = 0.0
+    side_exits: str | None = None  # None: "full", with a SideExitWarning once per side exit reaching an output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,11 @@ class TreadConfig:
     ``aux_loss=True`` derives the pixel->token map for
     :func:`~treadfx.route_loss` at trace time; ``mae_weight`` is that loss's
     default MAE weight.  ``leaf_modules`` names extra modules kept as single
-    calls in the traced graph.
+    calls in the traced graph.  ``side_exits`` says how a model output computed
+    inside a route (not by the stream) is returned: "full" (every token row;
+    skipped rows are stale, mask them with :func:`~treadfx.route_mask`) or
+    "kept" (kept rows only); None is "full" with a
+    :class:`~treadfx.SideExitWarning` on the first training call.
     """
 
     start: int | None = None
@@ -71,11 +77,13 @@ class TreadConfig:
     aux_loss: bool = False
     mae_weight: float = 0.0
     leaf_modules: Sequence[str] = ()
+    side_exits: str | None = None
 
     def validate(self) -> tuple[Route, ...]:
         """The routes this config describes; raises InvalidRatioError / InvalidRouteError / TransformError with the
         fix for anything that is wrong without looking at a model."""
         check_ratio(self.ratio)
+        check_side_exits_mode(self.side_exits)
         w = self.mae_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise TransformError(f"mae_weight={w!r} must be a number >= 0. Fix: 0 (off) or e.g. 0.1.")
@@ -117,6 +125,7 @@ class TreadConfig:
         resolved = TransformConfig(
             routes=routes, chain=self.chain, stream=self.stream, fp32_after_route=bool(self.fp32_after_route),
             leaf_modules=tuple(self.leaf_modules), aux_loss=bool(self.aux_loss), mae_weight=float(self.mae_weight),
+            side_exits=self.side_exits,
         )
         return resolved, candidates
 

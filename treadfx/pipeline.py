@@ -57,6 +57,7 @@ from .patch_map import TokenMap, derive_token_map
 from .planning import RoutePlan, plan_route
 from .routes import resolve_routes
 from .tracing import TracedProgram
+from .side_exits import apply_kept_exits, kept_output_positions
 from .validate import check_routed_graph
 
 __all__ = [
@@ -197,7 +198,8 @@ def plan_routes(laid: LaidOut) -> Planned:
     prog, cfg = laid.chains.traced.program, laid.chains.traced.request.config
     spans = resolve_routes(cfg.routes, len(laid.chain))
     probe = make_order_probe(prog, laid.analysis)
-    plans = [plan_route(prog, laid.analysis, laid.chain, i, route, s, e, _namer(prog), order_probe=probe)
+    plans = [plan_route(prog, laid.analysis, laid.chain, i, route, s, e, _namer(prog), order_probe=probe,
+                        side_exits=cfg.side_exits)
              for i, (route, (s, e)) in enumerate(zip(cfg.routes, spans))]
     tmap = None
     if cfg.aux_loss and plans:
@@ -212,7 +214,9 @@ def rewrite(planned: Planned) -> Rewritten:
     gm = planned.laid.chains.traced.program.gm
     result = TreadPass(planned.plans, fp32_after_route=req.config.fp32_after_route, forced=req.forced,
                        training=req.model.training)(gm)
-    return Rewritten(planned, route_selects(result.graph_module, planned.plans))
+    selects = route_selects(result.graph_module, planned.plans)
+    apply_kept_exits(result.graph_module, planned.plans, planned.laid.chains.traced.program, selects)
+    return Rewritten(planned, selects)
 
 
 def make_live(rewritten: Rewritten) -> Built:
@@ -232,7 +236,8 @@ def make_live(rewritten: Rewritten) -> Built:
 
 def validate(built: Built) -> Built:
     """The routed graph fake-runs with routes active and returns the original output shapes and dtypes."""
-    check_routed_graph(built.traced, built.selects, len(built.traced.out_tensor_positions))
+    check_routed_graph(built.traced, built.selects, len(built.traced.out_tensor_positions),
+                       kept_output_positions(built.plans))
     return built
 
 

@@ -36,6 +36,7 @@ from .graph_walk import depends_on, upstream
 from .layout import Layout, LayoutAnalysis, Segment, TokenInfo, image_span, layout_str, side_input_layout
 from .ops import num_kept
 from .routes import Route
+from .side_exits import find_side_exits
 from .tracing import TracedProgram
 
 __all__ = ["ValueDecision", "RoutePlan", "RouteScope", "plan_route", "region_of", "find_stream", "initial_decisions",
@@ -78,6 +79,7 @@ class RoutePlan:
     order_reason: str
     entering: list[ValueDecision]
     leaving: list[ValueDecision]
+    side_exits: list = dataclasses.field(default_factory=list)  # treadfx.side_exits.SideExit of this route
 
     @property
     def num_keep(self) -> int:
@@ -200,13 +202,16 @@ def plan_route(
     end: int,
     name_of,
     order_probe=None,
+    side_exits: str | None = None,
 ) -> RoutePlan:
     """Decide, by graph analysis and fake probes, how route ``index`` rewrites ``prog``.
 
     The steps: the region between the route's blocks; the token stream entering
     block ``start``; a first decision per entering tensor from its layout; side
     inputs that the region needs gathered, found by fake probes; what happens to
-    each tensor leaving the region; then the selection and order of kept tokens.
+    each tensor leaving the region (and which of them are side exits, see
+    :mod:`treadfx.side_exits`; ``side_exits`` is transform's mode); then the
+    selection and order of kept tokens.
     Raises StreamAnalysisError / UnroutableRegionError naming the fix.
     """
     r = RouteScope(prog, analysis, chain, index, route, start, end, name_of,
@@ -217,10 +222,11 @@ def plan_route(
     entering, order_in = initial_decisions(r, stream, n_img)
     env = settle_side_inputs(r, entering, order_in, n_img)
     leaving = leaving_decisions(r, env, stream, stream_info, n_img)
+    exits = find_side_exits(prog, analysis, chain.nodes, index, r.region, leaving, stream, name_of, side_exits)
     selection, sel_reason = choose_selection(route, list(entering.values()), name_of)
     order, order_reason = choose_order(r, order_probe, list(entering.values()), stream)
     return RoutePlan(index, route, start, end, chain, r.region, stream, stream_info, n_img, selection, sel_reason,
-                     order, order_reason, [entering[n] for n in order_in], leaving)
+                     order, order_reason, [entering[n] for n in order_in], leaving, exits)
 
 
 def find_stream(r: RouteScope) -> fx.Node:

@@ -91,7 +91,13 @@ class Report:
     diffmoe: Any = None  # DiffMoEStats of a training step (models converted with treadfx.diffmoe), else None
     # StaticCapacityCheck: DiffMoE inference on these inputs, static-capacity vs dynamic mode, else None
     diffmoe_inference: Any = None
+    side_exits: list = dataclasses.field(default_factory=list)  # SideExit.to_dict() + "line" of every side exit
     graph_code: str = dataclasses.field(repr=False, default="")
+
+    @property
+    def side_exit_lines(self) -> list[str]:
+        """One line per side exit: producer, token axis, what fills its skipped rows, where it goes."""
+        return [d["line"] for d in self.side_exits]
 
     @property
     def ideal_speedup(self) -> float:
@@ -135,6 +141,9 @@ class Report:
             for t in r.tensors:
                 lay = f" {t.layout} axis {t.axis}" if t.layout else ""
                 lines.append(f"    {t.action:<7} {t.name}: {t.role}{lay} -- {t.reason}")
+        if self.side_exits:
+            lines.append("  side exits (values computed inside a route and used after it, besides the stream going on):")
+            lines.extend(f"    {line}" for line in self.side_exit_lines)
         lines.append(
             f"  FLOPs fwd+bwd: dense {self.dense_flops / 1e9:.3f} G, routed {self.routed_flops / 1e9:.3f} G "
             f"(predicted {self.predicted_routed_flops / 1e9:.3f} G) -> ideal speedup {self.ideal_speedup:.3f}x"
@@ -316,5 +325,6 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         token_map=prog.token_map().describe() if prog.plans else "",
         diffmoe=_diffmoe_training_stats(m, prog),
         diffmoe_inference=_diffmoe_inference_check(m, st, args, kwargs),
+        side_exits=[dict(e.to_dict(), line=e.describe()) for plan in prog.plans for e in plan.side_exits],
         graph_code=traced.gm.code,
     )

@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from treadfx.layout import image_span
-from treadfx.ops import AutocastDisabled, RouteGather, RouteScatter, RouteSelect
+from treadfx.ops import AutocastDisabled, RouteGather, RouteGatherParts, RouteScatter, RouteSelect, gather_op
 from treadfx.planning import RoutePlan
 
 __all__ = ["TreadPass", "route_selects", "select_name"]
@@ -77,7 +77,7 @@ class TreadPass(PassBase):
             if missing:
                 raise ValueError(f"TreadPass: plan {plan.index} names nodes not in this graph: {missing[:5]}")
             touched = [plan.stream] + [d.node for d in plan.entering + plan.leaving if d.action != "pass"]
-            unvalued = [n.name for n in touched if not isinstance(n.meta.get("val"), torch.Tensor)]
+            unvalued = [n.name for n in touched if not isinstance(n.meta.get("val"), (torch.Tensor, torch.nn.Module))]
             if unvalued:
                 raise ValueError(f"TreadPass: plan {plan.index} routes nodes without a fake value "
                                  f"(meta['val']): {unvalued[:5]}")
@@ -116,7 +116,7 @@ class TreadPass(PassBase):
             if "val" not in node.meta:
                 raise AssertionError(f"TreadPass: {node.name} has no meta['val']")
             mod = graph_module.get_submodule(node.target)
-            if isinstance(mod, (RouteGather, RouteScatter)):
+            if isinstance(mod, (RouteGather, RouteGatherParts, RouteScatter)):
                 route = node.meta["treadfx"][1]
                 idx = node.args[-1]
                 if not (isinstance(idx, fx.Node) and idx.op == "call_module" and idx.target == select_name(route)):
@@ -153,9 +153,7 @@ class TreadPass(PassBase):
             if not users:
                 continue
             first_user = min(users, key=lambda u: order[u])
-            off, n = image_span(d.layout)
-            total = sum(s.length for s in d.layout)
-            op = RouteGather(d.axis, off, n, total, d.batched, per_sample)
+            op = gather_op(d, per_sample)  # RouteGather, or RouteGatherParts for masks and module tables
             name = f"treadfx_route{i}_gather{j}"
             gm.add_submodule(name, op)
             with graph.inserting_before(first_user):

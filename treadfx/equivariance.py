@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 
 from .fake_eval import module_structure_key
 from .layout import LayoutAnalysis, TokenInfo, image_span
+from .ops import gather_op
 
 __all__ = ["make_order_probe", "OrderFinding"]
 
@@ -72,7 +73,10 @@ def make_order_probe(prog, analysis: LayoutAnalysis, tokens: int = 16, tol: floa
     cache: dict[Any, str | bool] = {}  # True: dependent, False: equivariant, str: why the probe failed
 
     def probe(chain, start, end, entering, stream) -> OrderFinding:
-        side = {d.node: TokenInfo(d.axis, d.layout, d.batched) for d in entering if d.action == "gather"}
+        side = {d.node: TokenInfo(d.axis, d.layout, d.batched) for d in entering
+                if d.action == "gather" and getattr(d, "parts", None) is None}
+        # masks with several token axes and modules holding token tables: taken by their own gather op
+        side.update({d.node: d for d in entering if d.action == "gather" and getattr(d, "parts", None) is not None})
         unproven = None
         for node in chain.nodes[start: end + 1]:
             module = prog.gm.get_submodule(node.target)
@@ -92,7 +96,9 @@ def _image_inputs(analysis: LayoutAnalysis, node: fx.Node, side) -> dict[fx.Node
     infos: dict[fx.Node, TokenInfo] = {}
     for inp in node.all_input_nodes:
         info = side.get(inp) or analysis.token_info(inp)
-        if isinstance(info, TokenInfo) and info.has_image():
+        if not isinstance(info, TokenInfo) and info is not None:
+            infos[inp] = info  # a decision with parts (see _probe_inputs)
+        elif isinstance(info, TokenInfo) and info.has_image():
             infos[inp] = info
     return infos
 
@@ -103,15 +109,20 @@ def _probe_inputs(analysis: LayoutAnalysis, node: fx.Node, infos, positions: tor
     gen = torch.Generator().manual_seed(1)  # the same draws for the plain and the permuted call
     for inp in node.all_input_nodes:
         v = inp.meta.get("val")
+        info = infos.get(inp)
+        if info is not None and not isinstance(info, TokenInfo) and isinstance(v, torch.nn.Module):
+            env[inp] = gather_op(info, False)(v, positions)  # the module's tables at the same positions
+            continue
         if not isinstance(v, torch.Tensor):
             continue
         shape = list(v.shape)
         if analysis.is_batched_value(inp, v):
             shape[0] = 1
         x = _random_like(v, shape, gen)
-        info = infos.get(inp)
-        if info is not None:
+        if isinstance(info, TokenInfo):
             x = _take(x, info, positions)
+        elif info is not None:
+            x = gather_op(info, False)(x, positions)
         env[inp] = x
     return fx.node.map_arg((node.args, node.kwargs), lambda n: env.get(n, n.meta.get("val")))
 
@@ -140,9 +151,9 @@ def _dependent(prog, analysis: LayoutAnalysis, node: fx.Node, module, side, toke
     """True if the block is order dependent, False if equivariant, or why the probe could not run."""
     gen = torch.Generator().manual_seed(0)
     infos = _image_inputs(analysis, node, side)
-    if not infos:
+    if not any(isinstance(i, TokenInfo) for i in infos.values()):
         return False
-    n_img = image_span(next(iter(infos.values())).layout)[1]
+    n_img = image_span(next(i for i in infos.values() if isinstance(i, TokenInfo)).layout)[1]
     k = min(tokens, n_img)
     if k < 2:
         return False  # one kept token has one order

@@ -183,8 +183,11 @@ def _meta_key(tree: Any) -> tuple:
     for leaf in pytree.tree_leaves(tree):
         if isinstance(leaf, torch.Tensor):
             out.append(("T", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, str(leaf.device), leaf.requires_grad))
-        elif isinstance(leaf, nn.Module):
-            out.append(("M", id(leaf)))
+        elif isinstance(leaf, nn.Module):  # a module argument: its tables' shapes too (a routed copy has fewer rows)
+            out.append(("M", module_structure_key(leaf), tuple(
+                (name, k, tuple(t.shape), t.dtype) for name, sub in leaf.named_modules()
+                for k, t in vars(sub).items() if isinstance(t, torch.Tensor))))
+
         else:
             try:
                 hash(leaf)
@@ -278,6 +281,8 @@ class FakeEvaluator:
                 out = forward_of(module)(*a, **k)
         except _DATA_DEPENDENT:
             out = self._real_fallback(module, a, k)
+        if any(isinstance(x, nn.Module) for x in pytree.tree_leaves(out)):
+            return out  # a module (a routed copy of a module argument) holds this mode's fakes: not memoised
         if len(_OUTPUT_META) >= _OUTPUT_META_LIMIT:
             _OUTPUT_META.clear()
         _OUTPUT_META[key] = pytree.tree_map(lambda x: _Meta(x) if isinstance(x, torch.Tensor) else x, out)

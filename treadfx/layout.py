@@ -24,12 +24,14 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+import torch.nn as nn
+
 from .errors import StreamAnalysisError
 
 __all__ = [
     "Segment", "Layout", "TokenInfo", "LayoutAnalysis", "image_span", "layout_str", "tensor_input_nodes",
     "side_input_layout", "STREAM_RULES", "SIDE_RULES", "CAT_OPS", "SPLIT_OPS", "DEFAULT", "CONTINUE", "rule_for",
-    "op_key",
+    "op_key", "SidePart", "module_value", "module_tensors", "side_parts", "joint_layouts", "broadcast_leads",
 ]
 
 
@@ -495,3 +497,233 @@ def _walk_back_to_rule(node: fx.Node, axis: int, size: int, num_image: int) -> L
 
 def _keeps_axis(v: Any, axis: int, size: int) -> bool:
     return _is_tensor(v) and v.ndim > axis and int(v.shape[axis]) == size
+
+
+# ---- side inputs with several token axes, and modules that hold token tables ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SidePart:
+    """One tensor of a side input to gather: ``path`` is "" for the input itself, or the dotted name of a
+    tensor held by a module-valued input (a buffer such as ``freqs_cos``, or a plain tensor attribute);
+    ``axes`` are its token axes with their layouts (one for a RoPE table, two for an ``[N, N]`` mask);
+    ``batched`` whether it has the batch dimension; ``lead`` how many singleton dims a per-sample copy of an
+    unbatched table needs after the batch dim to broadcast like the original (``[N, d]`` used against
+    ``[B, H, N, d]`` queries: 1, giving ``[B, 1, K, d]``); ``expand_dim0`` whether a size-1 dim 0 plays the
+    batch dim (an ``[1, 1, N, N]`` mask) and is expanded instead of a new dim being prepended."""
+
+    path: str
+    axes: tuple[tuple[int, Layout], ...]
+    batched: bool = False
+    lead: int = 0
+    expand_dim0: bool = False
+
+
+def module_value(gm: fx.GraphModule, node: Any) -> nn.Module | None:
+    """The module a ``get_attr`` node names (a module passed to a block as an argument), else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj: Any = gm
+    try:
+        for atom in str(node.target).split("."):
+            obj = getattr(obj, atom)
+    except AttributeError:
+        return None
+    return obj if isinstance(obj, nn.Module) else None
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a module holds that are not trained weights: buffers and plain tensor attributes of it and
+    its submodules, by dotted path (parameters are left out: a weight is never a token table)."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        pre = prefix + "." if prefix else ""
+        for name, b in sub._buffers.items():
+            if isinstance(b, torch.Tensor):
+                out.setdefault(pre + name, b)
+        for name, v in sub.__dict__.items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not name.startswith("_"):
+                out.setdefault(pre + name, v)
+    return out
+
+
+def _token_axes(v: torch.Tensor, axes: Iterable[int], match: Callable[[int], Layout | None],
+                square: bool = True) -> tuple:
+    """The token axes of ``v`` among ``axes``: the last two when both match at the same size and ``square``
+    (an ``[.., N, N]`` attention mask or bias, gathered on both token axes), else the first matching one."""
+    found = [(a, match(a)) for a in axes]
+    found = [(a, lay) for a, lay in found if lay is not None]
+    if not found:
+        return ()
+    if (square and len(found) >= 2 and found[-1][0] == v.ndim - 1 and found[-2][0] == v.ndim - 2
+            and v.shape[-1] == v.shape[-2] and found[-1][1] == found[-2][1]):
+        return tuple(found[-2:])
+    return (found[0],)
+
+
+def side_parts(gm: fx.GraphModule, node: fx.Node, value: Any, num_image: int, known: Sequence[Layout],
+               batched: bool, square: bool = True) -> tuple[SidePart, ...] | None:
+    """What to gather of a side input: its token axes (a tensor), or its token tables (a module).
+
+    A tensor gets one part (path ""), with both last axes when it is an ``[.., N, N]`` mask (unless
+    ``square`` is False: then only the first token axis, for a ``[N, d]`` table whose ``d`` happens to be
+    ``N``); a module one part per buffer or tensor attribute with an axis of the image token count or of a
+    known stream layout (modules are never batched).  None when nothing lines up with the image tokens.
+    """
+    if isinstance(value, nn.Module):
+        parts = []
+        for path, t in module_tensors(value).items():
+            if t.ndim == 0:
+                continue
+
+            def match(axis: int, t=t) -> Layout | None:
+                size = int(t.shape[axis])
+                if size == num_image:
+                    return (Segment("image", num_image),)
+                return next((lay for lay in known if sum(s.length for s in lay) == size
+                             and any(s.kind == "image" for s in lay)), None)
+
+            axes = _token_axes(t, range(t.ndim), match, square)
+            if axes:
+                parts.append(SidePart(path, axes, False))
+        return tuple(parts) or None
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return None
+    axes = _token_axes(value, range(1, value.ndim) if batched else range(value.ndim),
+                       lambda a: side_input_layout(gm, node, a, num_image, known), square)
+    if not axes:
+        return None
+    expand0 = not batched and value.ndim > 1 and value.shape[0] == 1 and axes[0][0] > 0
+    return (SidePart("", axes, batched, 0, expand0),)
+
+
+def broadcast_leads(call: Callable[[], Any], tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Run ``call`` once and see how each of ``tensors`` is used: for each, the singleton dims a per-sample
+    copy needs after its batch dim so that it broadcasts against the highest-rank tensor it meets in an op
+    (``[N, d]`` times ``[B, H, N, d]``: 1).  Tensors never met with a higher-rank operand get 0; a failing call
+    gives 0 for all."""
+    from torch.overrides import TorchFunctionMode
+
+    ids = {id(t): name for name, t in tensors.items()}
+    rank: dict[str, int] = {}
+
+    class _Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            leaves = [l for l in pytree.tree_leaves((args, kwargs or {})) if isinstance(l, torch.Tensor)]
+            mine = [ids[id(l)] for l in leaves if id(l) in ids]
+            if mine:
+                top = max(l.ndim for l in leaves)
+                for name in mine:
+                    rank[name] = max(rank.get(name, 0), top)
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _Seen():
+            call()
+    except Exception:  # noqa: BLE001 - no information; the probe decides whether the default works
+        return {name: 0 for name in tensors}
+    return {name: max(0, rank.get(name, 0) - t.ndim - 1) for name, t in tensors.items()}
+
+
+def joint_layouts(inner: fx.GraphModule, image_ph: int, text_phs: Sequence[int], num_image: int) -> list[Layout]:
+    """Token layouts that a block builds inside itself by concatenating the image stream with text tokens
+    (joint attention: ``cat([img_q, txt_q], dim=2)``), from a trace of the block.  A joint mask passed to such
+    a block (``[B, 1, 1, N_img + N_txt]``) has this layout on its last axis.  Each cat whose pieces come from
+    the image input only or from text inputs only, with exactly one image piece of ``num_image`` tokens,
+    gives one layout, in the order of the pieces."""
+    phs = [n for n in inner.graph.nodes if n.op == "placeholder"]
+    img = phs[image_ph] if 0 <= image_ph < len(phs) else None
+    txt = {phs[i] for i in text_phs if 0 <= i < len(phs)}
+    if img is None or not txt:
+        return []
+    prov: dict[fx.Node, frozenset] = {}
+    for n in inner.graph.nodes:
+        p = frozenset([n]) if n.op == "placeholder" else frozenset()
+        for i in n.all_input_nodes:
+            p = p | prov.get(i, frozenset())
+        prov[n] = p
+    out: list[Layout] = []
+    for n in inner.graph.nodes:
+        if rule_for(dict.fromkeys(CAT_OPS, True), n) is None:
+            continue
+        pieces, dim = _cat_operands(n)
+        v = _val(n)
+        if not (isinstance(pieces, (list, tuple)) and isinstance(dim, int) and _is_tensor(v)):
+            continue
+        segs = []
+        for p in pieces:
+            pv = _val(p)
+            if not (isinstance(p, fx.Node) and _is_tensor(pv)):
+                segs = []
+                break
+            src = prov.get(p, frozenset()) & ({img} | txt)
+            size = int(pv.shape[dim % v.ndim])
+            if src == {img}:
+                segs.append(Segment("image", size))
+            elif src and img not in src:
+                segs.append(Segment("text", size))
+            else:
+                segs = []
+                break
+        lay = _merge(segs)
+        if sum(1 for s in lay if s.kind == "image") == 1 and any(
+                s.kind == "image" and s.length == num_image for s in lay) and len(lay) > 1 and lay not in out:
+            out.append(lay)
+    return out
+
+
+def block_joint_layouts(gm: fx.GraphModule, analysis: "LayoutAnalysis", node: fx.Node, num_image: int,
+                        value_of: Callable[[fx.Node], Any]) -> list[Layout]:
+    """The joint image+text layouts block call ``node`` builds inside itself (see :func:`joint_layouts`),
+    from a trace of its module on the call's traced values; [] when it is not a module call, receives no
+    image and text streams, or cannot be traced.  Cached per node on ``analysis``."""
+    cache = analysis.__dict__.setdefault("_joint_layouts", {})
+    if node in cache:
+        return cache[node]
+    cache[node] = []
+    if node.op != "call_module":
+        return []
+    leaves = [l for l in pytree.tree_leaves((tuple(node.args), dict(node.kwargs)))]
+    image, text, pos = None, [], 0
+    values = []
+    for leaf in leaves:
+        v = value_of(leaf) if isinstance(leaf, fx.Node) else leaf
+        values.append(v)
+        if not (isinstance(v, torch.Tensor) or type(v) is float):
+            continue
+        info = analysis.token_info(leaf) if isinstance(leaf, fx.Node) else None
+        if isinstance(info, TokenInfo) and info.has_image() and image is None:
+            image = pos
+        elif isinstance(info, TokenInfo) and all(s.kind == "text" for s in info.layout):
+            text.append(pos)
+        pos += 1
+    if image is None or not text:
+        return []
+    from .fake_eval import forward_of
+    from .tracing import trace
+
+    args, kwargs = pytree.tree_unflatten(values, pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))[1])
+    module = gm.get_submodule(str(node.target))
+    try:
+        inner = trace(module, lambda m, *a, **k: forward_of(m)(*a, **k), tuple(args), dict(kwargs), leaves=[])
+    except Exception:  # noqa: BLE001 - no layouts: the probe reports the input it could not align
+        return []
+    cache[node] = joint_layouts(inner.gm, image, text, num_image)
+    return cache[node]
+
+
+def token_sized_axes(value: Any, num_image: int, others: Sequence[int], batched: bool) -> list[tuple[str, int, int]]:
+    """Where ``value`` (a tensor, or a module's tables) has an axis that looks like a token axis: its size is
+    the image token count, or the image tokens plus one of ``others`` (text lengths, a few extra tokens).
+    Returns ``(path, axis, size)`` per such axis (path "" for the tensor itself): the evidence an error
+    shows when a block cannot run on the kept tokens because of this input."""
+    sizes = {num_image} | {num_image + o for o in others if o > 0}
+    items = module_tensors(value).items() if isinstance(value, nn.Module) else [("", value)]
+    out = []
+    for path, t in items:
+        if not isinstance(t, torch.Tensor):
+            continue
+        for axis in range(1 if batched and not path else 0, t.ndim):
+            if int(t.shape[axis]) in sizes:
+                out.append((path, axis, int(t.shape[axis])))
+    return out

@@ -18,10 +18,12 @@ never per ratio value.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
-__all__ = ["RouteSelect", "RouteGather", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
+__all__ = ["RouteSelect", "RouteGather", "RouteGatherParts", "gather_op", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
 
 _M32 = 0xFFFFFFFF
 
@@ -208,6 +210,120 @@ class RouteGather(nn.Module):
             flat = (full + torch.arange(b, device=full.device).unsqueeze(1) * n).reshape(-1)
             return x.flatten(0, 1).index_select(0, flat).view(b, k, *x.shape[2:])
         return torch.gather(x, self.axis, _index_for(full, x, self.axis))
+
+
+def _full_indices(idx: torch.Tensor, offset: int, length: int, total: int) -> torch.Tensor:
+    """Indices into an axis of ``total`` positions: those before and after the image segment, and the kept
+    image tokens ``idx`` (``[K]`` or ``[B, K]``) shifted to the segment."""
+    if offset == 0 and length == total:
+        return idx
+    lead = idx.shape[:-1]
+    parts = []
+    if offset:
+        parts.append(torch.arange(offset, device=idx.device).expand(*lead, offset))
+    parts.append(idx + offset)
+    if total - offset - length:
+        parts.append(torch.arange(offset + length, total, device=idx.device).expand(*lead, total - offset - length))
+    return torch.cat(parts, dim=-1)
+
+
+class RouteGatherParts(nn.Module):
+    """Keeps the selected image tokens of a side input with several token axes, or of a module's token tables.
+
+    ``parts`` is a tuple of ``(path, axes, batched, lead, expand_dim0)`` with ``axes`` a tuple of
+    ``(axis, offset, length, total)`` (see :class:`treadfx.layout.SidePart`).  A tensor input (one part, path
+    ``""``) is gathered on every listed axis: an ``[B, 1, N, N]`` or ``[1, 1, N, N]`` mask becomes
+    ``[B, 1, K, K]`` / ``[1, 1, K, K]``.  A module input is returned as a shallow copy whose listed tensors
+    are replaced by their gathered rows; its code, parameters, other tensors and hooks are the original's,
+    and the module itself is never modified.  With per-sample indices ``[B, K]``, an unbatched table gets a
+    batch dim (or its size-1 dim 0 is expanded, ``expand_dim0``) and ``lead`` singleton dims after it, so
+    ``[N, d]`` used against ``[B, H, N, d]`` queries becomes ``[B, 1, K, d]`` and each sample meets its own
+    rows.  With indices None (route inactive) the input is returned as is.
+    """
+
+    def __init__(self, parts: tuple, per_sample: bool):
+        super().__init__()
+        self.parts = tuple((str(p), tuple(tuple(int(v) for v in a) for a in axes), bool(b), int(lead), bool(e0))
+                           for p, axes, b, lead, e0 in parts)
+        self.per_sample = per_sample
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{p or 'value'}: axes {[a[0] for a in axes]}" for p, axes, *_ in self.parts)
+
+    def _gather(self, x: torch.Tensor, axes: tuple, batched: bool, lead: int, expand0: bool,
+                idx: torch.Tensor) -> torch.Tensor:
+        if not self.per_sample:
+            for axis, off, n, total in axes:
+                x = x.index_select(axis, _full_indices(idx, off, n, total))
+            return x
+        b = idx.shape[0]
+        if not batched:
+            if expand0:
+                x = x.expand(b, *x.shape[1:])
+            else:
+                x = x.view(1, *([1] * lead), *x.shape).expand(b, *([1] * lead), *x.shape)
+                axes = tuple((axis + 1 + lead, off, n, total) for axis, off, n, total in axes)
+        for axis, off, n, total in axes:
+            full = _full_indices(idx, off, n, total)
+            x = torch.gather(x, axis, _index_for(full, x, axis))
+        return x
+
+    def forward(self, x, idx: torch.Tensor | None):
+        if idx is None:
+            return x
+        if isinstance(x, torch.Tensor):
+            (_, axes, batched, lead, e0), = self.parts
+            return self._gather(x, axes, batched, lead, e0, idx)
+        return self._module_copy(x, idx)
+
+    def _module_copy(self, module: nn.Module, idx: torch.Tensor) -> nn.Module:
+        copies: dict[str, nn.Module] = {}
+
+        def copy_of(path: str) -> nn.Module:
+            if path in copies:
+                return copies[path]
+            if path == "":
+                new = copy.copy(module)
+            else:
+                parent, _, name = path.rpartition(".")
+                owner = copy_of(parent)
+                new = copy.copy(owner._modules[name])
+                owner._modules = dict(owner._modules)
+                owner._modules[name] = new
+            new.__dict__ = dict(new.__dict__)  # (copy.copy already gave a new dict; this keeps it explicit)
+            new._buffers = dict(new._buffers)
+            copies[path] = new
+            return new
+
+        for path, axes, batched, lead, e0 in self.parts:
+            owner_path, _, name = path.rpartition(".")
+            owner = copy_of(owner_path)
+            if name in owner._buffers:
+                owner._buffers[name] = self._gather(owner._buffers[name], axes, batched, lead, e0, idx)
+            else:
+                owner.__dict__[name] = self._gather(owner.__dict__[name], axes, batched, lead, e0, idx)
+        return copies[""]
+
+
+def gather_op(decision, per_sample: bool) -> nn.Module:
+    """The gather op for one "gather" decision of a route plan: :class:`RouteGather` for a tensor with one
+    token axis, :class:`RouteGatherParts` for a tensor with several (masks) or a module holding token tables
+    (``decision.parts``, a tuple of :class:`treadfx.layout.SidePart`)."""
+    from .layout import image_span
+
+    parts = getattr(decision, "parts", None)
+    if parts is None:
+        off, n = image_span(decision.layout)
+        total = sum(s.length for s in decision.layout)
+        return RouteGather(decision.axis, off, n, total, decision.batched, per_sample)
+    spec = []
+    for p in parts:
+        axes = []
+        for axis, layout in p.axes:
+            off, n = image_span(layout)
+            axes.append((axis, off, n, sum(s.length for s in layout)))
+        spec.append((p.path, tuple(axes), p.batched, p.lead, p.expand_dim0))
+    return RouteGatherParts(tuple(spec), per_sample)
 
 
 class RouteScatter(nn.Module):

@@ -33,8 +33,9 @@ from .chains import Chain
 from .errors import StreamAnalysisError, UnroutableRegionError
 from .fake_eval import FakeEvaluator, fake_like, quiet_fake_tensor_logs
 from .graph_walk import depends_on, upstream
-from .layout import Layout, LayoutAnalysis, Segment, TokenInfo, image_span, layout_str, side_input_layout
-from .ops import num_kept
+from .layout import (Layout, LayoutAnalysis, Segment, TokenInfo, block_joint_layouts, broadcast_leads, image_span,
+                     layout_str, module_value, side_input_layout, side_parts)
+from .ops import gather_op, num_kept
 from .routes import Route
 from .side_exits import find_side_exits
 from .tracing import TracedProgram
@@ -54,6 +55,7 @@ class ValueDecision:
     axis: int | None = None
     layout: Layout | None = None
     batched: bool = True
+    parts: tuple | None = None  # treadfx.layout.SidePart per tensor: several token axes, or a module's tables
 
     def describe(self, name: str) -> str:
         lay = f" {layout_str(self.layout)} on axis {self.axis}" if self.layout else ""
@@ -150,7 +152,7 @@ class _Walk:
                 return env[n]
             if n in gathered:
                 return gathered[n]
-            return n.meta.get("val")
+            return _node_value(self.prog.gm, n)
 
         for node in self.region:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
@@ -290,7 +292,10 @@ class _Prober:
         """(env, failed node or None, error) of one fake run."""
         gathered = {}
         for n, d in self.entering.items():
-            if d.action == "gather":
+            if d.action == "gather" and d.parts is not None:
+                gathered[n] = _shrunk_parts(_node_value(self.r.prog.gm, n), d, self.probe_k, self.per_sample_unbatched,
+                                            self.batch, self.r.prog.evaluator.mode)
+            elif d.action == "gather":
                 info = TokenInfo(d.axis, d.layout, d.batched)
                 gathered[n] = _shrunk(n.meta["val"], info, self.probe_k, self.per_sample_unbatched, self.batch,
                                       self.r.prog.evaluator.mode)
@@ -320,27 +325,33 @@ def _gather_side_inputs(r: RouteScope, prober: _Prober, failed: fx.Node, n_img: 
     """Try to get past ``failed`` by gathering some of its inputs; True (decisions updated) if it worked."""
     entering = prober.entering
     side = []
+    # a block that joins image and text tokens inside (joint attention) gives its masks that joint layout
+    known = known + [lay for lay in block_joint_layouts(r.prog.gm, r.analysis, failed, n_img,
+                                                         lambda n: _node_value(r.prog.gm, n)) if lay not in known]
     for inp in _inputs_of(failed):
         d = entering.get(inp)
         if d is None or d.action != "pass":
             continue  # (a "text" input can be position ids that feed a per-token table: the probe decides)
-        cand = _side_candidate(r.prog.gm, inp, n_img, known, r.analysis)
-        if cand is not None:
+        for cand in _side_decisions(r, inp, failed, n_img, known):
             side.append((inp, cand))
     if not side:
         return False
     saved = {inp: entering[inp] for inp, _ in side}
     pos = r.region.index(failed)
     for subset in _subsets(side):
+        if len({inp for inp, _ in subset}) < len(subset):
+            continue  # two readings of one input
         entering.update(saved)
-        for inp, (axis, layout, batched) in subset:
-            entering[inp] = ValueDecision(inp, "gather", "side input", "", axis, layout, batched)
+        for inp, cand in subset:
+            entering[inp] = dataclasses.replace(cand)
         _, f2, _ = prober.run()
         if f2 is None or r.region.index(f2) > pos:
             kind = {True: "per-token input", False: "per-token table without batch dim"}
-            for inp, (_a, _l, batched) in subset:
+            for inp, cand in subset:
+                what = ("a module argument holding per-token tables: the blocks get a copy with the kept rows"
+                        if isinstance(_node_value(r.prog.gm, inp), torch.nn.Module) else kind[cand.batched])
                 entering[inp].reason = (f"{_node_label(r.prog, failed)} fails with the full token count "
-                                        f"and runs with the kept ones ({kind[batched]})")
+                                        f"and runs with the kept ones ({what})")
             return True
     entering.update(saved)
     return False
@@ -351,12 +362,41 @@ def _raise_unroutable(r: RouteScope, entering, env, failed: fx.Node, err: Except
         return list(_shape(env.get(i, entering[i].node.meta.get("val") if i in entering else i.meta.get("val"))))
 
     shapes = ", ".join(f"{r.name_of(i)}={shape(i)}" for i in _inputs_of(failed))
+    culprit = _misaligned_input(r, entering, failed, n_img)
     raise UnroutableRegionError(
         f"route {r.index} (chain blocks {r.start}..{r.end}): {_node_label(r.prog, failed)} cannot run on the kept "
-        f"tokens ({probe_k} of {n_img} in the probe). Inputs: {shapes}. Error: {type(err).__name__}: {err}. "
-        "Fix: end the route before this operation, or make the tensor it needs token-aligned; "
+        f"tokens ({probe_k} of {n_img} in the probe){culprit}. Inputs: {shapes}. Error: {type(err).__name__}: "
+        f"{err}. Fix: end the route before this operation, or make the tensor it needs token-aligned; "
         "treadfx never routes a region it cannot prove shape-consistent."
     )
+
+
+def _misaligned_input(r: RouteScope, entering, failed: fx.Node, n_img: int) -> str:
+    """"; the problem is input X ..." naming the ungathered inputs of ``failed`` with a token-sized axis."""
+    from .layout import token_sized_axes
+
+    others = list(range(1, 9))
+    for i in _inputs_of(failed):
+        info = r.analysis.token_info(i)
+        if isinstance(info, TokenInfo):
+            others += [s.length for s in info.layout if s.kind != "image"]
+    found = []
+    for i in _inputs_of(failed):
+        d = entering.get(i)
+        if d is None or d.action != "pass":
+            continue
+        v = _node_value(r.prog.gm, i)
+        batched = isinstance(v, torch.Tensor) and r.analysis.is_batched_value(i, v)
+        axes = token_sized_axes(v, n_img, others, batched)
+        if axes:
+            where = ", ".join(f"{p + ' ' if p else ''}axis {a} ({size} positions)" for p, a, size in axes[:3])
+            found.append(f"{r.name_of(i)} (shape {list(_shape(v))}; {where})")
+    if not found:
+        return ""
+    return (f"; the problem is {' and '.join(found)}: its token-sized axis could not be lined up with the "
+            f"{n_img} image tokens, so treadfx cannot gather it with the kept ones (an axis that is the image "
+            "tokens plus others needs a layout treadfx can see, e.g. built by a cat of an image-sized and other "
+            "pieces, or a block that joins image and text tokens inside)")
 
 
 def leaving_decisions(r: RouteScope, env: dict[fx.Node, Any], stream: fx.Node, stream_info: TokenInfo,
@@ -475,18 +515,77 @@ def _initial_decision(inp: fx.Node, stream: fx.Node, analysis: LayoutAnalysis, n
     return ValueDecision(inp, "pass", "value", "not a tensor")
 
 
-def _side_candidate(gm: fx.GraphModule, inp: fx.Node, n_img: int, known: list[Layout],
-                    analysis: LayoutAnalysis) -> tuple[int, Layout, bool] | None:
-    val = inp.meta.get("val")
+def _node_value(gm: fx.GraphModule, n: fx.Node) -> Any:
+    """A node's traced value; for a ``get_attr`` of a module (a module passed to a block), the module."""
+    v = n.meta.get("val")
+    return module_value(gm, n) if v is None else v
+
+
+def _shrunk_parts(value: Any, d: ValueDecision, keep: int, per_sample: bool, batch: int, mode) -> Any:
+    """A side input with several token axes, or a module's token tables, as the route op gives it to the
+    blocks with ``keep`` kept tokens (fake indices)."""
+    with mode:
+        idx = torch.zeros((batch, keep) if per_sample else (keep,), dtype=torch.int64)
+    return gather_op(d, per_sample)(value, idx)
+
+
+def _side_decisions(r: RouteScope, inp: fx.Node, consumer: fx.Node, n_img: int,
+                    known: list[Layout]) -> list[ValueDecision]:
+    """The readings of an input of ``consumer`` as a side input, most likely first: gathered on both axes of
+    an ``[.., N, N]`` square, then on its first token axis only (a ``[N, d]`` table with ``d == N``)."""
+    out: list[ValueDecision] = []
+    for square in (True, False):
+        d = _side_decision(r, inp, consumer, n_img, known, square)
+        if d is not None and all(d.parts != o.parts or d.axis != o.axis for o in out):
+            out.append(d)
+    return out
+
+
+def _side_decision(r: RouteScope, inp: fx.Node, consumer: fx.Node, n_img: int,
+                   known: list[Layout], square: bool = True) -> ValueDecision | None:
+    """A "gather" decision for an input of ``consumer`` that lines up with the image tokens: a tensor on its
+    token axis (both axes of an ``[.., N, N]`` mask), or a module argument whose buffers are token tables."""
+    gm = r.prog.gm
+    val = _node_value(gm, inp)
+    if isinstance(val, torch.nn.Module):
+        parts = side_parts(gm, inp, val, n_img, known, False, square)
+        if parts is None:
+            return None
+        if r.route.selection in ("per_sample", "structured"):
+            parts = _with_leads(r, consumer, val, parts)
+        inp.meta.setdefault("val", val)
+        first = parts[0].axes[0]
+        return ValueDecision(inp, "gather", "module side input", "", first[0], first[1], False, parts)
     if not isinstance(val, torch.Tensor) or val.ndim == 0:
         return None
-    batched = analysis.is_batched_value(inp, val)
-    axes = range(1, val.ndim) if batched else range(0, val.ndim)
-    for axis in axes:
-        lay = side_input_layout(gm, inp, axis, n_img, known)
-        if lay is not None:
-            return axis, lay, batched
-    return None
+    batched = r.analysis.is_batched_value(inp, val)
+    parts = side_parts(gm, inp, val, n_img, known, batched, square)
+    if parts is None:
+        return None
+    (axis, layout), *more = parts[0].axes
+    return ValueDecision(inp, "gather", "side input", "", axis, layout, batched,
+                         parts if (more or parts[0].expand_dim0) else None)
+
+
+def _with_leads(r: RouteScope, consumer: fx.Node, module: torch.nn.Module, parts: tuple) -> tuple:
+    """Per-sample copies of a module's tables broadcast like the originals: see how the consumer uses them."""
+    from .fake_eval import forward_of, no_user_hooks
+
+    from .layout import module_tensors
+
+    tensors = module_tensors(module)
+    mine = {p.path: tensors[p.path] for p in parts}
+    args, kwargs = fx.node.map_arg((consumer.args, consumer.kwargs), lambda n: _node_value(r.prog.gm, n))
+    ev = r.prog.evaluator
+
+    def call():
+        target = r.prog.gm.get_submodule(consumer.target) if consumer.op == "call_module" else consumer.target
+        a, k = ev.fakeify((args, kwargs))
+        with ev.mode, no_user_hooks(), quiet_fake_tensor_logs():
+            return forward_of(target)(*a, **k) if consumer.op == "call_module" else target(*a, **k)
+
+    leads = broadcast_leads(call, mine)
+    return tuple(dataclasses.replace(p, lead=leads.get(p.path, 0)) for p in parts)
 
 
 def _leaving_decision(node: fx.Node, orig: Any, new: Any, info: TokenInfo | None, stream_info: TokenInfo,

@@ -402,3 +402,24 @@ def test_sana_video_routes_a_subgrid_of_every_frame():
     tm.eval()
     with torch.no_grad():
         assert torch.equal(tm(*args).sample, m(*args).sample)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_grid_net_compiles_fullgraph_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    m = GridNet()
+    tm = treadfx.transform(m, start=1, end=3, ratio=0.75)
+    img, t = grid_net_inputs()
+    tm(img, t)
+    kept = treadfx.last_routes(tm)[0].kept
+    cm = torch.compile(tm, fullgraph=True, backend="eager")
+    with treadfx.fixed_routes(tm, [kept]):
+        out = cm(img, t)
+    torch.testing.assert_close(out, reference_grid_net(m, img, t, 1, 3, kept), rtol=0, atol=1e-6)
+    out = cm(img, t)  # indices drawn inside the compiled graph
+    drawn = treadfx.last_routes(tm)[0].kept
+    assert {grid_of_kept(k, 8) for k in drawn} == {(4, 4)}
+    torch.testing.assert_close(out, reference_grid_net(m, img, t, 1, 3, drawn), rtol=0, atol=1e-6)
+    assert dict(counters["graph_break"]) == {}

@@ -41,8 +41,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from treadfx.layout import image_span
-from treadfx.ops import AutocastDisabled, RouteGather, RouteGatherParts, RouteScatter, RouteSelect, gather_op
+from treadfx.ops import (AutocastDisabled, RouteGather, RouteGatherParts, RouteScatter, RouteSelect, StructuredSelect,
+                         gather_op)
 from treadfx.planning import RoutePlan
+from treadfx.structured import rewrite_grid_args
 
 __all__ = ["TreadPass", "route_selects", "select_name"]
 
@@ -131,8 +133,11 @@ class TreadPass(PassBase):
         last = plan.chain.nodes[plan.end]
         i = plan.index
         per_sample = plan.selection == "per_sample"
-        select = RouteSelect(i, plan.num_tokens, plan.num_keep, plan.order == "sorted", not per_sample,
-                             seed=plan.route.seed)
+        if getattr(plan, "grid", None) is not None:  # structured: a sub-grid per sample (treadfx.structured)
+            select = StructuredSelect(i, plan.num_tokens, plan.num_keep, plan.grid.sizes, seed=plan.route.seed)
+        else:
+            select = RouteSelect(i, plan.num_tokens, plan.num_keep, plan.order == "sorted", not per_sample,
+                                 seed=plan.route.seed)
         select.train(self.training)
         select.forced = self.forced
         gm.add_submodule(select_name(i), select)
@@ -146,6 +151,9 @@ class TreadPass(PassBase):
                 idx.meta["val"] = select(plan.stream.meta["val"])
             finally:
                 select.forced = forced
+        if getattr(plan, "grid", None) is not None:  # the routed blocks get the kept sub-grid's height/width
+            for n in rewrite_grid_args(gm, plan, idx):
+                _copy_scope(n, first)
 
         order = {n: k for k, n in enumerate(graph.nodes)}
         for j, d in enumerate(d for d in plan.entering if d.action == "gather"):

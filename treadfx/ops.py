@@ -23,7 +23,9 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["RouteSelect", "RouteGather", "RouteGatherParts", "gather_op", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
+from .structured import cell_for_count, cells_by_count, subgrid_indices
+
+__all__ = ["RouteSelect", "StructuredSelect", "RouteGridSize", "RouteGather", "RouteGatherParts", "gather_op", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
 
 _M32 = 0xFFFFFFFF
 
@@ -160,6 +162,89 @@ class RouteSelect(nn.Module):
         if self.sorted_order:
             idx = idx.sort(dim=1).values
         return idx[0] if self.shared else idx
+
+
+class StructuredSelect(RouteSelect):
+    """Route-out with structured selection: keeps one token per cell of the token grid (see
+    :mod:`treadfx.structured`), at an offset inside the cell drawn per sample.
+
+    Returns ``[B, K]`` indices sorted in raster order, so each sample's kept
+    tokens form the sub-grid ``grid // cell``; the cell follows from ``num_keep``
+    (area ``N / K``, most square shape), so :func:`~treadfx.set_ratio` changes
+    it without retracing.  A K that is not one token per cell raises
+    InvalidRatioError naming the ratios the grid allows.  With ``keep`` the
+    offset that keeps the most marked tokens is chosen; marked tokens that no
+    offset keeps raise TokenCountError (checked eagerly).
+    """
+
+    def __init__(self, route_index: int, num_tokens: int, num_keep: int, grid: tuple[int, ...],
+                 seed: int | None = None):
+        super().__init__(route_index, num_tokens, num_keep, sorted_order=True, shared=False, seed=seed)
+        self.grid = tuple(int(s) for s in grid)
+        self.cells = cells_by_count(self.grid)  # {K: cell}: a plain dict, so torch.compile folds the lookup
+
+    def extra_repr(self) -> str:
+        grid = "x".join(map(str, self.grid))
+        return f"route={self.route_index}, N={self.num_tokens}, K={self.num_keep}, structured on the {grid} grid"
+
+    def forward(self, ref: torch.Tensor, keep: torch.Tensor | None = None,
+                step: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Kept indices ``[B, K]`` of a sub-grid per sample (raster order), or None when inactive."""
+        if not (self.training or self.forced):
+            return None
+        if self.fixed is not None:
+            return self.fixed
+        if self.num_keep >= self.num_tokens:
+            return None
+        cell = self.cells.get(self.num_keep) or cell_for_count(self.grid, self.num_keep,
+                                                               what=f"route {self.route_index} (structured selection)")
+        options = subgrid_indices(self.grid, cell, ref.device)  # [area, K]: one row per offset in the cell
+        area, rows = options.shape[0], ref.shape[0]
+        if self.seed is None:
+            score = torch.rand(rows, area, device=ref.device)
+        else:
+            keys = hashed_keys(self.seed, step, rows, area, ref.device, route=self.route_index, rank=_rank())
+            score = keys.to(torch.float32) / 2.0**32
+        if keep is not None:
+            covered = keep[:, options].sum(dim=-1)  # [B, area]: marked tokens each offset keeps
+            score = score + covered.to(score.dtype)
+        idx = options.index_select(0, score.argmax(dim=1))
+        if keep is not None and not torch.compiler.is_compiling():
+            lost = keep.sum(dim=1) - keep.gather(1, idx).sum(dim=1)
+            if bool((lost > 0).any()):
+                from .errors import TokenCountError
+
+                b = int((lost > 0).nonzero()[0, 0])
+                raise TokenCountError(
+                    f"route {self.route_index} keeps one token per {cell[-2]}x{cell[-1]} cell (structured "
+                    f"selection), and no offset keeps all {int(keep[b].sum())} tokens marked in sample {b} "
+                    f"({int(lost[b])} would be routed). Fix: mark tokens on one sub-grid, or use a ratio with "
+                    "smaller cells (e.g. 0.5), or end the route before the blocks that need the token grid."
+                )
+        return idx
+
+
+class RouteGridSize(nn.Module):
+    """The size of one token-grid axis that the routed blocks get: ``grid[axis]`` when the route is inactive
+    (indices None), else the kept sub-grid's size on that axis, derived from the kept count K (the cell of area
+    ``N / K``, see :func:`treadfx.structured.cell_for_count`).  A static int, so ``torch.compile`` specialises
+    on it like on K."""
+
+    def __init__(self, grid: tuple[int, ...], axis: int):
+        super().__init__()
+        self.grid = tuple(int(s) for s in grid)
+        self.axis = axis
+        self.cells = cells_by_count(self.grid)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis} of the {'x'.join(map(str, self.grid))} grid"
+
+    def forward(self, idx: torch.Tensor | None) -> int:
+        if idx is None:
+            return self.grid[self.axis]
+        keep = int(idx.shape[-1])
+        cell = self.cells.get(keep) or cell_for_count(self.grid, keep, what="kept indices of a structured route")
+        return self.grid[self.axis] // cell[self.axis]
 
 
 class RouteGather(nn.Module):

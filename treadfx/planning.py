@@ -82,6 +82,7 @@ class RoutePlan:
     entering: list[ValueDecision]
     leaving: list[ValueDecision]
     side_exits: list = dataclasses.field(default_factory=list)  # treadfx.side_exits.SideExit of this route
+    grid: Any = None  # treadfx.structured.GridSpec of a structured route (blocks get the kept sub-grid's size)
 
     @property
     def num_keep(self) -> int:
@@ -138,6 +139,7 @@ class _Walk:
 
     def __init__(self, prog: TracedProgram, region: list[fx.Node], evaluator: FakeEvaluator):
         self.prog, self.region, self.ev = prog, region, evaluator
+        self.override = None  # (node, args, kwargs) -> (args, kwargs): structured routes give blocks the sub-grid
 
     def run(self, gathered: dict[fx.Node, torch.Tensor]) -> tuple[dict[fx.Node, Any], fx.Node | None, Exception | None]:
         """(values of the region's nodes, the first node that failed or None, its error)."""
@@ -156,6 +158,8 @@ class _Walk:
 
         for node in self.region:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+            if self.override is not None:
+                args, kwargs = self.override(node, args, kwargs)
             try:
                 env[node] = self.ev.run_node(self.prog.gm, node, args, kwargs)
             except Exception as e:  # noqa: BLE001 - reported with the node
@@ -221,14 +225,29 @@ def plan_route(
     stream = find_stream(r)
     stream_info = analysis.token_info(stream)
     _, n_img = image_span(stream_info.layout)
-    entering, order_in = initial_decisions(r, stream, n_img)
-    env = settle_side_inputs(r, entering, order_in, n_img)
+    from . import structured
+
+    found, why = None, None  # structured selection (blocks that need the token grid), see treadfx.structured
+    if route.selection == "structured":
+        found = structured.settle_required(r, stream, n_img)
+    else:
+        try:
+            entering, order_in = initial_decisions(r, stream, n_img)
+            env = settle_side_inputs(r, entering, order_in, n_img)
+        except UnroutableRegionError as err:
+            found, why = structured.structured_fallback(err, r, stream, n_img)
+    if found is not None:
+        r, entering, order_in, env = found.scope, found.entering, found.order_in, found.env
     leaving = leaving_decisions(r, env, stream, stream_info, n_img)
     exits = find_side_exits(prog, analysis, chain.nodes, index, r.region, leaving, stream, name_of, side_exits)
-    selection, sel_reason = choose_selection(route, list(entering.values()), name_of)
-    order, order_reason = choose_order(r, order_probe, list(entering.values()), stream)
+    if found is not None:
+        selection, sel_reason, order, order_reason = found.choice(why)
+    else:
+        selection, sel_reason = choose_selection(route, list(entering.values()), name_of)
+        order, order_reason = choose_order(r, order_probe, list(entering.values()), stream)
     return RoutePlan(index, route, start, end, chain, r.region, stream, stream_info, n_img, selection, sel_reason,
-                     order, order_reason, [entering[n] for n in order_in], leaving, exits)
+                     order, order_reason, [entering[n] for n in order_in], leaving, exits,
+                     found.grid if found is not None else None)
 
 
 def find_stream(r: RouteScope) -> fx.Node:
@@ -284,7 +303,7 @@ class _Prober:
         self.r, self.entering = r, entering
         sizes = _all_sizes([n.meta.get("val") for n in order_in] + [n.meta.get("val") for n in r.region])
         self.probe_k = _probe_count(n_img, sizes)
-        self.per_sample_unbatched = r.route.selection == "per_sample"
+        self.per_sample_unbatched = r.route.selection in ("per_sample", "structured")
         self.batch = r.analysis.batch or 1
         self.walk = _Walk(r.prog, r.region, r.prog.evaluator)
 
@@ -303,13 +322,14 @@ class _Prober:
 
 
 def settle_side_inputs(r: RouteScope, entering: dict[fx.Node, ValueDecision], order_in: list[fx.Node],
-                       n_img: int) -> dict[fx.Node, Any]:
-    """Gather side inputs until the region runs on the kept tokens; returns its fake values then.
+                       n_img: int, prober: "_Prober | None" = None) -> dict[fx.Node, Any]:
+    """Gather side inputs until the region runs on the kept tokens; returns its fake values then (``prober``: a
+    prepared one, e.g. with a structured route's kept count and block arguments).
 
     Each failing node is fixed by gathering the smallest subset of its token-aligned inputs that moves the
     failure past it; a node no subset fixes makes the region unroutable (UnroutableRegionError).
     """
-    prober = _Prober(r, entering, order_in, n_img)
+    prober = prober or _Prober(r, entering, order_in, n_img)
     known = _known_layouts(r.prog.gm, r.analysis)
     for _attempt in range(len(order_in) + 2):
         env, failed, err = prober.run()

@@ -234,6 +234,35 @@ class FakeEvaluator:
         self.mode = mode
         self._structure: dict[int, tuple] = {}
         self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.live_modules: list[nn.Module] = []  # modules that use tensor data: run live, never on fakes
+
+    @contextlib.contextmanager
+    def live_modules_by_metadata(self) -> Iterator[None]:
+        """While active, calls of ``live_modules`` in this thread return outputs built by :meth:`call_module`.
+
+        Such modules use tensor data in Python (an ``assert`` on labels,
+        ``.tolist()``), so running their code on fake tensors fails; analyses
+        that run the whole forward on fakes (FLOP counts) get their outputs'
+        metadata instead (from the memo, else one evaluation on random data).
+        """
+        ids = {id(m) for m in self.live_modules}
+        if not ids:
+            yield
+            return
+        previous = nn.Module.__call__
+        me = threading.get_ident()
+        evaluator = self
+
+        def call(module, *args, **kwargs):
+            if id(module) in ids and threading.get_ident() == me:
+                return evaluator.call_module(module, args, kwargs)
+            return previous(module, *args, **kwargs)
+
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.__call__ = previous  # type: ignore[method-assign]
 
     def to_fake(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, FakeTensor):
@@ -329,6 +358,8 @@ class FakeEvaluator:
         if node.op == "call_module":
             return self.call_module(gm.get_submodule(node.target), args, kwargs)
         if node.op == "call_function":
+            if getattr(node.target, "__treadfx_guard__", False):
+                return None  # a guard on tensor data: there is no data here
             return self.call(node.target, args, kwargs)
         if node.op == "call_method":
             a, k = self.fakeify((args, kwargs))
@@ -355,3 +386,18 @@ class FakeEvaluator:
                 continue
             env[node] = self.run_node(gm, node, args, kwargs)
         return env
+
+
+def rng_state(tensors: Any = ()) -> tuple:
+    """The global RNG states (CPU, and the CUDA devices of ``tensors``), for :func:`set_rng_state`."""
+    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(tensors)
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    return (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices])
+
+
+def set_rng_state(state: tuple) -> None:
+    """Restore what :func:`rng_state` saved."""
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in cuda:
+        torch.cuda.set_rng_state(s, d)

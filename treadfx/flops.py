@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import TransformError
 from .fake_eval import FakeEvaluator
 
 __all__ = ["fwd_bwd_flops"]
@@ -35,15 +36,25 @@ def fwd_bwd_flops(evaluator: FakeEvaluator, fn: Callable[..., Any], args: tuple,
         a, k = pytree.tree_map(
             lambda x: x.detach().requires_grad_(True).view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad
             else x, (a, k))
-    with evaluator.mode, counter:
-        out = fn(*a, **k)
-        if backward:
-            outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
-            wrt = [x for x in pytree.tree_leaves((a, k)) if isinstance(x, torch.Tensor) and x.requires_grad]
-            wrt += real_params
-            if outs and wrt:
-                total = sum(o.float().sum() for o in outs)
-                torch.autograd.grad(total, wrt, allow_unused=True)
+    try:
+        with evaluator.mode, counter, evaluator.live_modules_by_metadata():
+            out = fn(*a, **k)
+            if backward:
+                outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+                wrt = [x for x in pytree.tree_leaves((a, k)) if isinstance(x, torch.Tensor) and x.requires_grad]
+                wrt += real_params
+                if outs and wrt:
+                    total = sum(o.float().sum() for o in outs)
+                    torch.autograd.grad(total, wrt, allow_unused=True)
+    except TransformError:
+        raise
+    except Exception as e:  # a torch error on fake tensors is a treadfx error with advice, never a raw one
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise TransformError(
+            f"counting FLOPs of `{name}` on fake tensors failed: {type(e).__name__}: {e}. Training is not affected "
+            "(the count never runs the model). Fix: if the model uses tensor data in Python (asserts, .tolist()) in "
+            "a submodule, name it with transform(..., leaf_modules=[...]); otherwise report this model to treadfx."
+        ) from e
     return int(counter.get_total_flops())
 
 

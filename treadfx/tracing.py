@@ -49,11 +49,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 
 from .errors import UntraceableForwardError
-from .fake_eval import FakeEvaluator, forward_of, rng_preserved
+from .data_guards import data_guard, structure_of
+from .fake_eval import FakeEvaluator, fake_like, forward_of, no_user_hooks, rng_preserved
 from .outputs import flatten_output, unflatten_output
 
 __all__ = [
@@ -159,6 +160,8 @@ class TracedProgram:
     fake_inputs: list | None = None  # fake value of each placeholder (a float for float inputs)
     calls: list["CallRecord"] = dataclasses.field(default_factory=list)
     value_guards: dict[int, Any] = dataclasses.field(default_factory=dict)  # call leaf -> float the graph needs
+    data_guards: list[str] = dataclasses.field(default_factory=list)  # where the graph specialised on tensor data
+    live_leaves: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (module path, why) run live
 
     def __call__(self, *args, **kwargs):
         leaves, _ = flatten_call(args, kwargs)
@@ -315,6 +318,36 @@ class _Recorder(TorchFunctionMode):
 _NOT_RECORDED = {"is_tensor", "is_floating_point", "is_complex", "numel", "dim", "size", "__len__", "__get__", "__set__"}
 
 
+class _DataUse(UntraceableForwardError):
+    """Internal: tensor data used in Python inside module call ``call_index``, which will run live as a leaf."""
+
+    def __init__(self, call_index: int, where: str, what: str):
+        super().__init__(f"the forward uses tensor data in {what} at {where}")
+        self.call_index, self.where = call_index, where
+
+
+class _NoRealValue(Exception):
+    """Internal: a real value was needed but the traced call has no real inputs."""
+
+
+_RANDOM = {
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+    "log_normal_", "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+    "dropout3d", "rrelu", "poisson", "native_dropout",
+}
+
+
+def _mutates(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` writes into ``node`` in place (``x[i] = v``, ``x.add_(...)``)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_function" and user.target is operator.setitem:
+        return True
+    t = str(user.target)
+    return user.op == "call_method" and t.endswith("_") and not t.endswith("__")
+
+
 class SpecializingTracer(fx.Tracer):
     """FX tracer that carries fake values beside proxies and specialises non-tensor values."""
 
@@ -329,6 +362,8 @@ class SpecializingTracer(fx.Tracer):
         self.call_stack: list[int] = []
         self.checkpoints: list[dict] = []  # active torch.utils.checkpoint calls (options, scope depth)
         self.specialised: set[int] = set()  # float inputs whose value the graph depends on
+        self.real_inputs: dict[int, Any] | None = None  # placeholder position -> real value (None: none known)
+        self._real_env: dict[fx.Node, Any] = {}
 
     def _foreign(self) -> bool:
         """True in a thread other than the tracing one (fx's patches are process-wide)."""
@@ -360,12 +395,290 @@ class SpecializingTracer(fx.Tracer):
         self.calls.append(rec)
         self.call_stack.append(rec.index)
         target = forward_of(m)
+        mark = self._last_node()
         try:
             # the module's forward, not __call__: its hooks belong to real calls, never to a trace
             rec.result = super().call_module(m, lambda *a, **k: target(*a, **k), args, kwargs)
+        except _DataUse as e:
+            if e.call_index != rec.index:
+                raise
+            self._rollback(mark, rec.index)
+            return self._live_leaf(m, rec.path, args, kwargs, ckpt, e)
         finally:
             self.call_stack.pop()
         return rec.result
+
+    # -- data-dependent code outside the blocks -------------------------------------------------------------
+    def _last_node(self) -> fx.Node:
+        return self.graph._root.prev  # type: ignore[attr-defined]
+
+    def _rollback(self, mark: fx.Node, call_index: int) -> None:
+        """Forget everything recorded since ``mark`` (the nodes and calls of a module that becomes a leaf)."""
+        doomed = []
+        n = mark.next
+        while n is not self.graph._root:  # type: ignore[attr-defined]
+            doomed.append(n)
+            n = n.next
+        for n in reversed(doomed):
+            for u in list(n.users):
+                if u not in doomed:  # pragma: no cover - a later node cannot exist yet
+                    raise AssertionError("rollback of a used node")
+            self._real_env.pop(n, None)
+            self.graph.erase_node(n)
+        del self.calls[call_index:]
+
+    def _leafable(self) -> int | None:
+        """The innermost module call being traced, if it may run live as a leaf (it holds no block)."""
+        if not self.call_stack:
+            return None
+        rec = self.calls[self.call_stack[-1]]
+        if any(id(sub) in self.leaf_ids for sub in rec.module.modules()):
+            return None
+        return rec.index
+
+    def _live_leaf(self, m: nn.Module, path: str, args: tuple, kwargs: dict, ckpt: dict | None,
+                   use: "_DataUse") -> Any:
+        """One ``call_module`` node for ``m``: it runs live; its outputs' metadata come from a real evaluation."""
+        real = self._real_args((args, kwargs))
+        if real is not None:
+            a, k = real
+            with self._real_context():
+                out = forward_of(m)(*a, **k)
+            grad = any(p.requires_grad for p in m.parameters()) or any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves(self._values((args, kwargs))))
+            value = pytree.tree_map(lambda x: self._fake_of_real(x, grad) if isinstance(x, torch.Tensor) else x, out)
+        else:  # no real inputs (shape-only analysis): fake evaluation, or random data where it needs data
+            a, k = self._values((args, kwargs))
+            value = self.evaluator.call_module(m, a, k)
+            out = None
+        proxy = fx.Tracer.create_proxy(self, "call_module", path, args, kwargs)
+        proxy.node.meta["val"] = value
+        proxy.node.meta["treadfx_live_leaf"] = use.where
+        if ckpt is not None:
+            proxy.node.meta["treadfx_checkpoint"] = ckpt
+        if out is not None:
+            self._real_env[proxy.node] = out
+        where = f"the output of `{path.removeprefix('m.')}`"
+        self._guard(proxy.node, "structure", structure_of(value), where)
+        return proxy
+
+    def _guard(self, node: fx.Node, kind: str, expected: Any, where: str) -> None:
+        guard = self.create_node("call_function", data_guard, (node, kind, expected, where), {})
+        guard.meta["val"] = None
+        guard.meta["treadfx_data_guard"] = where
+
+    def _fake_of_real(self, t: torch.Tensor, grad: bool) -> torch.Tensor:
+        with self.recorder.pause():
+            f = fake_like(t, self.fake_mode)
+            if grad and f.is_floating_point() and not f.requires_grad:
+                f.requires_grad_(True)
+        return f
+
+    @contextlib.contextmanager
+    def _real_context(self):
+        """Run user code on real tensors in the middle of a trace: no fx patches, no hooks, no grad, RNG kept."""
+        with _revert_fx_patches(), self.recorder.pause(), unset_fake_temporarily(), no_user_hooks(), \
+                torch.no_grad(), rng_preserved(list((self.real_inputs or {}).values())):
+            yield
+
+    # constant folding: values built from Python numbers by deterministic functions
+    def _is_constant(self, node: fx.Node, memo: dict | None = None) -> bool:
+        memo = {} if memo is None else memo
+        stack = [node]
+        order = []
+        while stack:
+            n = stack.pop()
+            if n in memo:
+                continue
+            memo[n] = None  # visiting
+            order.append(n)
+            if n.op in ("placeholder", "get_attr", "call_module", "output"):
+                memo[n] = False
+                continue
+            name = getattr(n.target, "__name__", str(n.target))
+            if name in _RANDOM or (n.op == "call_function" and n.target is data_guard):
+                memo[n] = False
+                continue
+            stack.extend(n.all_input_nodes)
+        for n in reversed(order):
+            if memo[n] is False:
+                continue
+            ok = all(memo.get(i) is not False for i in n.all_input_nodes)
+            memo[n] = ok
+        result = memo[node] is not False
+        if not result:
+            return False
+        # mutated later by something that is not constant?
+        for n in order:
+            for u in n.users:
+                if _mutates(u, n) and any(i is not n and not self._is_constant(i, memo) for i in u.all_input_nodes):
+                    return False
+        return True
+
+    def _constant_value(self, node: fx.Node) -> Any:
+        """The real value of a constant node (its ancestors and the in-place updates of them, in graph order)."""
+        need = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in need:
+                continue
+            need.add(n)
+            stack.extend(n.all_input_nodes)
+            stack.extend(u for u in n.users if _mutates(u, n))
+        env: dict[fx.Node, Any] = {}
+        self._run_real([n for n in self.graph.nodes if n in need], env)
+        return env[node]
+
+    def _real_value(self, node: fx.Node) -> Any:
+        """The value of ``node`` on the real inputs of the traced call (the graph so far, run once, in order)."""
+        if node not in self._real_env:
+            upto = []
+            for n in self.graph.nodes:
+                upto.append(n)
+                if n is node:
+                    break
+            self._run_real(upto, self._real_env)
+        return self._real_env[node]
+
+    def _real_args(self, tree: Any) -> Any:
+        """``tree`` with every proxy replaced by its real value, or None without real inputs."""
+        proxies = [x for x in pytree.tree_leaves(tree) if isinstance(x, fx.Proxy)]
+        consts = all(self._is_constant(p.node) for p in proxies)
+        if self.real_inputs is None and not consts:
+            return None
+
+        def conv(x):
+            if isinstance(x, fx.Proxy):
+                return self._constant_value(x.node) if consts else self._real_value(x.node)
+            if isinstance(x, slice):
+                return slice(conv(x.start), conv(x.stop), conv(x.step))
+            return x
+
+        return pytree.tree_map(conv, tree)
+
+    def _run_real(self, nodes: list, env: dict) -> None:
+        with self._real_context():
+            for n in nodes:
+                if n in env or n.op == "output":
+                    continue
+                if n.op == "placeholder":
+                    pos = n.meta.get("position")
+                    if self.real_inputs is None or pos not in self.real_inputs:
+                        raise _NoRealValue
+                    env[n] = self.real_inputs[pos]
+                    continue
+                if n.op == "get_attr":
+                    obj: Any = self.root
+                    for atom in str(n.target).split("."):
+                        obj = getattr(obj, atom)
+                    env[n] = obj
+                    continue
+                a, k = fx.node.map_arg((n.args, n.kwargs), lambda x: env[x])
+                if n.op == "call_function":
+                    env[n] = None if n.target is data_guard else n.target(*a, **k)
+                elif n.op == "call_method":
+                    env[n] = getattr(a[0], n.target)(*a[1:], **k)
+                else:
+                    env[n] = forward_of(self.root.get_submodule(n.target))(*a, **k)
+
+    def resolve_data_use(self, node: fx.Node, kind: str, what: str, location: str) -> Any:
+        """Python value of tensor ``node`` used as ``kind`` (bool/int/float/index): folded, leafed or guarded."""
+        conv = {"bool": bool, "int": int, "float": float, "index": operator.index}[kind]
+        if self._is_constant(node):
+            return conv(self._constant_value(node))
+        call = self._leafable()
+        if call is not None:
+            raise _DataUse(call, location, what)
+        if self.real_inputs is not None:
+            value = conv(self._real_value(node))
+            self._guard(node, kind, value, location)
+            return value
+        value = node.meta["val"]
+        raise UntraceableForwardError(
+            f"the forward uses the *data* of tensor `{node.name}` (shape {list(value.shape)}) in {what} "
+            f"at {location}. treadfx specialises the graph on shapes, and this analysis has no real input values to "
+            "specialise on. Fix: call the model (or treadfx.prepare / inspect) with real tensors, express it with "
+            "tensor ops (torch.where, masking), or move it inside a submodule that does not call the blocks "
+            "(treadfx runs such modules live)."
+        )
+
+    def resolve_failed_op(self, kind: str, target: Any, args: tuple, kwargs: dict, error: Exception,
+                          name=None, type_expr=None, proxy_factory_fn=None) -> Any:
+        """An op whose fake evaluation needs tensor data (``.tolist()``, ``x[:n]``, ``x[mask]``)."""
+        location = _user_location()
+        # 1. constant scalar tensors used as numbers: fold them into the op
+        folded = [False]
+
+        def fold(x):
+            if isinstance(x, fx.Proxy):
+                v = x.node.meta.get("val")
+                if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() \
+                        and self._is_constant(x.node):
+                    folded[0] = True
+                    return self._constant_value(x.node).item()
+            if isinstance(x, slice):
+                return slice(fold(x.start), fold(x.stop), fold(x.step))
+            return x
+
+        fargs, fkwargs = pytree.tree_map(fold, (args, kwargs))
+        if folded[0]:
+            try:
+                value = self._evaluate(kind, target, fargs, fkwargs)
+            except _DATA_DEPENDENT:
+                pass
+            else:
+                return self._finish(kind, target, fargs, fkwargs, value, name, type_expr, proxy_factory_fn)
+        proxies = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, fx.Proxy)]
+        if not all(self._is_constant(p.node) for p in proxies):
+            call = self._leafable()
+            if call is not None:
+                raise _DataUse(call, location, f"`{getattr(target, '__name__', target)}`")
+        try:
+            real = self._real_args((args, kwargs))
+        except _NoRealValue:
+            real = None
+        if real is None:
+            raise UntraceableForwardError(
+                f"the forward computes a value that depends on tensor data at {location} "
+                f"({type(error).__name__}), and this analysis has no real input values to specialise on. "
+                "Fix: call the model (or treadfx.prepare / inspect) with real tensors, move this computation inside "
+                "a submodule that does not call the blocks (treadfx runs such modules live), or pass the value as a "
+                "Python number."
+            ) from error
+        a, k = real
+        with self._real_context():
+            if kind == "call_function":
+                out = target(*a, **k)
+            elif kind == "call_method":
+                out = getattr(a[0], target)(*a[1:], **k)
+            else:  # pragma: no cover - modules are evaluated by the evaluator
+                raise error
+        consts = all(self._is_constant(p.node) for p in proxies)
+        if not _has_tensor(out):
+            if consts:
+                return out
+            proxy = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+            proxy.node.meta["val"] = out
+            self._real_env[proxy.node] = out
+            self._guard(proxy.node, "value", out, location)
+            return out
+        grad = any(isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves(self._values((args, kwargs))))
+        value = pytree.tree_map(lambda x: self._fake_of_real(x, grad) if isinstance(x, torch.Tensor) else x, out)
+        proxy = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.node.meta["val"] = value
+        self._real_env[proxy.node] = out
+        if not consts:
+            self._guard(proxy.node, "structure", structure_of(value), location)
+        return proxy
+
+    def _finish(self, kind, target, args, kwargs, value, name, type_expr, proxy_factory_fn):
+        if not _has_tensor(value):
+            self.note_specialised(pytree.tree_leaves((args, kwargs)))
+            return value
+        proxy = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.node.meta["val"] = value
+        return proxy
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -482,12 +795,7 @@ class SpecializingTracer(fx.Tracer):
         try:
             value = self._evaluate(kind, target, args, kwargs)
         except _DATA_DEPENDENT as e:
-            raise UntraceableForwardError(
-                f"the forward computes a value that depends on tensor data at {_user_location()} "
-                f"({type(e).__name__}). treadfx specialises the graph on shapes, never on data. "
-                "Fix: move this computation inside one of the repeated blocks (blocks run their own code), "
-                "or pass the value as a Python number."
-            ) from e
+            return self.resolve_failed_op(kind, target, args, kwargs, e, name, type_expr, proxy_factory_fn)
         except UntraceableForwardError:
             raise
         except Exception as e:
@@ -497,6 +805,11 @@ class SpecializingTracer(fx.Tracer):
                 "Fix: make sure the model runs eagerly on these inputs; if it does, the operation has no fake-tensor "
                 "support: mark its module as a leaf with transform(..., leaf_modules=[...])."
             ) from e
+        if kind == "call_function" and target is operator.setitem:
+            # an in-place write (``ids[..., 1] = rows``): a node even though it returns None
+            node = self.create_node(kind, target, self.create_arg(args), self.create_arg(kwargs), name, type_expr)
+            node.meta["val"] = None
+            return None
         if not _has_tensor(value):
             self.note_specialised(pytree.tree_leaves((args, kwargs)))
             return value  # specialised to a Python value; no node
@@ -517,11 +830,16 @@ class SpecializingTracer(fx.Tracer):
         value = obj.node.meta["val"]
         self.note_specialised([obj])
         if isinstance(value, torch.Tensor):
-            raise UntraceableForwardError(
-                f"the forward uses the *data* of tensor `{obj.node.name}` (shape {list(value.shape)}) in {what} "
-                f"at {_user_location()}. treadfx specialises the graph on shapes, never on data. Fix: express it "
-                "with tensor ops (torch.where, masking), move it inside a repeated block, or pass a Python value."
-            )
+            kind = {"int()": "int", "float()": "float", "use as an index": "index"}.get(what, "bool")
+            try:
+                return self.resolve_data_use(obj.node, kind, what, _user_location())
+            except _NoRealValue:
+                raise UntraceableForwardError(
+                    f"the forward uses the *data* of tensor `{obj.node.name}` (shape {list(value.shape)}) in {what} "
+                    f"at {_user_location()}, and this analysis has no real input values to specialise on. Fix: call "
+                    "the model with real tensors, express it with tensor ops (torch.where, masking), or move it "
+                    "inside a submodule that does not call the blocks (treadfx runs such modules live)."
+                ) from None
         return bool(value) if what.startswith("a Python") else value
 
     def iter(self, obj: fx.Proxy):
@@ -531,6 +849,8 @@ class SpecializingTracer(fx.Tracer):
         return obj.node.meta["val"].keys()
 
     def create_arg(self, a: Any):
+        if type(a).__module__ == "numpy" and hasattr(a, "item") and getattr(a, "ndim", 1) == 0:
+            return a.item()  # a numpy scalar the forward computed: the equal Python number in the code
         if isinstance(a, FakeTensor):
             raise UntraceableForwardError(
                 f"a fake tensor escaped into the graph at {_user_location()}; this is a treadfx bug, please report it"
@@ -605,8 +925,42 @@ def trace(
     runs and the global RNG state is unchanged. ``args`` may hold real, meta or
     fake tensors (only metadata is read).
     """
-    with TRACE_LOCK, rng_preserved((args, kwargs)):
+    with TRACE_LOCK, rng_preserved((args, kwargs)), _attribute_writes_undone(model):
         return _trace(model, forward, args, kwargs, leaves, arg_names)
+
+
+@contextlib.contextmanager
+def _attribute_writes_undone(model: nn.Module):
+    """Attributes the forward sets on its modules while being traced (``self.cache = x``) are put back.
+
+    Their values would be proxies or fake tensors; the user's modules must
+    never hold them.  A forward that writes its modules is told once that the
+    routed graph does not replay the write.
+    """
+    import warnings
+
+    saved = [(path, m, dict(m.__dict__)) for path, m in model.named_modules()]
+    try:
+        yield
+    finally:
+        for path, m, before in saved:
+            d = m.__dict__
+            changed = [k for k in list(d) if k not in before or d[k] is not before[k]]
+            changed += [k for k in before if k not in d]
+            for k in changed:
+                if k in before:
+                    d[k] = before[k]
+                else:
+                    del d[k]
+            for k in changed:
+                key = (type(model).__qualname__, path, k)
+                if key not in _NOTED:
+                    _NOTED.add(key)
+                    warnings.warn(
+                        f"treadfx: the forward sets `{(path + '.') if path else ''}{k}` on the model; the routed graph "
+                        "runs the computation but not this assignment, so in routed training calls the attribute "
+                        "keeps its previous value. Fix: return the value from the forward, or set it in a submodule "
+                        "that does not call the blocks (treadfx runs those live).", stacklevel=5)
 
 
 def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
@@ -620,6 +974,11 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
         names = [_readable(n, arg_names) for n in names]
 
     tracer = SpecializingTracer(leaves, fake_mode)
+    if all(not (isinstance(l, torch.Tensor) and (isinstance(l, FakeTensor) or l.device.type == "meta"))
+           for l in call_leaves):
+        # the traced call's real values: data-dependent code outside the blocks is specialised on them
+        tracer.real_inputs = {p: (l.detach().clone() if isinstance(l, torch.Tensor) else l)
+                              for p, l in enumerate(call_leaves) if p in input_positions}
     root = _Root(model)
     out_info: dict[str, Any] = {}
 
@@ -656,6 +1015,7 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
             p = fx.Tracer.create_proxy(tracer, "placeholder", _sanitize(names[pos]), (), {})
             p.node.meta["val"] = fake_leaves[pos]
             p.node.meta["input_name"] = names[pos]
+            p.node.meta["position"] = pos
             if is_float_input(call_leaves[pos]):
                 p.node.meta["float_input"] = pos
             placeholders.append(p)
@@ -665,6 +1025,13 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
     with tracer.recorder, tracer.checkpoint_interception(), autowrap_guard():
         graph = tracer.trace(root)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{type(model).__name__}")
+    live = [(str(n.target).removeprefix("m."), n.meta["treadfx_live_leaf"]) for n in graph.nodes
+            if "treadfx_live_leaf" in n.meta]
+    _note_live_leaves(model, live)
+    tracer.evaluator.live_modules = [tracer.root.get_submodule(str(n.target)) for n in graph.nodes
+                                     if "treadfx_live_leaf" in n.meta]
+    _note_specialised(model, [n.meta["treadfx_data_guard"] for n in graph.nodes if "treadfx_data_guard" in n.meta
+                              and "treadfx_live_leaf" not in n.args[0].meta])  # leaves' own guards: noted above
     return TracedProgram(
         gm=gm,
         signature=signature,
@@ -678,7 +1045,43 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
         fake_inputs=[fake_leaves[p] for p in input_positions],
         calls=tracer.calls,
         value_guards={pos: call_leaves[pos] for pos in sorted(tracer.specialised)},
+        data_guards=[n.meta["treadfx_data_guard"] for n in graph.nodes if "treadfx_data_guard" in n.meta],
+        live_leaves=live,
     )
+
+
+_NOTED: set = set()
+
+
+def _note_live_leaves(model: nn.Module, live: list[tuple[str, str]]) -> None:
+    """Say once per model class and module which submodules now run live because they use tensor data."""
+    import warnings
+
+    for path, where in live:
+        key = (type(model).__qualname__, path)
+        if key in _NOTED:
+            continue
+        _NOTED.add(key)
+        warnings.warn(
+            f"treadfx: `{path}` uses tensor data in Python ({where}), so treadfx runs it live as a leaf (its code "
+            f"is not traced; it runs as written, with its hooks, at every call). To make this explicit and silence "
+            f"this note: transform(..., leaf_modules=[{path!r}]).", stacklevel=6)
+
+
+def _note_specialised(model: nn.Module, wheres: list[str]) -> None:
+    """Say once per model class and line that the graph is specialised on a value computed from tensor data."""
+    import warnings
+
+    for where in wheres:
+        key = (type(model).__qualname__, where)
+        if key in _NOTED:
+            continue
+        _NOTED.add(key)
+        warnings.warn(
+            f"treadfx: the forward uses tensor data in Python at {where}, outside any submodule treadfx could run "
+            "live; the routed graph is specialised on the value of this call and re-checks it at every call "
+            "(a new value is traced anew; a few variants are kept). If the value changes often, move that code "
+            "into a submodule that does not call the blocks: treadfx runs such modules live.", stacklevel=6)
 
 
 _LRU_WRAPPERS: dict[str, Any] = {"modules": -1, "wrappers": []}

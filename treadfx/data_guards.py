@@ -1,0 +1,200 @@
+"""Guards on tensor *data* that a traced graph was specialised on, and the retry that honours them.
+
+The tracer specialises on shapes.  When a forward uses tensor data in Python
+(``assert labels.max() <= 999``, ``mask.sum(1).tolist()``, ``if h.mean() > 0``,
+``x[i, :n]`` with a tensor ``n``) outside the repeated blocks, treadfx
+(:mod:`treadfx.tracing`) either
+
+* folds it, when the tensor is a constant of the forward (built from Python
+  numbers by deterministic factories: HiDream's ``img_sizes``): no guard;
+* runs the enclosing submodule live as a leaf, when the use is inside a
+  submodule that does not contain the routed blocks (a label embedder's assert,
+  Lumina2's RoPE embedder);
+* otherwise specialises the graph on the value seen on the real inputs of the
+  traced call, and records a guard node (:func:`data_guard`) that re-checks
+  the value at every call.
+
+A guard that fails raises :class:`ValueGuardFailure` inside the graph;
+:func:`run_guarded` then restores the RNG state, tries the other cached
+variants of the program and traces a new one when none fits (bounded: at most
+``MAX_VALUE_VARIANTS`` variants per input signature, with a warning).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import UntraceableForwardError
+
+__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded"]
+
+
+class ValueGuardFailure(UntraceableForwardError):
+    """A value the traced graph was specialised on changed (caught by :func:`run_guarded`, which retraces)."""
+
+    def __init__(self, where: str, expected: Any, actual: Any):
+        super().__init__(
+            f"the traced graph was specialised on the value {expected!r} computed at {where}, but this call computes "
+            f"{actual!r}. treadfx retraces on such a change in eager mode; under torch.compile it cannot. Fix: call "
+            "treadfx.prepare(model, *inputs) for each variant before compiling, or keep the value fixed."
+        )
+        self.where, self.expected, self.actual = where, expected, actual
+
+
+def _is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    try:  # shape inference or a FLOP count is running: module outputs there are metadata, not this call's data
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            return True
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    return any(isinstance(x, FakeTensor) or (isinstance(x, torch.Tensor) and x.device.type == "meta")
+               for x in pytree.tree_leaves(value))
+
+
+def structure_of(value: Any) -> Any:
+    """What a graph specialises on in a module's result: tensor shapes and dtypes, and every other leaf's value."""
+    from .outputs import flatten_output
+
+    leaves, _ = flatten_output(value)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            out.append(("T", tuple(leaf.shape), leaf.dtype))
+        else:
+            out.append(leaf)
+    return tuple(out)
+
+
+_CONVERT = {
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "index": operator.index,
+    "value": lambda v: v,
+    "shape": lambda v: tuple(v.shape),
+    "structure": structure_of,
+}
+
+
+def data_guard(value: Any, kind: str, expected: Any, where: str) -> None:
+    """Graph node: raise :class:`ValueGuardFailure` unless ``value`` (converted by ``kind``) equals ``expected``.
+
+    A no-op on fake or meta values (shape inference and FLOP counting never check data).
+    """
+    if _is_fake(value):
+        return None
+    actual = _CONVERT[kind](value)
+    try:
+        same = bool(actual == expected)
+    except Exception:  # e.g. comparing tensors elementwise: fall back to identity of the repr
+        same = repr(actual) == repr(expected)
+    if not same:
+        raise ValueGuardFailure(where, expected, actual)
+    return None
+
+
+data_guard.__treadfx_guard__ = True  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------ runtime
+
+
+def _variants(st: Any, prog: Any) -> list | None:
+    for progs in st.programs.values():
+        if any(p is prog for p in progs):
+            return progs
+    return None
+
+
+def run_guarded(model: Any, st: Any, prog: Any, args: tuple, kwargs: dict) -> Any:
+    """Run ``prog`` on this call; when one of its data guards fails, run (or trace) the variant that fits.
+
+    Guarantees: the result is what the forward computes for this call's data;
+    the RNG state each attempt starts from is the caller's, so random draws are
+    those of a single run; the variant that ran becomes the first one tried
+    next time.  Hooks of modules run live before the failing guard fire once
+    per attempt.
+    """
+    if not getattr(prog.traced, "data_guards", None):
+        return prog.run(st, args, kwargs)
+    from .fake_eval import rng_state, set_rng_state
+
+    state = rng_state((args, kwargs))
+    tried: list = []
+    built = None  # the variant traced during this call
+    current = prog
+    while True:
+        try:
+            out = current.run(st, args, kwargs)
+        except ValueGuardFailure as failure:
+            tried.append(current)
+            set_rng_state(state)
+            progs = _variants(st, current)
+            nxt = None
+            if progs is not None:
+                from .tracing import flatten_call
+
+                leaves, _ = flatten_call(args, kwargs)
+                for p in progs:
+                    if any(p is t for t in tried) or not p.values_match(leaves):
+                        continue
+                    if p.guard is not None and p.guard.check() is not None:
+                        continue
+                    nxt = p
+                    break
+            if nxt is None:
+                if current is built:
+                    raise UntraceableForwardError(
+                        f"a value the forward computes from tensor data at {failure.where} differs between two "
+                        f"evaluations on the same inputs ({failure.expected!r}, then {failure.actual!r}): it depends "
+                        "on random numbers. treadfx cannot specialise on it. Fix: compute it inside a submodule that "
+                        "does not call the blocks (treadfx runs such modules live), or express it with tensor ops."
+                    ) from failure
+                nxt = built = _build_variant(model, st, args, kwargs, tried, failure)
+            current = nxt
+            (getattr(st, "sync", None) or st._sync)(current)
+            continue
+        progs = _variants(st, current)
+        if progs is not None and progs and progs[0] is not current:
+            progs.remove(current)
+            progs.insert(0, current)
+        st.current = current
+        return out
+
+
+def _build_variant(model: Any, st: Any, args: tuple, kwargs: dict, tried: list, failure: ValueGuardFailure) -> Any:
+    from . import transformed as tr
+
+    progs = _variants(st, tried[0])
+    hidden = []
+    if progs is not None:  # hide the variants that failed so that program_for builds a new one
+        hidden = [p for p in progs if any(p is t for t in tried)]
+        for p in hidden:
+            progs.remove(p)
+    lookup = getattr(tr, "program_for", None) or getattr(tr, "_program_for")
+    prog = lookup(model, st, args, kwargs)
+    progs = _variants(st, prog)
+    if progs is not None:
+        for p in hidden:
+            progs.insert(0, p)
+        progs.remove(prog)
+        progs.insert(0, prog)
+        limit = getattr(tr, "MAX_VALUE_VARIANTS", 4)
+        while len(progs) > limit:
+            progs.pop()
+            key = ("data-values", failure.where)
+            if key not in st.warned:
+                st.warned.add(key)
+                warnings.warn(
+                    f"treadfx: the forward uses tensor data at {failure.where} (value {failure.actual!r}, before "
+                    f"{failure.expected!r}), which keeps changing, so each new value needs its own traced graph (only "
+                    f"{limit} are kept). Fix: move that code into a submodule that does not call the blocks "
+                    "(treadfx runs it live), pass the value as a Python number, or keep it fixed.", stacklevel=5)
+    return prog

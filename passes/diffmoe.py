@@ -55,7 +55,8 @@ from treadfx.errors import FFNNotFoundError, InvalidMoEConfigError, NoBlocksFoun
 from treadfx.graph_walk import depends_on, feeds_output
 from treadfx.moe import DiffMoELayer, diffmoe_layers
 
-__all__ = ["diffmoe", "DiffMoEPass", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices"]
+__all__ = ["diffmoe", "DiffMoEPass", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices", "GraphForward",
+           "inline_ffn_subclass"]
 
 
 @dataclasses.dataclass
@@ -868,7 +869,11 @@ def diffmoe(
     equals the dense model's.  Works on a ``treadfx.transform``-ed model too
     (its traced-program cache is cleared).  ``ffn='mlp'`` names the FFN inside
     each block instead of finding it; ``example_inputs`` lets the finder
-    trace each block on its real input signature.
+    trace each block on its real input signature.  A block whose FFN is
+    written inline in its forward (``self.fc2(act(self.fc1(x)))``, no FFN
+    submodule) has that subgraph rewritten into one call of the layer,
+    registered as ``<block>.ffn`` (see ``docs/diffmoe.md`` for the rule, the
+    state_dict keys and the FFNs fused with attention that are refused).
 
     The layer follows the official DiffMoE algorithm; ``capacity_schedule``
     (``(dense_steps, ramp_steps)``, the official schedule, off by default),

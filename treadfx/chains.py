@@ -17,13 +17,13 @@ import torch.fx as fx
 from .blocks import BlockCandidate
 from .errors import AmbiguousChainError, InvalidRouteError, NoBlocksFoundError, StreamAnalysisError
 from .graph_walk import upstream
-from .layout import LayoutAnalysis, TokenInfo, tensor_input_nodes
+from .layout import LayoutAnalysis, TokenInfo, layout_str, tensor_input_nodes
 
 if TYPE_CHECKING:
     from .tracing import TracedProgram
     from .transformed import TransformConfig
 
-__all__ = ["Chain", "find_chains", "resolve_index", "pick_chain", "image_input_index"]
+__all__ = ["Chain", "find_chains", "resolve_index", "split_at_stream_changes", "pick_chain", "image_input_index"]
 
 
 @dataclasses.dataclass
@@ -34,6 +34,7 @@ class Chain:
     paths: list[str]
     classes: list[str]
     hashes: list[str | None]
+    note: str = ""  # why this chain is (not) the routed one; set by pick_chain, printed by inspect
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -106,18 +107,129 @@ def resolve_index(index: int, length: int, what: str) -> int:
     return resolved
 
 
-def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
-    """The chain to route: the one named by ``config.chain``, else the only chain carrying image tokens.
+def _image_inputs_of(node: fx.Node, analysis: LayoutAnalysis) -> list[fx.Node]:
+    """Tensor inputs of the block call ``node`` whose token axis holds image tokens."""
+    out = []
+    for inp in tensor_input_nodes(node):
+        info = analysis.token_info(inp)
+        if isinstance(info, TokenInfo) and info.has_image():
+            out.append(inp)
+    return out
 
-    Raises AmbiguousChainError for an unknown name/index or several image chains, NoBlocksFoundError when no
-    chain receives the image stream.
+
+def _input_name(ph: fx.Node) -> str:
+    return ph.meta.get("input_name", ph.name)
+
+
+def _shape(node: fx.Node) -> str:
+    v = node.meta.get("val")
+    return str(list(v.shape)) if hasattr(v, "shape") else type(v).__name__
+
+
+def _receives(node: fx.Node, analysis: LayoutAnalysis) -> str:
+    """What the block call ``node`` gets along token axes, e.g. ``[text 5] from `encoder_hidden_states```."""
+    seen: list[str] = []
+    for inp in tensor_input_nodes(node):
+        info = analysis.token_info(inp)
+        if not isinstance(info, TokenInfo):
+            continue
+        srcs = sorted(_input_name(p) for p in analysis.provenance.get(inp, ()) if p in analysis.placeholders
+                      and isinstance(analysis.token_info(p), TokenInfo))
+        text = layout_str(info.layout) + (f" from {', '.join(f'`{s}`' for s in srcs)}" if srcs else "")
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) if seen else "no [B, N, D] token sequence"
+
+
+def split_at_stream_changes(chains: list[Chain], analysis: LayoutAnalysis) -> list[Chain]:
+    """Every chain cut where its blocks start or stop receiving image tokens, longest first (ties in graph order).
+
+    A short chain that prepares a side input (HunyuanVideo's text token refiner, HiDream's caption projections)
+    feeds the first image block only through a side argument, yet ``find_chains`` links it to that block. Cut
+    there, the image blocks form their own chain, so route indices count only blocks that carry image tokens.
+    A cut-off run's ``note`` says why it is separate.
     """
-    def carries_image(c: Chain) -> bool:
+    out: list[Chain] = []
+    for c in chains:
+        flags = [bool(_image_inputs_of(n, analysis)) for n in c.nodes]
+        start = 0
+        for k in range(1, len(c) + 1):
+            if k == len(c) or flags[k] != flags[start]:
+                part = Chain(c.nodes[start:k], c.paths[start:k], c.classes[start:k], c.hashes[start:k])
+                if start or k < len(c):
+                    nxt = c.paths[k] if k < len(c) else None
+                    if flags[start]:
+                        part.note = f"cut from `{c.name}`, whose other blocks receive no image tokens"
+                    else:
+                        part.note = (f"cut from `{c.name}`: its blocks receive no image tokens "
+                                     f"({_receives(part.nodes[0], analysis)})"
+                                     + (f" and feed `{nxt}` only a side input" if nxt else ""))
+                out.append(part)
+                start = k
+    order = {id(n): i for i, n in enumerate(n for c in chains for n in c.nodes)}
+    out.sort(key=lambda c: (-len(c), order[id(c.nodes[0])]))
+    return out
+
+
+def _no_image_chain_error(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> NoBlocksFoundError:
+    """NoBlocksFoundError saying what the chains receive, what the image input is, and the fix that applies."""
+    img = analysis.image_ph
+    img_name = _input_name(img)
+    found = "; ".join(f"`{c.name}` ({len(c)} blocks; its first block receives {_receives(c.nodes[0], analysis)})"
+                      for c in chains)
+    how = f"stream={config.stream!r}" if config.stream is not None else "the first tensor input of forward"
+    head = (f"treadfx found repeated blocks ({found}) but none of them receives tokens of the image input "
+            f"`{img_name}` {_shape(img)} ({how}).")
+    # inputs that do reach a chain's first block along a token axis: candidates for stream=
+    reaching: list[str] = []
+    for c in chains:
         for inp in tensor_input_nodes(c.nodes[0]):
-            info = analysis.token_info(inp)
-            if isinstance(info, TokenInfo) and info.has_image():
-                return True
-        return False
+            if not isinstance(analysis.token_info(inp), TokenInfo):
+                continue
+            for p in analysis.placeholders:
+                if (p is not img and p in analysis.provenance.get(inp, ()) and isinstance(analysis.token_info(p), TokenInfo)
+                        and _input_name(p) not in reaching):
+                    reaching.append(_input_name(p))
+    if not isinstance(analysis.token_info(img), TokenInfo):
+        why = (f" `{img_name}` has no token axis: a token stream is a [B, N, D] sequence (or a [B, C, H, W] latent "
+               f"patchified into one) whose batch size B is shared by the other inputs.")
+    elif any(img in analysis.provenance.get(inp, ()) for c in chains for n in c.nodes for inp in tensor_input_nodes(n)):
+        why = (f" `{img_name}` reaches the blocks only through values without its token axis (pooled or reduced "
+               "over the tokens), so there is no image token to drop.")
+    else:
+        why = f" `{img_name}` does not reach any of these blocks."
+    if reaching:
+        fix = (f" Fix: if the image (noisy latent) is {', '.join(f'`{r}`' for r in reaching)}, pass "
+               f"stream='{reaching[0]}'.")
+    else:
+        fix = (" No input reaches the blocks along a token axis, so stream= would not help. Fix: treadfx routes "
+               "transformer blocks that take the image as [B, N, D] tokens; route a model whose blocks do.")
+    return NoBlocksFoundError(head + why + fix)
+
+
+def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
+    """The chain to route: the one named by ``config.chain``, else the only chain whose blocks receive image tokens.
+
+    ``chains`` is first replaced, in place, by :func:`split_at_stream_changes` of itself, so a side-input chain
+    (a text refiner) linked to the image blocks is neither routed nor counted in route indices; every chain's
+    ``note`` then says why it is or is not the routed one (``inspect`` prints it). Raises AmbiguousChainError for
+    an unknown name/index or several image chains, NoBlocksFoundError when no chain (or the named one) receives
+    the image stream, with advice that fits what was found.
+    """
+    chains[:] = split_at_stream_changes(chains, analysis)
+    image_chains = [c for c in chains if _image_inputs_of(c.nodes[0], analysis)]
+
+    carrying = {id(c) for c in image_chains}
+
+    def routed_because(c: Chain, why: str) -> Chain:
+        c.note = why + (f"; {c.note}" if c.note else "")
+        for other in chains:
+            if other is not c:
+                reason = other.note or (
+                    "another chain was chosen" if id(other) in carrying
+                    else f"its blocks receive no image tokens ({_receives(other.nodes[0], analysis)})")
+                other.note = "not routed: " + reason
+        return c
 
     if config.chain is not None:
         if isinstance(config.chain, int) and not isinstance(config.chain, bool):
@@ -127,29 +239,36 @@ def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformC
                     + "; ".join(f"{k}: {c.name} ({len(c)} blocks)" for k, c in enumerate(chains))
                     + ". Fix: pass one of those indices or names."
                 )
-            return chains[config.chain]
-        for c in chains:
-            if c.name == config.chain or config.chain in c.name.split("+"):
-                return c
-        raise AmbiguousChainError(
-            f"chain={config.chain!r} names no chain; the model has: "
-            + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
-        )
-    image_chains = [c for c in chains if carries_image(c)]
+            named = chains[config.chain]
+        else:
+            named = next((c for c in chains if c.name == config.chain), None) or next(
+                (c for c in chains if config.chain in c.name.split("+")), None)
+            if named is None:
+                raise AmbiguousChainError(
+                    f"chain={config.chain!r} names no chain; the model has: "
+                    + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
+                )
+        if id(named) not in carrying:
+            others = "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in image_chains) or "none"
+            raise NoBlocksFoundError(
+                f"chain={config.chain!r} selects `{named.name}`, whose blocks receive no image tokens (its first block "
+                f"receives {_receives(named.nodes[0], analysis)}), so routing it would drop no image token. "
+                f"Chains that receive image tokens: {others}. Fix: pass one of those to chain=."
+            )
+        return routed_because(named, f"routed: named by chain={config.chain!r}")
     if not image_chains:
-        raise NoBlocksFoundError(
-            "treadfx found repeated blocks ("
-            + "; ".join(f"{c.name}: {len(c)}" for c in chains)
-            + ") but none of them receives the image token stream. Fix: make sure the image (noisy latent) is the "
-            "first tensor argument of forward or name it with stream='<argument>', and that blocks take [B, N, D] tokens."
-        )
+        raise _no_image_chain_error(chains, analysis, config)
     if len(image_chains) > 1:
         raise AmbiguousChainError(
             "the model has several chains of repeated blocks carrying image tokens: "
             + "; ".join(f"{c.name!r} ({c.describe()})" for c in image_chains)
             + ". Route indices would be ambiguous. Fix: pass chain='<name>' to transform()."
         )
-    return image_chains[0]
+    c = image_chains[0]
+    names = sorted({_input_name(p) for inp in _image_inputs_of(c.nodes[0], analysis)
+                    for p in analysis.provenance.get(inp, ()) if p is analysis.image_ph})
+    return routed_because(c, "routed: the only chain whose blocks receive image tokens"
+                          + (f" (from `{names[0]}`)" if names else ""))
 
 
 def image_input_index(prog: TracedProgram, config: TransformConfig) -> int:

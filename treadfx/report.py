@@ -23,6 +23,7 @@ from .api import transform
 from .fake_eval import _meta_key, autocast_cache_off, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
+from .tracing import autowrap_guard
 from .transformed import RoutedProgram, TreadState, is_transformed, program_for, state_of, unwrap
 
 __all__ = ["Report", "RouteReport", "inspect"]
@@ -70,6 +71,7 @@ class ChainReport:
     length: int
     selected: bool
     blocks: list[dict]  # {"index", "path", "class", "kind"}
+    note: str = ""  # why the chain is (not) the routed one, e.g. "not routed: its blocks receive no image tokens"
 
 
 @dataclasses.dataclass
@@ -118,7 +120,7 @@ class Report:
         lines = [f"treadfx report for {self.model}", f"  inputs: {', '.join(self.inputs)}"]
         for c in self.chains:
             mark = "*" if c.selected else " "
-            lines.append(f" {mark}chain {c.index} `{c.name}`: {c.length} blocks")
+            lines.append(f" {mark}chain {c.index} `{c.name}`: {c.length} blocks" + (f" -- {c.note}" if c.note else ""))
             runs: list[list[dict]] = []
             for b in c.blocks:
                 if runs and runs[-1][-1]["kind"] == b["kind"] and runs[-1][-1]["class"] == b["class"]:
@@ -276,6 +278,10 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         prog = program_for(m, st, tuple(args), dict(kwargs))
         traced = prog.traced
         ev = traced.evaluator
+    # the dense count runs the original forward on fake tensors: no fake value it computes may stay in the
+    # model's lru caches (diffusers' RoPE helpers) for later real calls. Not around program_for: the trace has
+    # its own guard, and a nested one would miss a cache the inner guard cleared (cache_clear resets its counts)
+    with _train_mode(m), autocast_cache_off(), autowrap_guard():
         dense = fwd_bwd_flops(ev, lambda *a, **k: st.original_forward(m, *a, **k), tuple(args), dict(kwargs),
                               module_params(m))
         saved = [(s.forced, s.fixed) for s in prog.selects]
@@ -292,7 +298,7 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     for ci, c in enumerate(prog.chains):
         blocks = [{"index": i, "path": p, "class": cls, "kind": h or ""}
                   for i, (p, cls, h) in enumerate(zip(c.paths, c.classes, c.hashes))]
-        chains.append(ChainReport(ci, c.name, len(c), c is prog.chain, blocks))
+        chains.append(ChainReport(ci, c.name, len(c), c is prog.chain, blocks, c.note))
     routes = []
     for plan in prog.plans:
         tensors = []

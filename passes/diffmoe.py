@@ -351,9 +351,17 @@ def _is_act(block: nn.Module, node: fx.Node) -> bool:
 
 
 def _is_dropout(block: nn.Module, node: fx.Node) -> bool:
-    """An ``nn.Dropout`` module call (``F.dropout``'s ``training`` flag would be frozen by the trace)."""
-    return node.op == "call_module" and isinstance(block.get_submodule(str(node.target)), nn.Dropout) \
-        and len(node.args) == 1 and not node.kwargs
+    """An ``nn.Dropout`` module call, or ``F.dropout`` of one tensor with a constant ``p`` (its ``training`` flag,
+    frozen by the trace, is dropped: the cut-out FFN gets an ``nn.Dropout(p)``, which follows the mode)."""
+    if node.op == "call_module":
+        return isinstance(block.get_submodule(str(node.target)), nn.Dropout) and len(node.args) == 1 \
+            and not node.kwargs
+    return node.op == "call_function" and node.target is F.dropout and len(node.all_input_nodes) == 1 \
+        and isinstance(_dropout_p(node), (int, float))
+
+
+def _dropout_p(node: fx.Node) -> Any:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
 
 
 def _only_used_by(nodes: Sequence[fx.Node], inside: set) -> bool:
@@ -456,7 +464,8 @@ def _inline_ffns(block: nn.Module, graphs: dict[bool, fx.Graph]) -> dict[tuple, 
             found.setdefault(plan.key, {})[mode] = plan
     def signature(plan: _InlinePlan) -> list:
         pos = {n: i for i, n in enumerate(plan.nodes)}
-        return [(n.op, str(n.target), repr(fx.node.map_arg((n.args, n.kwargs), lambda a: pos.get(a, -1))))
+        return [("dropout", _dropout_p(n)) if n.op == "call_function" and n.target is F.dropout else
+                (n.op, str(n.target), repr(fx.node.map_arg((n.args, n.kwargs), lambda a: pos.get(a, -1))))
                 for n in plan.nodes]
 
     # the same FFN in every mode's graph (one module is cut out for both)
@@ -526,6 +535,10 @@ def _inline_ffn_module(block: nn.Module, plan: _InlinePlan) -> fx.GraphModule:
                 b = _attr(block, str(b_node.target))
                 lin.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
             root[name] = lin
+            env[node] = graph.call_module(name, (env[node.args[0]],))
+        elif node.op == "call_function" and node.target is F.dropout:
+            name = f"dropout{sum(1 for k in root if k.startswith('dropout'))}"
+            root[name] = nn.Dropout(float(_dropout_p(node)))
             env[node] = graph.call_module(name, (env[node.args[0]],))
         elif node.op == "call_module":
             name = _sanitize(str(node.target))

@@ -355,3 +355,28 @@ def test_several_inline_ffns_one_chosen_by_its_first_linear_and_untraceable_bloc
     with pytest.raises(treadfx.FFNNotFoundError, match=r"its forward does not trace with torch.fx \(TraceError.*Fix: "
                                                         r"move the feed-forward into a submodule"):
         treadfx.diffmoe(Net(Untraceable))
+
+
+class DropoutBlock(GeluBlock):
+    """Dropout inside the FFN, once as ``F.dropout(..., training=self.training)``, once as an ``nn.Dropout``."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def mlp(self, h):
+        return self.drop(self.fc2(F.dropout(F.gelu(self.fc1(h), approximate="tanh"), 0.5, self.training)))
+
+
+def test_dropout_inside_an_inline_ffn_follows_the_mode():
+    dense = Net(DropoutBlock)
+    d = treadfx.diffmoe(dense, num_experts=2, capacity=2.0, noise_std=0.0, seed=0)
+    expert = d.blocks[1].ffn.experts[0]
+    assert [type(m).__name__ for m in expert.children()] == ["Linear", "Dropout", "Linear"]
+    assert isinstance(d.blocks[1].drop, nn.Dropout)  # after fc2: not part of the FFN, stays in the block
+    x, t = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(d.eval()(x, t), dense.eval()(x, t), rtol=1e-5, atol=1e-5)
+        torch.manual_seed(0)
+        a = d.train()(x, t)
+        assert (a - d(x, t)).abs().max() > 1e-3  # dropout active in training

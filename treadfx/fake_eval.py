@@ -373,7 +373,12 @@ class FakeEvaluator:
         raise AssertionError(node.op)
 
     def propagate(self, gm: fx.GraphModule, inputs: list) -> dict[fx.Node, Any]:
-        """Fake values of every node of ``gm`` for these placeholder values."""
+        """Fake values of every node of ``gm`` for these placeholder values.  A node that fails raises to the
+        caller (which reports it as a TransformError) without torch's fake-tensor error logs."""
+        with quiet_fake_tensor_logs():
+            return self._propagate(gm, inputs)
+
+    def _propagate(self, gm: fx.GraphModule, inputs: list) -> dict[fx.Node, Any]:
         env: dict[fx.Node, Any] = {}
         it = iter(inputs)
         for node in gm.graph.nodes:

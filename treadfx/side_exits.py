@@ -234,7 +234,7 @@ def find_side_exits(prog, analysis, chain_nodes: Sequence[fx.Node], index: int, 
         kept = mode == "kept" and bool(outputs) and bool(side_users)
         producer = _producer(prog, node)
         fill = ("nothing: kept rows only on the way to the output (side_exits='kept')" if kept else
-                f"the stream at route-out ({name_of(stream)}), i.e. stale for this value")
+                f"the stream at route-out ({name_of(stream)})")
         if outputs and not is_stream:
             d.role = "side exit (kept rows)" if kept else "side exit"
             d.reason = ("side_exits='kept': the outputs computed from it get only the route's kept rows" if kept else
@@ -348,7 +348,7 @@ def warn_side_exits(st, routed, model_name: str) -> None:
         warnings.warn(
             f"treadfx: {outs} of {model_name} is computed from {e.name}, produced inside route {e.route} (chain "
             f"blocks {plan.start}..{plan.end}). In routed training only the kept tokens' rows of it are computed "
-            f"by the routed blocks; the skipped tokens' rows hold {e.fill}. "
+            f"by the routed blocks; the skipped tokens' rows hold {e.fill}, stale for this value. "
             f"Fix: average a loss "
             f"on it over fresh rows with mask = treadfx.route_mask(model, value) (bool [B, T], True = fresh), or "
             "transform(..., side_exits='kept') for kept rows only, or end the route before "

@@ -364,7 +364,7 @@ def record_outputs(user: Sequence[Any]) -> tuple:
     return tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else None for t in user)
 
 
-def _select(routed, exits: list[SideExit], value: torch.Tensor | None, producer: str | None,
+def _select(exits: list[SideExit], value: torch.Tensor | None, producer: str | None,
             refs: tuple) -> tuple[SideExit, ExitOutput | None]:
     """The side exit (and the output) meant by ``value`` / ``producer``."""
     listing = "; ".join(f"`{e.producer}` -> " + (", ".join(o.path for o in e.outputs) or "no output")
@@ -403,12 +403,12 @@ def _select(routed, exits: list[SideExit], value: torch.Tensor | None, producer:
                         "one. Fix: route_mask(model, value) with the returned tensor, or producer='<module path>'.")
 
 
-def _resolve(model, value, producer):
+def _resolve(model):
+    """(state, this thread's last program or None, its kept indices per route)."""
     from .transformed import state_of
 
     st = state_of(model)
-    prog, kept_all = st.last_program, st.last_kept
-    return st, prog, kept_all
+    return st, st.last_program, st.last_kept
 
 
 def route_mask(model, value: torch.Tensor | None = None, *, producer: str | None = None) -> torch.Tensor:
@@ -424,11 +424,11 @@ def route_mask(model, value: torch.Tensor | None = None, *, producer: str | None
     otherwise unrouted call, or when the route dropped nothing, all True.  Raises :class:`SideExitError` naming the
     side exits when the choice is ambiguous or not found.
     """
-    st, prog, kept_all = _resolve(model, value, producer)
+    st, prog, kept_all = _resolve(model)
     if prog is None:
         return _unrouted(st, value, producer, "route_mask")
     exits = side_exits_of(prog)
-    e, out = _select(prog, exits, value, producer, st.last_outputs)
+    e, out = _select(exits, value, producer, st.last_outputs)
     _check_axis(e, out, value)
     kept = kept_all[e.route] if e.route < len(kept_all) else None
     return e.mask(kept, _batch(e, value))
@@ -439,12 +439,12 @@ def route_rows(model, value: torch.Tensor | None = None, *, producer: str | None
     int64 ``[B, T']``.  With ``side_exits="kept"`` these are the route's kept tokens in delivery order (gather a
     target with them: ``target.gather(1, rows[..., None].expand(-1, -1, D))``); otherwise ``arange(T)``.  Names the
     side exit like :func:`route_mask`."""
-    st, prog, kept_all = _resolve(model, value, producer)
+    st, prog, kept_all = _resolve(model)
     if prog is None:
         mask = _unrouted(st, value, producer, "route_rows")
         return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
     exits = side_exits_of(prog)
-    e, out = _select(prog, exits, value, producer, st.last_outputs)
+    e, out = _select(exits, value, producer, st.last_outputs)
     _check_axis(e, out, value)
     kept = kept_all[e.route] if e.route < len(kept_all) else None
     return e.rows(kept, _batch(e, value))

@@ -430,10 +430,12 @@ class CachingModel(nn.Module):
         super().__init__()
         self.embed = nn.Linear(4, d)
         self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.GELU()) for _ in range(4)])
+        self.memo: dict = {}
 
     def forward(self, x):
         h = self.embed(x) + _cached_table(x.shape[1], self.embed.out_features, str(x.device))
-        self.last_scale = h.abs().mean()  # a cache of the model written by the forward
+        self.last_scale = h.abs().mean()  # a value of the model written by the forward
+        self.memo.setdefault(x.shape[1], h.detach()[0, 0])  # a cache filled in place
         for blk in self.blocks:
             h = blk(h)
         return h
@@ -444,11 +446,16 @@ def test_nothing_from_the_trace_stays_in_the_model_or_lru_caches():
     m = CachingModel()
     tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
     x = torch.randn(2, 8, 4)
-    with pytest.warns(UserWarning, match=r"the forward sets `last_scale` on the model; the routed graph runs the "
-                                         r"computation but not this assignment"):
+    with pytest.warns(UserWarning) as notes:
         tm(x).sum().backward()
+    text = " ".join(str(w.message) for w in notes)
+    assert "the forward sets `last_scale` on the model; the routed graph runs the computation but not this " \
+           "assignment" in text
+    assert "the forward stores values in `memo` (a cache of the model); entries added while treadfx traced it " \
+           "were removed" in text
     assert _leaks(tm) == [] and _leaks(m) == [] and _lru_leaks() == []
     assert "last_scale" not in vars(tm)  # never a trace value; the routed call does not replay the write
+    assert tm.memo == {}
     tm.eval()
     assert torch.equal(tm(x), m.eval()(x))
 
@@ -468,16 +475,16 @@ def _hidream():
 
     torch.manual_seed(0)
     return HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=3, num_single_layers=1, attention_head_dim=8,
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=16, num_routed_experts=2,
-        num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1, 2, 3],
+        num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1, 2],
         force_inference_output=True)
 
 
 def _hidream_inputs(g):
     b = 2
     return (torch.randn(b, 4, 8, 8, generator=g), torch.rand(b, generator=g) * 1000,
-            torch.randn(b, 6, 16, generator=g), torch.randn(4, b, 6, 8, generator=g), torch.randn(b, 16, generator=g))
+            torch.randn(b, 6, 16, generator=g), torch.randn(3, b, 6, 8, generator=g), torch.randn(b, 16, generator=g))
 
 
 def test_hidream_per_sample_unpatchify_trains_routed(trace_count):
@@ -523,6 +530,27 @@ def test_hidream_per_sample_unpatchify_trains_routed(trace_count):
         assert torch.equal(tm(*args).sample, m(*args).sample)
     assert trace_count[0] == 1
     assert _leaks(tm) == [] and _lru_leaks() == []
+
+
+def test_qwen_image_rope_caches_hold_no_trace_values_and_eval_is_the_original():
+    pytest.importorskip("diffusers")
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, 5, 16, generator=g), encoder_hidden_states_mask=torch.ones(2, 5),
+                  timestep=torch.rand(2, generator=g), img_shapes=[(1, 4, 4)] * 2)
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    tm(**kwargs).sample.square().mean().backward()
+    assert len(treadfx.last_routes(tm)) == 1
+    assert _leaks(tm) == [] and _lru_leaks() == []
+    tm.eval()
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(tm(**kwargs).sample, m(**kwargs).sample)
 
 
 def _lumina_inputs(lengths, g):

@@ -14,8 +14,17 @@ whose outputs are the tensor leaves of the result.  Unlike
   (``torch.rand(B, device=...)`` for label dropout, ``torch.arange(n)``) are
   recorded as graph nodes instead of being frozen into constants, so the
   graph is random exactly where the forward is;
-* a branch on tensor *data* raises :class:`UntraceableForwardError` naming
-  the line of user code, never a silently specialised graph;
+* Python use of tensor *data* (``assert labels.max() <= 999``, ``.tolist()``,
+  ``if h.mean() > 0``, ``x[:n]`` with a tensor ``n``) is never silently
+  specialised: a tensor built from Python numbers by deterministic functions is
+  folded (HiDream's ``img_sizes``); inside a submodule that holds no leaf (no
+  block) the submodule becomes a leaf that runs live, its outputs' metadata
+  taken from one evaluation on the traced call's real inputs (Lumina2's RoPE
+  embedder, a label embedder's assert), with a one-time note naming the
+  ``leaf_modules`` entry; elsewhere the graph specialises on the value of the
+  traced call and a guard node (:mod:`treadfx.data_guards`) re-checks it at
+  every call.  Without real inputs (meta or fake tensors) the last case raises
+  :class:`UntraceableForwardError` naming the line;
 * user code is never run with proxies: modules are entered through their
   ``forward`` (their hooks belong to real calls), ``torch.compile``d modules
   through the module they wrap, and ``torch.utils.checkpoint`` is recorded as
@@ -29,15 +38,20 @@ whose outputs are the tensor leaves of the result.  Unlike
 * tracing is serialised by a process-wide lock and only affects the tracing
   thread: module calls in other threads run normally meanwhile.
 
-Tracing never mutates the traced module.  Module outputs are inferred on fake
+Tracing never mutates the traced module: attributes its forward sets while
+traced are put back (with a note).  Module outputs are inferred on fake
 tensors; a module whose output shape depends on tensor data is run once on
 random data with the global RNG state saved and restored and without hooks
-(see :mod:`treadfx.fake_eval`).
+(see :mod:`treadfx.fake_eval`).  Where data decides (the cases above) the
+forward up to that point is run once on a copy of the call's real inputs,
+without gradients, hooks or RNG side effects.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import dataclasses
 import linecache
 import operator
@@ -920,13 +934,33 @@ def trace(
 
     Guarantees: the returned program computes what ``forward`` computes for any
     inputs with the same signature (and, for float inputs the graph branches
-    on, the same values: ``value_guards``); ``leaves`` appear as single
-    ``call_module`` nodes; the model is neither run nor mutated, no user hook
-    runs and the global RNG state is unchanged. ``args`` may hold real, meta or
-    fake tensors (only metadata is read).
+    on, the same values: ``value_guards``; for tensor data it specialised on,
+    guard nodes that raise :class:`~treadfx.data_guards.ValueGuardFailure`
+    otherwise: ``data_guards``); ``leaves`` appear as single ``call_module``
+    nodes, and so do submodules that use tensor data (``live_leaves``); the
+    model is not mutated, no user hook runs and the global RNG state is
+    unchanged; the model's code runs on real values only where data decides,
+    on a copy of the real inputs and without gradients. ``args`` may hold real,
+    meta or fake tensors.
     """
     with TRACE_LOCK, rng_preserved((args, kwargs)), _attribute_writes_undone(model):
         return _trace(model, forward, args, kwargs, leaves, arg_names)
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _holds_trace_value(value: Any, depth: int = 0) -> bool:
+    """A proxy or a fake tensor somewhere in this (nested) container."""
+    if isinstance(value, (fx.Proxy, FakeTensor)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_trace_value(v, depth + 1) or _holds_trace_value(k, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_trace_value(v, depth + 1) for v in value)
+    return False
 
 
 @contextlib.contextmanager
@@ -940,9 +974,28 @@ def _attribute_writes_undone(model: nn.Module):
     import warnings
 
     saved = [(path, m, dict(m.__dict__)) for path, m in model.named_modules()]
+    # plain dict/list attributes (a module's own caches, e.g. ``self.rope_cache = {}``) keep their identity;
+    # their contents are put back if the trace left trace values in them
+    containers = [(path, m, k, v, copy.copy(v)) for path, m, d in saved for k, v in d.items()
+                  if k not in _MODULE_INTERNALS and type(v) in (dict, list, collections.OrderedDict)]
     try:
         yield
     finally:
+        for path, m, k, v, before_items in containers:
+            if _holds_trace_value(v):
+                if isinstance(v, dict):
+                    v.clear()
+                    v.update(before_items)
+                else:
+                    v[:] = before_items
+                key = (type(model).__qualname__, path, k, "cache")
+                if key not in _NOTED:
+                    _NOTED.add(key)
+                    warnings.warn(
+                        f"treadfx: the forward stores values in `{(path + '.') if path else ''}{k}` (a cache of the "
+                        "model); entries added while treadfx traced it were removed, and the routed graph does not "
+                        "refill it. Fix: keep such caches outside the module whose forward calls the blocks, or in "
+                        "a submodule that does not call them (treadfx runs those live).", stacklevel=5)
         for path, m, before in saved:
             d = m.__dict__
             changed = [k for k in list(d) if k not in before or d[k] is not before[k]]
@@ -1027,11 +1080,14 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{type(model).__name__}")
     live = [(str(n.target).removeprefix("m."), n.meta["treadfx_live_leaf"]) for n in graph.nodes
             if "treadfx_live_leaf" in n.meta]
-    _note_live_leaves(model, live)
+    if tracer.real_inputs is not None:  # a real call (not an internal shape-only analysis): tell the user
+        _note_live_leaves(model, live)
     tracer.evaluator.live_modules = [tracer.root.get_submodule(str(n.target)) for n in graph.nodes
                                      if "treadfx_live_leaf" in n.meta]
-    _note_specialised(model, [n.meta["treadfx_data_guard"] for n in graph.nodes if "treadfx_data_guard" in n.meta
-                              and "treadfx_live_leaf" not in n.args[0].meta])  # leaves' own guards: noted above
+    if tracer.real_inputs is not None:
+        _note_specialised(model, [n.meta["treadfx_data_guard"] for n in graph.nodes
+                                  if "treadfx_data_guard" in n.meta  # a live leaf's own guard is noted above
+                                  and "treadfx_live_leaf" not in n.args[0].meta])
     return TracedProgram(
         gm=gm,
         signature=signature,

@@ -77,6 +77,22 @@ def test_subgrid_indices_keep_one_token_per_cell_sorted_on_the_subgrid(case):
     assert len(offsets_seen) == area  # each row is another offset
 
 
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_every_ratio_named_as_supported_keeps_one_token_per_cell(h, w):
+    from treadfx.structured import check_structured_ratio, supported_ratios
+
+    n = h * w
+    named = supported_ratios((h, w))
+    areas = {a * b for a in range(1, h + 1) if h % a == 0 for b in range(1, w + 1) if w % b == 0 and a * b >= 2}
+    assert sorted(c[-2] * c[-1] for _, c in named) == sorted(areas)  # one ratio per cell area that tiles the grid
+    for r, cell in named:
+        area = cell[-2] * cell[-1]
+        assert 0 < r < 1 and n - int(n * r) == n // area  # the official kept count is one token per cell
+        assert abs(r - (1 - 1 / area)) < 0.01 + 1 / n
+        got = check_structured_ratio(r, (h, w), 0)
+        assert got[-2] * got[-1] == area
+
+
 @given(st.sampled_from([(4, 4), (8, 6), (2, 4, 4)]), st.sampled_from([2, 4]), st.integers(0, 2**20))
 def test_structured_select_draws_a_subgrid_per_sample_with_varying_offsets(grid, area, seed):
     n = math.prod(grid)

@@ -80,16 +80,12 @@ def supported_ratios(sizes: tuple[int, ...]) -> list[tuple[float, tuple[int, ...
             continue
         seen.add(area)
         exact = 1 - 1 / area
-        short = [round(exact, d) for d in range(1, 5) if round(exact, d) == exact]
-        for digits in range(1, 12):
-            if short and num_kept(n, short[0]) == n // area:
-                r = short[0]
-                break
-            r = round(exact, digits)
-            if r < 1 and num_kept(n, r) == n // area:
-                break
-        else:  # pragma: no cover - some rounding always lands in [1 - 1/a, 1 - 1/a + 1/N)
-            r = exact
+        cands = [c for d in range(1, 12) for c in (round(exact, d), math.ceil(exact * 10**d) / 10**d)]
+        works = [c for c in cands if c < 1 and num_kept(n, c) == n // area]
+        # the exact value when it is a short decimal (0.5, 0.75, 0.875) and works, else the shortest decimal that
+        # works (one always does: any r in [1 - 1/a, 1 - 1/a + 1/N) keeps N/a)
+        short = any(round(exact, d) == exact for d in range(1, 5))
+        r = exact if short and num_kept(n, exact) == n // area else (works[0] if works else exact)
         out.append((r, cell))
     return out
 

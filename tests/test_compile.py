@@ -32,6 +32,9 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def graphs() -> int:
+    """Graphs dynamo compiled so far: first compilations and recompilations alike (with ``fullgraph=True`` one
+    per compilation). torch 2.13 fills neither ``counters["recompiles"]`` nor, for a compiled module,
+    ``counters["frames"]``; a count that does not grow over a span of calls means nothing recompiled in it."""
     return counters["stats"]["unique_graphs"]
 
 
@@ -45,8 +48,9 @@ def test_fullgraph_no_breaks_and_no_recompiles_across_train_eval_train():
         if mode == "train":
             out.square().mean().backward()
     assert dict(counters["graph_break"]) == {}
-    assert dict(counters["recompiles"]) == {}
-    assert graphs() == 2  # one graph for training (routed), one for eval (the original forward)
+    # one graph for training (routed), one for eval (the original forward), each compiled once: switching
+    # modes again never recompiles
+    assert graphs() == 2
 
 
 def test_aot_eager_backward_matches_eager_with_fixed_routes():

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import re
 
 import pytest
@@ -207,3 +205,229 @@ def test_a_wrong_stream_name_gets_the_input_that_does_carry_tokens():
             "tokens of the image input `t` [2] (stream='t'). `t` has no token axis")) as e:
         tm(torch.rand(B), torch.randn(B, 6, 4))
     assert str(e.value).endswith("pass stream='x'.")
+
+
+# ============================================================ the diffusers zoo, tiny random configs
+def _randomize_zero_linears(m: nn.Module) -> nn.Module:
+    """diffusers zero-initialises some output layers; make every layer matter."""
+    g = _gen(123)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear) and not mod.weight.any():
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.05)
+    return m
+
+
+def _qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4)))
+
+
+def _qwen_image_inputs(h=4, w=4):
+    g = _gen(3)
+    return (torch.randn(B, h * w, 16, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 16, generator=g), "encoder_hidden_states_mask": torch.ones(B, 5),
+        "timestep": torch.tensor([0.1, 0.2]), "img_shapes": [(1, h, w)] * B}
+
+
+def _hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    # no routed experts: the MoE feed-forward's training path indexes tokens by expert (data-dependent shapes)
+    return _randomize_zero_linears(HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=0,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1, 0, 1)))
+
+
+def _hidream_inputs():
+    g = _gen(4)
+    return (torch.randn(B, 4, 8, 8, generator=g),), {
+        "timesteps": torch.tensor([10.0, 20.0]), "encoder_hidden_states_t5": torch.randn(B, 5, 8, generator=g),
+        "encoder_hidden_states_llama3": torch.randn(2, B, 5, 4, generator=g),
+        "pooled_embeds": torch.randn(B, 8, generator=g)}
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32))
+
+
+def _wan_inputs(frames=2, h=8, w=8, seed=5):
+    g = _gen(seed)
+    return (torch.randn(B, 4, frames, h, w, generator=g),), {
+        "timestep": torch.tensor([10.0, 20.0]), "encoder_hidden_states": torch.randn(B, 5, 16, generator=g)}
+
+
+def _hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+        num_single_layers=2, num_refiner_layers=2, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)))
+
+
+def _hunyuan_video_inputs():
+    g = _gen(1)
+    return (torch.randn(B, 4, 2, 4, 4, generator=g),), {
+        "timestep": torch.tensor([10.0, 20.0]), "encoder_hidden_states": torch.randn(B, 5, 16, generator=g),
+        "encoder_attention_mask": torch.ones(B, 5), "pooled_projections": torch.randn(B, 8, generator=g),
+        "guidance": torch.tensor([3.0, 3.0])}
+
+
+def _hunyuan_image():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_single_layers=2, num_refiner_layers=2, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4)))
+
+
+def _hunyuan_image_inputs():
+    g = _gen(2)
+    return (torch.randn(B, 4, 4, 4, generator=g),), {
+        "timestep": torch.tensor([10.0, 20.0]), "encoder_hidden_states": torch.randn(B, 5, 16, generator=g),
+        "encoder_attention_mask": torch.ones(B, 5)}
+
+
+# name: (model, inputs, the routed chain, its length)
+ZOO = {
+    "qwen_image": (_qwen_image, _qwen_image_inputs, "transformer_blocks", 4),
+    "hidream": (_hidream, _hidream_inputs, "double_stream_blocks+single_stream_blocks", 4),
+    "wan": (_wan, _wan_inputs, "blocks", 4),
+    "hunyuan_video": (_hunyuan_video, _hunyuan_video_inputs, "transformer_blocks+single_transformer_blocks", 4),
+    "hunyuan_image": (_hunyuan_image, _hunyuan_image_inputs, "transformer_blocks+single_transformer_blocks", 4),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_trains_routed_and_eval_is_the_original(name):
+    build, inputs, chain_name, length = ZOO[name]
+    m = build()
+    args, kwargs = inputs()
+    m.eval()
+    with torch.no_grad():
+        sample_of(m(*args, **kwargs))  # a validation call first: fills diffusers' lru-cached RoPE helpers
+    m.train()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    r = treadfx.inspect(tm, *args, **kwargs)  # on the fresh transform, before any routed call
+    assert [(c.name, c.length) for c in r.chains if c.selected] == [(chain_name, length)]
+    assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+    route = r.routes[0]
+    assert (route.start, route.end, route.num_keep) == (1, length - 2, route.num_tokens // 2)
+
+    sample_of(tm(*args, **kwargs))  # warm-up
+    with torch.no_grad():
+        dense_train = sample_of(m(*args, **kwargs))  # the original forward in training mode (HiDream's differs)
+    opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad], lr=0.1)
+    routed = sample_of(tm(*args, **kwargs))
+    assert [rec.kept.shape[-1] for rec in treadfx.last_routes(tm)] == [route.num_keep]
+    assert not torch.allclose(routed.detach(), dense_train, atol=1e-4)  # training really routed
+    routed.square().mean().backward()
+    opt.step()
+
+    tm.eval()
+    m.eval()
+    try:
+        with torch.no_grad():
+            dense = sample_of(m(*args, **kwargs))  # the original forward, trained weights (shared parameters)
+            out = sample_of(tm(*args, **kwargs))
+        assert torch.equal(out, dense)
+    finally:
+        tm.train()
+        m.train()
+
+
+# ============================================================ video: Wan, 3D RoPE, F = 1, changing signatures
+def _wan_by_hooks(m, kept: torch.Tensor, args, kwargs, start: int = 1, end: int = 2) -> torch.Tensor:
+    """TREAD by hand on Wan's own forward: before block ``start`` the image stream is replaced by its kept
+    tokens; every routed block gets the rows ``kept`` of the 3D RoPE tables (cos, sin: ``[1, F*H*W, 1, d]``,
+    the 4th positional argument); after block ``end`` the kept tokens go back into the saved stream."""
+    blocks, saved = list(m.blocks), {}
+
+    def rows(table):
+        return table[:, kept] if kept.ndim == 1 else table[0][kept]
+
+    def route_out(mod, a):
+        saved["h"] = a[0]
+        return (take(a[0], kept),) + tuple(a[1:])
+
+    def rope_rows(mod, a):
+        return tuple(a[:3]) + (tuple(rows(t) for t in a[3]),) + tuple(a[4:])
+
+    def route_in(mod, a, out):
+        return put(saved["h"], out, kept)
+
+    handles = [blocks[start].register_forward_pre_hook(route_out)]
+    handles += [b.register_forward_pre_hook(rope_rows) for b in blocks[start: end + 1]]
+    handles.append(blocks[end].register_forward_hook(route_in))
+    try:
+        return sample_of(m(*args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("frames", [1, 2], ids=["single_frame", "two_frames"])
+def test_wan_3d_rope_is_gathered_like_a_hook_reference_and_eval_is_the_original(frames):
+    m = _wan()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    args, kwargs = _wan_inputs(frames=frames)
+    r = treadfx.inspect(tm, *args, **kwargs)
+    assert r.routes[0].num_tokens == frames * 4 * 4
+    kept = kept_for(r.routes[0], seed=7 + frames)
+    with treadfx.fixed_routes(tm, [kept]):
+        out = sample_of(tm(*args, **kwargs))
+    ref = _wan_by_hooks(m, kept, args, kwargs)
+    assert torch.equal(out, ref)
+    tm.eval()
+    m.eval()
+    try:
+        with torch.no_grad():
+            assert torch.equal(sample_of(tm(*args, **kwargs)), sample_of(m(*args, **kwargs)))
+    finally:
+        tm.train()
+        m.train()
+
+
+@pytest.fixture
+def trace_count(monkeypatch):
+    """How many times a model was traced (every new input signature starts with one trace)."""
+    count = [0]
+    original = tracing._trace
+
+    def counting(*a, **k):
+        count[0] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(tracing, "_trace", counting)
+    return count
+
+
+def test_wan_frame_count_and_resolution_changing_between_batches_trace_once_per_signature(trace_count):
+    m = _wan()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    shapes = [(2, 8, 8), (3, 8, 12), (1, 8, 8), (2, 8, 8), (3, 8, 12), (1, 8, 8), (2, 8, 8)]
+    traced = []
+    for step, (f, h, w) in enumerate(shapes):
+        before = trace_count[0]
+        args, kwargs = _wan_inputs(frames=f, h=h, w=w, seed=step)
+        out = sample_of(tm(*args, **kwargs))
+        traced.append(trace_count[0] > before)
+        assert out.shape == args[0].shape
+        n = f * (h // 2) * (w // 2)
+        assert [(rec.num_tokens, rec.kept.shape[-1]) for rec in treadfx.last_routes(tm)] == [(n, n // 2)]
+    # traced on the first batch of each (frames, height, width) signature only, never again per step
+    assert traced == [True, True, True, False, False, False, False]

@@ -330,7 +330,10 @@ def settle_side_inputs(r: RouteScope, entering: dict[fx.Node, ValueDecision], or
     failure past it; a node no subset fixes makes the region unroutable (UnroutableRegionError).
     """
     prober = prober or _Prober(r, entering, order_in, n_img)
-    known = _known_layouts(r.prog.gm, r.analysis)
+    # only layouts whose image part is this route's image tokens: an image-derived axis of another size (a
+    # video's frame count 1, channels) would make a [1, N, 1, d] RoPE table read on its leading axis
+    known = [lay for lay in _known_layouts(r.prog.gm, r.analysis)
+             if sum(s.length for s in lay if s.kind == "image") == n_img]
     for _attempt in range(len(order_in) + 2):
         env, failed, err = prober.run()
         if failed is None:

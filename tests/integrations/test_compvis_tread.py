@@ -7,16 +7,13 @@ very tokens the official router keeps, in the same order, and the EDM step's los
 bit-identical. Also: eval is the original forward; TREAD guidance (``force_routing``) equals the official
 ``force_routing=True``; FLOPs drop as ``treadfx.inspect`` predicts.
 
-The label embedder's ``assert labels.max() <= 999`` is data-dependent Python, so the transform passes
-``leaf_modules=["y_embedder"]`` (the embedder runs as one opaque call); once pre-block data-dependent code is
-handled without it, the argument stays valid and harmless.
+The label embedder's ``assert labels.max() <= 999`` is data-dependent Python: treadfx runs that module live (a
+one-time note names ``leaf_modules=["y_embedder"]``, which makes it explicit), so the transform is the one line.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException
 
 import treadfx
 
@@ -40,7 +37,7 @@ class RecordingRouter(Router):
 def _pair():
     """(official model, routing off; the treadfx-transformed copy sharing its parameters)."""
     m = tiny_tread_dit(enable_routing=False, routes=OFFICIAL_ROUTES)
-    tm = treadfx.transform(m, routes=[(START, END, RATIO)], leaf_modules=["y_embedder"])  # <-- the change
+    tm = treadfx.transform(m, routes=[(START, END, RATIO)])  # <-- the change
     return m, tm
 
 
@@ -95,11 +92,6 @@ def test_eval_is_the_original_and_guidance_equals_the_official_forced_route():
     assert torch.equal(guided, official)
 
 
-@pytest.mark.xfail(
-    raises=(DataDependentOutputException, treadfx.TransformError), strict=True,
-    reason="inspect counts the dense FLOPs by running the original forward on fake tensors, which reaches the "
-           "label embedder's assert despite leaf_modules (data-dependent pre-block code: issue 14.3, in progress); "
-           "remove this marker when it passes")
 def test_edm_step_flops_drop_as_inspect_predicts():
     m, tm = _pair()
     images, labels = _batch()

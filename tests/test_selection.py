@@ -186,3 +186,36 @@ def test_routing_guidance_in_a_compiled_sampling_loop_compiles_once_per_rate():
             x = x - v[:, :4] / 6  # learn_sigma: the first 4 channels are the prediction
     assert counters["stats"]["unique_graphs"] == 2  # one per rate (0.5 and 0.25)
     assert dict(counters["graph_break"]) == {}
+
+
+class _AnyLength(torch.nn.Module):
+    """Token model that takes any token count: embed, four residual MLP blocks, head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(4, 16)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16))
+                                          for _ in range(4))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+def test_fixed_routes_fit_one_of_several_cached_signatures():
+    tm = treadfx.transform(_AnyLength(), start=1, end=2, ratio=0.5, selection="per_sample").train()
+    short, long = torch.randn(2, 8, 4), torch.randn(2, 16, 4)
+    tm(short), tm(long)  # both signatures traced and cached
+    kept = torch.rand(2, 16).argsort(1)[:, :8]  # indices for the 16-token signature only
+    with treadfx.fixed_routes(tm, [kept]):
+        tm(long)
+        assert torch.equal(treadfx.last_routes(tm)[0].kept, kept)
+        with pytest.raises(treadfx.TokenCountError, match="between 1 and 8 of the 8 image tokens"):
+            tm(short)
+    with pytest.raises(treadfx.TokenCountError, match="between 1 and"):
+        with treadfx.fixed_routes(tm, [torch.full((2, 8), 99)]):  # fits no cached signature
+            pass

@@ -189,3 +189,58 @@ def test_order_probe_calls_no_forward_hooks_and_leaves_the_global_rng_alone():
     assert probed.order == "random"  # the probe did run the blocks
     assert hooks_with == hooks_without  # the probe itself adds no hook calls
     assert torch.equal(rng_with, rng_without)  # nor draws from the global RNG
+
+
+class _OuterResidual(nn.Module):
+    """Blocks without their own residual: the forward writes ``h = h + block(h)`` (or a gated ``h + g * block(h)``)."""
+
+    def __init__(self, gated: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gated = gated
+        self.embed = nn.Linear(4, 16)
+        self.cond = nn.Linear(1, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(5))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, t):
+        h = self.embed(x)
+        g = self.cond(t[:, None, None])  # per-sample gate [B, 1, D]
+        for b in self.blocks:
+            h = h + g * b(h) if self.gated else h + b(h)
+        return self.head(h)
+
+
+def _outer_residual_reference(m: _OuterResidual, x, t, kept, start, end):
+    h = m.embed(x)
+    g = m.cond(t[:, None, None])
+    saved = idx = None
+    for i, b in enumerate(m.blocks):
+        if i == start:
+            saved, idx = h, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            h = torch.gather(h, 1, idx)
+        h = h + g * b(h) if m.gated else h + b(h)
+        if i == end:
+            h = saved.scatter(1, idx, h)
+    return m.head(h)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("span", [(1, 2), (1, 4), (0, 3)])
+def test_residual_outside_the_blocks_leaves_skipped_tokens_unchanged(gated, span):
+    """The residual add after the route's last block is part of the route: skipped tokens come back as they left
+    (a plan that scattered the block output and the residual operand separately gave them ``h + h``)."""
+    import warnings
+
+    import treadfx
+
+    start, end = span
+    m = _OuterResidual(gated)
+    tm = treadfx.transform(_OuterResidual(gated), start=start, end=end, ratio=0.5, selection="per_sample").train()
+    x, t = torch.randn(3, 8, 4), torch.rand(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", treadfx.SideExitWarning)  # the stream going on is not a side exit
+        out = tm(x, t)
+    kept = treadfx.last_routes(tm)[0].kept
+    ref = _outer_residual_reference(m, x, t, kept, start, end)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)

@@ -107,6 +107,57 @@ def region_of(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> list[fx.Node
     return [n for n in gm.graph.nodes if n in forward and n in backward]
 
 
+# elementwise arithmetic that joins a block's output with the stream outside the block (``h = h + block(h)``)
+_ELEMENTWISE_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+                      operator.imul, torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+
+
+def _token_count(stream: fx.Node, info: TokenInfo) -> int | None:
+    val = stream.meta.get("val")
+    return int(val.shape[info.axis]) if isinstance(val, torch.Tensor) else None
+
+
+def extend_through_residuals(gm: fx.GraphModule, region: list[fx.Node], next_block: fx.Node | None,
+                             n_tokens: int | None) -> list[fx.Node]:
+    """The region plus the elementwise arithmetic after its last block that combines region values before the
+    next chain block: the residual add of a forward that writes ``h = h + block(h)`` outside the blocks.
+
+    Without it the block's output and the residual operand would leave the route separately, each with its skipped
+    rows restored from the stream, and the skipped tokens would come back as ``h + h`` instead of ``h``. A node
+    joins when at least one input is in the region and every other tensor input has no axis of the stream's full
+    token count (per-sample gates and scalars broadcast; a full-length tensor would need a gather, so the node stays
+    outside)."""
+    rset = set(region)
+    if not region:
+        return region
+    extra: list[fx.Node] = []
+    started = False
+    for n in gm.graph.nodes:
+        if n is region[-1]:
+            started = True
+            continue
+        if not started:
+            continue
+        if n is next_block:
+            break
+        elementwise = ((n.op == "call_function" and n.target in _ELEMENTWISE_FUNCS)
+                       or (n.op == "call_method" and n.target in _ELEMENTWISE_METHODS))
+        if not elementwise or not any(i in rset for i in n.all_input_nodes):
+            continue
+        outside_ok = True
+        for i in n.all_input_nodes:
+            if i in rset:
+                continue
+            val = i.meta.get("val")
+            if isinstance(val, torch.Tensor) and (n_tokens is None or n_tokens in tuple(val.shape)):
+                outside_ok = False
+        if outside_ok:
+            rset.add(n)
+            extra.append(n)
+    return region + extra if extra else region
+
+
 def _probe_count(n_img: int, sizes: set[int]) -> int:
     """A kept-token count for probing: fewer than N, at least 1, and equal to no other size in play."""
     for k in range(max(1, n_img - 1), 0, -1):
@@ -188,6 +239,7 @@ class RouteScope:
     end: int
     name_of: Any
     region: list[fx.Node]
+    stream_end: fx.Node | None = None  # the stream leaving the region when it is not the last block's output
 
     @property
     def rset(self) -> set[fx.Node]:
@@ -225,6 +277,10 @@ def plan_route(
     stream = find_stream(r)
     stream_info = analysis.token_info(stream)
     _, n_img = image_span(stream_info.layout)
+    nxt = chain.nodes[end + 1] if end + 1 < len(chain.nodes) else None
+    extended = extend_through_residuals(prog.gm, r.region, nxt, _token_count(stream, stream_info))
+    if len(extended) > len(r.region):  # h = h + block(h) outside the blocks: the stream leaves at the last add
+        r = dataclasses.replace(r, region=extended, stream_end=extended[-1])
     from . import structured
 
     found, why = None, None  # structured selection (blocks that need the token grid), see treadfx.structured
@@ -425,7 +481,7 @@ def _misaligned_input(r: RouteScope, entering, failed: fx.Node, n_img: int) -> s
 def leaving_decisions(r: RouteScope, env: dict[fx.Node, Any], stream: fx.Node, stream_info: TokenInfo,
                       n_img: int) -> list[ValueDecision]:
     """A decision for every value computed in the region and used after it (tuples through their getitems)."""
-    rset, last = r.rset, r.chain.nodes[r.end]
+    rset, last = r.rset, (r.stream_end if r.stream_end is not None else r.chain.nodes[r.end])
     leaving: list[ValueDecision] = []
     for node in r.region:
         outside = [u for u in node.users if u not in rset]

@@ -227,6 +227,12 @@ def find_side_exits(prog, analysis, chain_nodes: Sequence[fx.Node], index: int, 
         after = [u for u in node.users if u not in rset]
         consumers = [prog.model_path(n) for n in downstream(after, expand=not_block)
                      if n in chain_set and n not in rset]
+        if is_stream and consumers:
+            # an output that also depends on a later chain block is the stream going on (``h = h + block(h)``
+            # outside the blocks reaches the output through the residual adds), not a side path from the route
+            later = {n for n in downstream([node]) if n in chain_set and n not in rset}
+            outputs = [e for e, o in zip(outputs, [o for k, o in enumerate(outs) if node in reach[k]])
+                       if not any(n in later for n in upstream([o]))]
         if is_stream and not (outputs and consumers):
             continue  # the stream going on (or the model's output): TREAD itself
         side_users = [u for u in after if u not in chain_set

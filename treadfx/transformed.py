@@ -252,18 +252,37 @@ class TreadState:
             yield from progs
 
     def sync_selects(self) -> None:
-        """Push ratios / forced flags / fixed indices into every built program's route ops."""
-        for prog in self.programs_iter():
-            self.sync(prog)
+        """Push ratios / forced flags / fixed indices into every built program's route ops.
 
-    def sync(self, prog: RoutedProgram) -> None:
-        """Push the ratio, forced flag and fixed indices of each route into this program's route ops."""
+        Fixed indices are checked against each program; they are refused only when they fit none of them (a model
+        with cached graphs for 16 and 64 tokens takes 64-token indices; the 16-token graph then draws, and an eager
+        call of that signature inside ``fixed_routes`` raises ``TokenCountError``)."""
+        progs = list(self.programs_iter())
+        errors = []
+        for prog in progs:
+            try:
+                self.sync(prog)
+            except TokenCountError as e:
+                errors.append(e)
+                self.sync(prog, check=False)
+        if progs and len(errors) == len(progs):
+            raise errors[0]
+
+    def sync(self, prog: RoutedProgram, check: bool = True) -> None:
+        """Push the ratio, forced flag and fixed indices of each route into this program's route ops; with
+        ``check``, fixed indices that do not fit this program raise ``TokenCountError``, else they are dropped
+        for it."""
         for plan, sel in zip(prog.plans, prog.selects):
             sel.num_keep = num_kept(plan.num_tokens, self.ratio_of(plan.index))
             sel.forced = self.forced
             fixed = self.fixed[plan.index] if self.fixed is not None and plan.index < len(self.fixed) else None
             if fixed is not None:
-                _check_fixed(fixed, plan)
+                try:
+                    _check_fixed(fixed, plan)
+                except TokenCountError:
+                    if check:
+                        raise
+                    fixed = None
             sel.fixed = fixed
 
 

@@ -36,8 +36,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from treadfx.layout import image_span
@@ -204,5 +204,11 @@ def _copy_scope(node: fx.Node, block: fx.Node) -> None:
 
 
 def _fake_mode_of(values: list[Any]):
-    """The fake mode of these traced values (their graph's), or a fresh one when they are not fake."""
-    return detect_fake_mode(values) or FakeTensorMode(allow_non_fake_inputs=True)
+    """The fake mode of these traced values (their graph's), or a fresh one when they are not fake.
+
+    Read from the values themselves: ``detect_fake_mode`` would prefer an enclosing ``torch.compile`` trace's
+    mode, which is not the mode the analysis graph's values were made in."""
+    for v in pytree.tree_leaves(values):
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return FakeTensorMode(allow_non_fake_inputs=True)

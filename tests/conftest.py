@@ -1,6 +1,6 @@
 """Shared fixtures and hypothesis profiles.
 
-Profiles: ``ci`` (the default under CI=true: 200 examples per property, no
+Profiles: ``ci`` (the default under CI=true: 50 examples per property, no
 deadline), ``dev`` (25 examples, the default otherwise). Select with
 ``HYPOTHESIS_PROFILE=ci``.
 """
@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=200, deadline=None, derandomize=True, print_blob=True,
+    "ci", max_examples=50, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -43,6 +43,16 @@ def fresh_dynamo():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_notes():
+    """treadfx's one-time notes (live leaves, specialised values) are once per process: each test starts with none
+    given, so a test that expects a note does not depend on which tests ran before it in the same worker."""
+    from treadfx import tracing
+
+    tracing._NOTED.clear()
     yield
 
 

@@ -120,7 +120,7 @@ def test_flux_rope_decision_keeps_text_rows():
     r = report("diffusers_flux")
     rope = [t for t in r.routes[0].tensors if t.role == "side input"]
     # [T + N, d] tables: the 5 text rows lead and are never routed; the 16 image rows are gathered on axis 0
-    assert [(t.layout, t.axis) for t in rope] == [("[extra 5 | image 16]", 0)] * 2
+    assert [(t.layout, t.axis) for t in rope] == [("[text 5 | image 16]", 0)] * 2
 
 
 def test_ambiguous_streams_follow_the_documented_rule_and_the_override():
@@ -196,15 +196,17 @@ def test_unsupported_pattern_names_the_block_and_the_tensor():
     assert tm(torch.randn(2, 16, 3)).shape == (2, 16, 8)
 
 
-def test_sana_grid_ffn_is_refused_naming_the_block_and_the_operation():
-    """Sana's Mix-FFN folds the tokens back into the H x W grid for a depthwise conv: not token-wise, never routed."""
+def test_sana_random_selection_is_refused_naming_the_operation_and_structured_selection():
+    """Sana's Mix-FFN folds the tokens back into the H x W grid for a depthwise conv: a random subset cannot run
+    there, so an explicit random selection is refused naming the operation and the structured selection that works
+    (the default, 'auto', picks it: tests/test_structured.py)."""
     from diffusers import SanaTransformer2DModel
 
     torch.manual_seed(0)
     m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
                                num_layers=3, num_cross_attention_heads=2, cross_attention_head_dim=8,
                                cross_attention_dim=16, caption_channels=12, sample_size=8, patch_size=1)
-    tm = treadfx.transform(m, start=1, end=1, ratio=0.5)
+    tm = treadfx.transform(m, start=1, end=1, ratio=0.5, selection="per_sample")
     x, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12), torch.tensor([10.0, 20.0])
     with pytest.raises(treadfx.UnroutableRegionError) as e:
         tm(x, encoder_hidden_states=text, timestep=t)
@@ -212,7 +214,7 @@ def test_sana_grid_ffn_is_refused_naming_the_block_and_the_operation():
     assert msg.startswith("route 0 (chain blocks 1..1): block `transformer_blocks.1` cannot run on the kept tokens "
                           "(63 of 64 in the probe). Inputs: output of `transformer_blocks.0`=[2, 64, 16]")
     assert "unflatten: Provided sizes [8, 8] don't multiply up to the size of dim 1 (63)" in msg
-    assert msg.endswith("treadfx never routes a region it cannot prove shape-consistent.")
+    assert "Fix: use selection='structured' (or 'auto')" in msg and "0.5 (1/2: 2x1 cells)" in msg
     tm.eval()
     m.eval()
     with torch.no_grad():  # the refused model is still the original in eval
@@ -220,8 +222,9 @@ def test_sana_grid_ffn_is_refused_naming_the_block_and_the_operation():
                            m(x, encoder_hidden_states=text, timestep=t).sample)
 
 
-def test_lumina2_data_dependent_forward_is_refused_naming_the_line():
-    """Lumina2 reads mask lengths as Python numbers outside its blocks: a graph specialised on shapes cannot hold it."""
+def test_lumina2_chains_are_named_and_the_model_is_left_unchanged():
+    """Lumina2's caption-length `.tolist()` runs live now, so the forward traces; its refiners and main blocks form
+    two chains that receive image tokens, and the refusal names both and the fix (chain=)."""
     from diffusers import Lumina2Transformer2DModel
 
     torch.manual_seed(0)
@@ -232,11 +235,9 @@ def test_lumina2_data_dependent_forward_is_refused_naming_the_line():
     tm = treadfx.transform(m, start=1, end=1, ratio=0.5)
     inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.rand(2),
                   encoder_hidden_states=torch.randn(2, 5, 12), encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool))
-    with pytest.raises(treadfx.UntraceableForwardError) as e:
+    with pytest.warns(UserWarning, match="rope_embedder"), pytest.raises(treadfx.AmbiguousChainError) as e:
         tm(**inputs)
     msg = str(e.value)
-    assert msg.startswith("the forward computes a value that depends on tensor data at ")
-    assert "transformer_lumina2.py" in msg and "`l_effective_cap_len = attention_mask.sum(dim=1).tolist()`" in msg
-    assert msg.endswith("Fix: move this computation inside one of the repeated blocks (blocks run their own code), "
-                        "or pass the value as a Python number.")
+    assert "'noise_refiner+layers'" in msg and "'context_refiner'" in msg
+    assert msg.endswith("Fix: pass chain='<name>' to transform().")
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the model is left as it was

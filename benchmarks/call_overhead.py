@@ -9,7 +9,7 @@ the arithmetic a hand-written TREAD forward does.  It is measured on a model
 small enough that the arithmetic is cheap, so the overhead is visible:
 
 * ``reference``  the hand-written TREAD forward (``benchmarks.reference_tread``), training mode;
-* ``treadfx``    ``treadfx.transform(model, start, end, ratio)``, training mode, same weights;
+* ``treadfx``    ``treadfx.transform(model, start=start, end=end, ratio=ratio)``, training mode, same weights;
 * ``original``   the untransformed model in eval mode;
 * ``eval``       the transformed model in eval mode (the original forward behind treadfx's dispatch).
 

@@ -13,7 +13,7 @@ the official TREAD code does; ``all`` = each of them):
 
 * ``dense``      the original model;
 * ``reference``  hand-written TREAD (``benchmarks.reference_tread``, the official algorithm; DiT presets only);
-* ``treadfx``    ``treadfx.transform(model, start, end, ratio)``;
+* ``treadfx``    ``treadfx.transform(model, start=start, end=end, ratio=ratio)``;
 * with ``--official-fp32`` also ``reference_fp32`` and ``treadfx_fp32``: the first block after the route runs
   in float32 with autocast disabled, as in the official code (identical to the plain variants without autocast).
 

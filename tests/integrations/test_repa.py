@@ -207,3 +207,29 @@ def test_repa_with_kept_rows_only_is_refused_because_of_its_fixed_size_reshape()
     x, eps, t, y, _ = batch()
     with pytest.raises(treadfx.SideExitError, match=r"output\[1\]\[0\].*\[3, 8, 16\] was expected.*reshape.*side_exits='full'.*route_mask"):
         tm(x.float(), t.float(), y)
+
+
+def test_repa_step_flops_drop_as_inspect_predicts():
+    """The REPA step (velocity loss + masked alignment loss) saves what ``treadfx.inspect`` predicts: the routed
+    blocks' work on the skipped tokens; the projector runs on every row in both steps."""
+    from integrations.models_common import assert_flop_saving_as_predicted, step_flops
+
+    m = RepaSiT()
+    tm = treadfx.transform(m, start=START, end=END, ratio=0.5, side_exits="full")
+    data = batch()
+    x, eps, t, y = data[0].float(), data[1].float(), data[2].float(), data[3]
+    targets = [tg.float() for tg in data[4]]
+    x_t, v_target = interpolant(x, eps, t)
+
+    def loss(model, masked: bool):
+        v, zs = model(x_t, t, y)
+        terms = []
+        for z, target in zip(zs, targets):
+            mask = treadfx.route_mask(model, z) if masked else torch.ones(z.shape[:2], dtype=torch.bool)
+            terms.append((neg_cos(z, target) * mask).sum() / mask.sum())
+        return F.mse_loss(v, v_target) + 0.5 * sum(terms) / len(terms)
+
+    report = treadfx.inspect(tm, x_t, t, y)
+    routed = step_flops(lambda: loss(tm, True), tm)
+    dense = step_flops(lambda: loss(m, False), m)
+    assert_flop_saving_as_predicted(report, dense, routed)

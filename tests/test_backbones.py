@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import treadfx
 
-from backbone_refs import BATCH, CASES, build_case, kept_for, sample_of
+from backbone_refs import CASES, build_case, kept_for, sample_of
 
 IDS = list(CASES)
 

@@ -34,7 +34,7 @@ from .errors import StreamAnalysisError, UnroutableRegionError
 from .fake_eval import FakeEvaluator, fake_like, quiet_fake_tensor_logs
 from .graph_walk import depends_on, upstream
 from .layout import (Layout, LayoutAnalysis, Segment, TokenInfo, block_joint_layouts, broadcast_leads, image_span,
-                     layout_str, module_value, side_input_layout, side_parts)
+                     layout_str, module_value, side_parts)
 from .ops import gather_op, num_kept
 from .routes import Route
 from .side_exits import find_side_exits

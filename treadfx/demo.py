@@ -64,7 +64,7 @@ __all__ = [
 #: model presets for ``--size`` (depth, hidden size, attention heads); ``--depth/--hidden/--heads`` override them
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(depth=4, hidden=64, heads=2),
-    "small": dict(depth=8, hidden=128, heads=4),
+    "small": dict(depth=6, hidden=96, heads=4),
     "medium": dict(depth=12, hidden=192, heads=6),
 }
 NUM_CLASSES = 10

@@ -178,7 +178,8 @@ def module_structure_key(m: nn.Module) -> tuple:
     return tuple(parts)
 
 
-def _meta_key(tree: Any) -> tuple:
+def meta_key(tree: Any) -> tuple:
+    """A hashable key of the shapes, dtypes and Python values in ``tree`` (the memo key of a fake evaluation)."""
     out = []
     for leaf in pytree.tree_leaves(tree):
         if isinstance(leaf, torch.Tensor):
@@ -298,7 +299,7 @@ class FakeEvaluator:
         if sk is None:
             sk = module_structure_key(module)
             self._structure[id(module)] = sk
-        key = (sk, _meta_key((args, kwargs)), torch.is_grad_enabled(), dtype_state())
+        key = (sk, meta_key((args, kwargs)), torch.is_grad_enabled(), dtype_state())
         hit = _OUTPUT_META.get(key)
         if hit is not None:
             return self._rebuild(hit)

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .api import transform
-from .fake_eval import _meta_key, autocast_cache_off, module_structure_key
+from .fake_eval import meta_key, autocast_cache_off, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
 from .tracing import autowrap_guard
@@ -219,7 +219,7 @@ def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
                 fn, params = (lambda *a, _n=name, **k: getattr(a[0], _n)(*a[1:], **k)), []
             struct = module_structure_key(fn) if isinstance(fn, nn.Module) else (node.op, node.target)
             for sign, (a, k) in ((1, dense_args), (-1, routed_args)):
-                key = (struct, _meta_key((tuple(a), dict(k))))  # the metadata includes the device
+                key = (struct, meta_key((tuple(a), dict(k))))  # the metadata includes the device
                 if key not in cache:
                     cache[key] = fwd_bwd_flops(ev, fn, tuple(a), dict(k), params)
                 total += sign * cache[key]

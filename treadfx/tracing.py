@@ -903,7 +903,7 @@ def _fake_inputs(leaves: list, fake_mode: FakeTensorMode) -> list:
     return out
 
 
-def _leaf_names(spec: Any, n: int) -> list[str]:
+def argument_leaf_names(spec: Any, n: int) -> list[str]:
     """Readable path of every leaf of ``(args, kwargs)``: ``args.0``, ``kwargs.encoder_hidden_states.1``."""
     names = [f"leaf{i}" for i in range(n)]
     try:
@@ -1022,9 +1022,9 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
     signature = InputSignature(spec, tuple(_leaf_key(l) for l in call_leaves))
     fake_leaves = _fake_inputs(call_leaves, fake_mode)
     input_positions = [i for i, l in enumerate(call_leaves) if isinstance(l, torch.Tensor) or is_float_input(l)]
-    names = _leaf_names(spec, len(call_leaves))
+    names = argument_leaf_names(spec, len(call_leaves))
     if arg_names is not None:
-        names = [_readable(n, arg_names) for n in names]
+        names = [readable_argument(n, arg_names) for n in names]
 
     tracer = SpecializingTracer(leaves, fake_mode)
     if all(not (isinstance(l, torch.Tensor) and (isinstance(l, FakeTensor) or l.device.type == "meta"))
@@ -1185,7 +1185,7 @@ def autowrap_guard():
                 w.cache_clear()
 
 
-def _readable(name: str, arg_names: Sequence[str]) -> str:
+def readable_argument(name: str, arg_names: Sequence[str]) -> str:
     """``args.0`` -> ``x`` using the forward's parameter names."""
     atoms = name.split(".")
     if atoms[0] == "args" and len(atoms) > 1 and atoms[1].isdigit() and int(atoms[1]) < len(arg_names):

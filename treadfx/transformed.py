@@ -41,9 +41,8 @@ from .patch_map import TokenMap, derive_token_map
 from .pipeline import BuildRequest, Built, build, forward_arg_names
 from .planning import RoutePlan
 from .side_exits import record_outputs, warn_side_exits
-# _leaf_names/_readable: tracing.py exposes no public names for them yet
 from .data_guards import run_guarded
-from .tracing import _leaf_names, _readable, flatten_call, signature_of
+from .tracing import argument_leaf_names, readable_argument, flatten_call, signature_of
 
 __all__ = [
     "TransformConfig", "TreadState", "RoutedProgram", "RouteRecord", "TreadModule", "is_transformed", "state_of",
@@ -570,5 +569,6 @@ def _changing_constants(model: nn.Module, st: TreadState, sig: Any) -> str:
                         if a != b and a[0] == "C"})
     if not differing:
         return "input shapes keep changing."
-    names = [_readable(n, forward_arg_names(st.original_forward)) for n in _leaf_names(sig.spec, len(sig.leaves))]
+    arg_names = forward_arg_names(st.original_forward)
+    names = [readable_argument(n, arg_names) for n in argument_leaf_names(sig.spec, len(sig.leaves))]
     return "the value of argument(s) " + ", ".join(f"`{names[i]}`" for i in differing) + " keeps changing."

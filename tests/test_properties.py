@@ -8,7 +8,7 @@ tokens), transforms it, and checks one invariant of the routed graph.
 from __future__ import annotations
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import treadfx
 from treadfx.transformed import state_of
@@ -207,6 +207,7 @@ def test_routed_graph_lints_and_every_route_op_reads_its_indices(case):
         assert order[nodes["scatter"][0]] > order[plan.chain.nodes[plan.end]]
 
 
+@settings(max_examples=min(25, settings().max_examples))  # each case counts FLOPs of three full runs
 @given(cases(max_depth=4))
 def test_flops_drop_by_the_predicted_amount(case):
     from torch.utils.flop_counter import FlopCounterMode

@@ -39,7 +39,6 @@ blocks, are refused).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect as _inspect
 import operator as _operator
@@ -51,11 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from treadfx.blocks import find_block_candidates
-from treadfx.errors import FFNNotFoundError, InvalidMoEConfigError, NoBlocksFoundError, TransformError
+from treadfx.errors import FFNNotFoundError, InvalidMoEConfigError, NoBlocksFoundError
 from treadfx.graph_walk import depends_on, feeds_output
-from treadfx.moe import DiffMoELayer, diffmoe_layers
+from treadfx.moe import DiffMoELayer
 
-__all__ = ["diffmoe", "DiffMoEPass", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices", "GraphForward",
+__all__ = ["DiffMoEPass", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices", "GraphForward",
            "inline_ffn_subclass"]
 
 
@@ -844,88 +843,3 @@ class DiffMoEPass:
                 mod.__class__ = inline_ffn_subclass(type(mod))
         return layers
 
-
-def diffmoe(
-    model: nn.Module,
-    num_experts: int = 8,
-    capacity: float = 1.0,
-    interleave: bool = True,
-    shared_expert: bool = False,
-    predictor_loss_weight: float = 1.0,
-    threshold_decay: float = 0.95,
-    noise_std: float = 0.01,
-    inplace: bool = False,
-    seed: int | None = None,
-    *,
-    ffn: str | None = None,
-    example_inputs: tuple | None = None,
-    example_kwargs: dict | None = None,
-    capacity_schedule: tuple[int, int] | None = None,
-    experts_impl: str = "grouped",
-    static_capacity: float | None = None,
-    fp32_router: bool = True,
-    clamp_k: bool = True,
-    topk_before_calibration: bool = False,
-    init: str = "official",
-) -> nn.Module:
-    """Return ``model`` with the FFN of its repeated blocks replaced by DiffMoE layers.
-
-    Guarantees: every invalid argument, a model without repeated blocks, and
-    a block whose FFN cannot be identified raise a
-    :class:`~treadfx.TransformError` subclass before anything is changed;
-    ``model`` is not mutated unless ``inplace=True`` (otherwise the result is
-    a ``copy.deepcopy``); with ``interleave=True`` blocks 1, 3, 5, ... (0-based,
-    module order) are converted and the others stay dense, else every block;
-    each expert is a deep copy of the block's FFN with relative Gaussian noise
-    ``noise_std * std(weight)`` added to each weight (``seed`` fixes it), so
-    with ``num_experts=1``, ``capacity=1``, ``noise_std=0`` a training forward
-    equals the dense model's.  Works on a ``treadfx.transform``-ed model too
-    (its traced-program cache is cleared).  ``ffn='mlp'`` names the FFN inside
-    each block instead of finding it; ``example_inputs`` lets the finder
-    trace each block on its real input signature.  A block whose FFN is
-    written inline in its forward (``self.fc2(act(self.fc1(x)))``, no FFN
-    submodule) has that subgraph rewritten into one call of the layer,
-    registered as ``<block>.ffn`` (see ``docs/diffmoe.md`` for the rule, the
-    state_dict keys and the FFNs fused with attention that are refused).
-
-    The layer follows the official DiffMoE algorithm; ``capacity_schedule``
-    (``(dense_steps, ramp_steps)``, the official schedule, off by default),
-    ``experts_impl`` ("grouped", "bmm", "loop"), ``static_capacity`` (fixed
-    expert slots at inference, compiles with ``fullgraph=True``) and
-    treadfx's own choices ``fp32_router``, ``clamp_k``,
-    ``topk_before_calibration``, ``init`` are passed to every
-    :class:`~treadfx.moe.DiffMoELayer` (see ``docs/diffmoe.md``).
-    """
-    from treadfx.transformed import is_transformed, state_of
-
-    config = DiffMoEConfig(num_experts, capacity, bool(interleave), bool(shared_expert), predictor_loss_weight,
-                           threshold_decay, noise_std, seed, ffn,
-                           dict(capacity_schedule=capacity_schedule, experts_impl=experts_impl,
-                                static_capacity=static_capacity, fp32_router=bool(fp32_router),
-                                clamp_k=bool(clamp_k), topk_before_calibration=bool(topk_before_calibration),
-                                init=init))
-    if not isinstance(model, nn.Module):
-        raise TransformError(f"diffmoe() needs a torch.nn.Module, got {type(model).__name__}. Fix: pass the model.")
-    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or hasattr(model, "_orig_mod"):
-        raise TransformError(
-            f"diffmoe() got a {type(model).__name__} wrapper. Fix: convert the bare model first, then wrap it "
-            "(DDP / FSDP / torch.compile)."
-        )
-    p = DiffMoEPass(config)  # validates
-    if diffmoe_layers(model):
-        raise TransformError(
-            f"{type(model).__name__} already has DiffMoE layers. Fix: convert the original dense model once."
-        )
-    p.analyse(model, example_inputs, example_kwargs)
-    target = model if inplace else copy.deepcopy(model)
-    p.apply(target)
-    if is_transformed(target):  # traced TREAD programs ran the old FFNs' fake shapes: re-trace lazily
-        st = state_of(target)
-        st.programs.clear()
-        st.current = None
-        if hasattr(st, "record"):
-            st.record(None, [])
-        else:
-            st.last_program = None
-    target.__dict__["_treadfx_diffmoe_matches"] = list(p.matches)
-    return target

@@ -133,6 +133,25 @@ class RouteSelect(nn.Module):
         self.forced = False
         self.fixed: torch.Tensor | None = None  # indices to use instead of drawing (tests, replays)
 
+    def _without_draw(self) -> tuple[bool, torch.Tensor | None]:
+        """``(True, result)`` when this call draws nothing: None while the route is inactive (neither training nor
+        forced), the fixed indices when set, None when it keeps every token; else ``(False, None)``."""
+        if not (self.training or self.forced):
+            return True, None
+        if self.fixed is not None:
+            return True, self.fixed
+        if self.num_keep >= self.num_tokens:
+            return True, None
+        return False, None
+
+    def _scores(self, rows: int, cols: int, ref: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
+        """``[rows, cols]`` random sort keys: torch's global RNG, or with ``seed`` counter-based keys of (seed,
+        step, route, rank); the distributed rank is read per call (the graph may be traced before
+        init_process_group), so each rank and each route draws its own tokens."""
+        if self.seed is None:
+            return torch.rand(rows, cols, device=ref.device)
+        return hashed_keys(self.seed, step, rows, cols, ref.device, route=self.route_index, rank=_rank())
+
     def extra_repr(self) -> str:
         mode = "shared" if self.shared else "per-sample"
         order = "sorted" if self.sorted_order else "random order"
@@ -141,20 +160,11 @@ class RouteSelect(nn.Module):
     def forward(self, ref: torch.Tensor, keep: torch.Tensor | None = None,
                 step: torch.Tensor | None = None) -> torch.Tensor | None:
         """Kept indices; ``keep`` [B, N] marks tokens that are kept first (never routed if at most K per sample)."""
-        if not (self.training or self.forced):
-            return None
-        if self.fixed is not None:
-            return self.fixed
-        if self.num_keep >= self.num_tokens:
-            return None
+        done, result = self._without_draw()
+        if done:
+            return result
         rows = 1 if self.shared else ref.shape[0]
-        if self.seed is None:
-            noise = torch.rand(rows, self.num_tokens, device=ref.device)
-        else:
-            # the distributed rank (read per call: the graph may be traced before init_process_group) is hashed
-            # in with the seed and the route, so each rank and each route draws its own tokens
-            noise = hashed_keys(self.seed, step, rows, self.num_tokens, ref.device, route=self.route_index,
-                                rank=_rank())
+        noise = self._scores(rows, self.num_tokens, ref, step)
         if keep is not None:
             marked = keep.any(dim=0, keepdim=True) if self.shared else keep
             noise = noise.masked_fill(marked, -1)
@@ -190,21 +200,16 @@ class StructuredSelect(RouteSelect):
     def forward(self, ref: torch.Tensor, keep: torch.Tensor | None = None,
                 step: torch.Tensor | None = None) -> torch.Tensor | None:
         """Kept indices ``[B, K]`` of a sub-grid per sample (raster order), or None when inactive."""
-        if not (self.training or self.forced):
-            return None
-        if self.fixed is not None:
-            return self.fixed
-        if self.num_keep >= self.num_tokens:
-            return None
+        done, result = self._without_draw()
+        if done:
+            return result
         cell = self.cells.get(self.num_keep) or cell_for_count(self.grid, self.num_keep,
                                                                what=f"route {self.route_index} (structured selection)")
         options = subgrid_indices(self.grid, cell, ref.device)  # [area, K]: one row per offset in the cell
         area, rows = options.shape[0], ref.shape[0]
-        if self.seed is None:
-            score = torch.rand(rows, area, device=ref.device)
-        else:
-            keys = hashed_keys(self.seed, step, rows, area, ref.device, route=self.route_index, rank=_rank())
-            score = keys.to(torch.float32) / 2.0**32
+        score = self._scores(rows, area, ref, step)
+        if self.seed is not None:  # integer keys: scaled to [0, 1) so the marked-token counts below dominate
+            score = score.to(torch.float32) / 2.0**32
         if keep is not None:
             covered = keep[:, options].sum(dim=-1)  # [B, area]: marked tokens each offset keeps
             score = score + covered.to(score.dtype)

@@ -126,3 +126,14 @@ def route_nodes(gm: fx.GraphModule, route: int) -> dict[str, list[fx.Node]]:
             kind = str(n.target).split("_")[-1].rstrip("0123456789")
             out.setdefault(kind, []).append(n)
     return out
+
+
+class ConditionedBlock(torch.nn.Module):
+    """A residual linear block scaled per sample by ``c`` [B, D]: ``h + lin(h) * c[:, None]`` (stage unit tests)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, h, c):
+        return h + self.lin(h) * c.unsqueeze(1)

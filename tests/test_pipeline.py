@@ -25,16 +25,9 @@ from treadfx.passes.tread import TreadPass, route_selects
 from treadfx.transformed import state_of
 from treadfx.validate import check_routed_graph
 
+from helpers import ConditionedBlock
+
 STAGE_NAMES = ["trace", "find_chains", "analyse_layout", "plan_routes", "rewrite", "make_live", "validate"]
-
-
-class Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, h, c):
-        return h + self.lin(h) * c.unsqueeze(1)
 
 
 class Net(nn.Module):
@@ -43,7 +36,7 @@ class Net(nn.Module):
     def __init__(self, depth: int = 4):
         super().__init__()
         self.embed = nn.Linear(4, 8)
-        self.blocks = nn.ModuleList([Block(8) for _ in range(depth)])
+        self.blocks = nn.ModuleList([ConditionedBlock(8) for _ in range(depth)])
 
     def forward(self, x, c):
         h = self.embed(x)

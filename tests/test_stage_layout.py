@@ -19,6 +19,8 @@ from treadfx.layout import (
 )
 from treadfx.tracing import trace
 
+from helpers import ConditionedBlock
+
 
 def img(n: int) -> Segment:
     return Segment("image", n)
@@ -32,15 +34,6 @@ def extra(n: int) -> Segment:
     return Segment("extra", n)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, h, c):
-        return h + self.lin(h) * c.unsqueeze(1)
-
-
 class Tiny(nn.Module):
     """[extra 1 | text 3 | image 6] stream through 3 blocks; an unbatched table of B rows; a RoPE-like table."""
 
@@ -48,7 +41,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.embed = nn.Linear(4, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, 8))
-        self.blocks = nn.ModuleList([Block(8) for _ in range(3)])
+        self.blocks = nn.ModuleList([ConditionedBlock(8) for _ in range(3)])
         self.table = nn.Parameter(torch.randn(2, 6))  # first dim == batch size, but not batched
         self.rope_txt = nn.Parameter(torch.randn(3, 8))
         self.rope_img = nn.Parameter(torch.randn(6, 8))

@@ -55,6 +55,19 @@ def put(full: torch.Tensor, kept: torch.Tensor, part: torch.Tensor) -> torch.Ten
     return out
 
 
+def routed_blocks(blocks, h, side, kept_side, kept, start, end):
+    """Hand-written TREAD over ``blocks(h, side)``: route-out of ``kept`` before block ``start``, the routed blocks
+    get ``kept_side``, route-in (skipped tokens unchanged) after block ``end``."""
+    saved = None
+    for i, block in enumerate(blocks):
+        if i == start:
+            saved, h = h, take(h, kept)
+        h = block(h, kept_side if start <= i <= end else side)
+        if i == end:
+            h = put(saved, kept, h)
+    return h
+
+
 # --------------------------------------------------------------------------- joint attention + padding mask
 
 
@@ -193,14 +206,7 @@ def causal_reference(m: BlockCausalModel, x, kept, start, end):
         kept_mask = mask[:, :, kept][:, :, :, kept]
     else:  # one [K, K] mask per sample
         kept_mask = torch.stack([mask[0, 0][kb][:, kb] for kb in kept]).unsqueeze(1)
-    saved = None
-    for i, block in enumerate(m.blocks):
-        if i == start:
-            saved, h = h, take(h, kept)
-        h = block(h, kept_mask if start <= i <= end else mask)
-        if i == end:
-            h = put(saved, kept, h)
-    return h
+    return routed_blocks(m.blocks, h, mask, kept_mask, kept, start, end)
 
 
 @pytest.mark.parametrize("selection", ["auto", "per_sample"])
@@ -251,14 +257,7 @@ class PerTokenTimeModel(nn.Module):
 def pertoken_reference(m: PerTokenTimeModel, x, t_tok, kept, start, end):
     h, mod = m.embed(x), m.modulation(t_tok)
     kept_mod = take(mod, kept, axis=2)
-    saved = None
-    for i, block in enumerate(m.blocks):
-        if i == start:
-            saved, h = h, take(h, kept)
-        h = block(h, kept_mod if start <= i <= end else mod)
-        if i == end:
-            h = put(saved, kept, h)
-    return h
+    return routed_blocks(m.blocks, h, mod, kept_mod, kept, start, end)
 
 
 def test_per_token_modulation_is_gathered_on_its_token_axis():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["positive_int", "positive_float", "ratio", "resolve_device"]
+__all__ = ["positive_int", "positive_float", "ratio", "resolve_device", "name_list"]
 
 
 def positive_int(flag: str) -> Callable[[str], int]:
@@ -61,3 +61,13 @@ def resolve_device(p: argparse.ArgumentParser, args: argparse.Namespace, advice:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: torch.cuda.is_available() is False on this machine; {advice}")
+
+
+def name_list(p: argparse.ArgumentParser, flag: str, value: str, choices: "list[str] | tuple[str, ...]") -> list[str]:
+    """The comma-separated names in ``value``, in the given order; an unknown or empty list exits 2 naming ``flag``
+    and the choices."""
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in names if s not in choices]
+    if bad or not names:
+        p.error(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(choices)}")
+    return names

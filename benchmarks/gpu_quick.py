@@ -493,10 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = argv
     flags.resolve_device(p, args, "no GPU, or a CPU build of torch: use --device cpu --tiny for a smoke run")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in QUICK_MODELS]
-    if bad or not models:
-        p.error(f"--models: unknown {bad or 'empty list'}; choose from {', '.join(QUICK_MODELS)}")
+    models = flags.name_list(p, "--models", args.models, QUICK_MODELS)
     args.models = [m for m in QUICK_MODELS if m in models]
     return args
 

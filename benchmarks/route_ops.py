@@ -208,11 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dim = args.dim or (1152 if gpu else 384)
     if args.tokens - int(args.tokens * args.ratio) < 1:
         p.error(f"--ratio {args.ratio} keeps no token of --tokens {args.tokens}")
-    names = [s.strip() for s in args.impls.split(",") if s.strip()]
-    bad = [s for s in names if s not in IMPLEMENTATIONS]
-    if bad or not names:
-        p.error(f"--impls: unknown {bad or 'empty list'}; choose from {', '.join(IMPLEMENTATIONS)}")
-    args.impls = names
+    args.impls = flags.name_list(p, "--impls", args.impls, list(IMPLEMENTATIONS))
     return args
 
 

@@ -433,10 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = argv
     flags.resolve_device(p, args)
     if args.variants is not None:
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bad = [v for v in names if v not in BASE_VARIANTS + FP32_VARIANTS]
-        if bad or not names:
-            p.error(f"--variants: unknown {bad or 'empty list'}; choose from {', '.join(BASE_VARIANTS + FP32_VARIANTS)}")
+        names = flags.name_list(p, "--variants", args.variants, BASE_VARIANTS + FP32_VARIANTS)
         if args.model in ("flux", "sd3") and any(v.startswith("reference") for v in names):
             p.error(f"--variants: the reference TREAD exists for the DiT presets only, not --model {args.model}")
         args.variants = names

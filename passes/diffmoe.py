@@ -50,11 +50,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from treadfx.blocks import find_block_candidates
-from treadfx.errors import FFNNotFoundError, InvalidMoEConfigError, NoBlocksFoundError
+from treadfx.config import DiffMoEConfig  # the public config class (treadfx.DiffMoEConfig)
+from treadfx.errors import FFNNotFoundError, NoBlocksFoundError, TransformError
 from treadfx.graph_walk import depends_on, feeds_output
 from treadfx.moe import DiffMoELayer
 
-__all__ = ["DiffMoEPass", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices", "GraphForward",
+__all__ = ["DiffMoEPass", "DiffMoEConfig", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices", "GraphForward",
            "inline_ffn_subclass"]
 
 
@@ -725,63 +726,6 @@ def diffmoe_block_indices(num_blocks: int, interleave: bool) -> list[int]:
     return list(range(1, num_blocks, 2)) if interleave else list(range(num_blocks))
 
 
-def _check_number(name: str, value: Any, ok, rule: str, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise InvalidMoEConfigError(f"{name}={value!r} {rule}. Fix: {fix}.")
-    return float(value)
-
-
-@dataclasses.dataclass
-class DiffMoEConfig:
-    """The validated arguments of ``diffmoe`` (experts, capacity, which blocks, predictor and threshold settings)."""
-
-    num_experts: int = 8
-    capacity: float = 1.0
-    interleave: bool = True
-    shared_expert: bool = False
-    predictor_loss_weight: float = 1.0
-    threshold_decay: float = 0.95
-    noise_std: float = 0.01
-    seed: int | None = None
-    ffn: str | None = None
-    layer_options: dict = dataclasses.field(default_factory=dict)
-
-    def validate(self) -> None:
-        """Raise :class:`~treadfx.InvalidMoEConfigError` (exact message with the fix) for a bad argument."""
-        n = self.num_experts
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidMoEConfigError(f"num_experts={n!r} must be an int >= 1. Fix: e.g. num_experts=8.")
-        _check_number("capacity", self.capacity, lambda v: v > 0,
-                      "must be a number > 0 (experts per token on average; 1.0 keeps the dense FFN compute)",
-                      "e.g. capacity=1.0")
-        _check_number("predictor_loss_weight", self.predictor_loss_weight, lambda v: v >= 0,
-                      "must be a number >= 0", "e.g. predictor_loss_weight=1.0")
-        _check_number("threshold_decay", self.threshold_decay, lambda v: 0 <= v < 1,
-                      "must be a number in [0, 1) (EMA decay of the capacity thresholds)", "e.g. threshold_decay=0.95")
-        _check_number("noise_std", self.noise_std, lambda v: v >= 0,
-                      "must be a number >= 0 (relative noise on expert weights)", "e.g. noise_std=0.01, or 0 for exact copies")
-        sched = self.layer_options.get("capacity_schedule")
-        if sched is not None and not (isinstance(sched, (tuple, list)) and len(sched) == 2 and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sched)):
-            raise InvalidMoEConfigError(
-                f"capacity_schedule={sched!r} must be (dense_steps, ramp_steps), two ints >= 0. "
-                "Fix: e.g. capacity_schedule=(10000, 20000), or None for the configured capacity from the start.")
-        impl = self.layer_options.get("experts_impl", "grouped")
-        if impl not in ("grouped", "bmm", "loop"):
-            raise InvalidMoEConfigError(f"experts_impl={impl!r} must be 'grouped', 'bmm' or 'loop'. "
-                                        "Fix: e.g. experts_impl='grouped'.")
-        static = self.layer_options.get("static_capacity")
-        if static is not None:
-            _check_number("static_capacity", static, lambda v: v > 0,
-                          "must be a number > 0 (slots per expert relative to S / E * capacity)",
-                          "e.g. static_capacity=2.0, or None for the dynamic inference")
-        if self.layer_options.get("init", "official") not in ("official", "treadfx"):
-            raise InvalidMoEConfigError(f"init={self.layer_options['init']!r} must be 'official' or 'treadfx'. "
-                                        "Fix: e.g. init='official'.")
-        if self.ffn is not None and not isinstance(self.ffn, str):
-            raise InvalidMoEConfigError(f"ffn={self.ffn!r} must be a str path inside each block. Fix: e.g. ffn='mlp'.")
-
-
 class DiffMoEPass:
     """Finds the FFN of each selected block (``analyse``) and swaps in DiffMoE layers (``apply``).
 
@@ -789,6 +733,9 @@ class DiffMoEPass:
     """
 
     def __init__(self, config: DiffMoEConfig):
+        if not isinstance(config, DiffMoEConfig):
+            raise TransformError(f"DiffMoEPass takes a treadfx.DiffMoEConfig, got {type(config).__name__}. "
+                                 "Fix: DiffMoEPass(treadfx.DiffMoEConfig(num_experts=..., ...)).")
         config.validate()
         self.config = config
         self.matches: list[FFNMatch] = []

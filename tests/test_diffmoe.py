@@ -738,6 +738,24 @@ def test_layer_options_reach_every_layer_and_bad_ones_raise_exact_messages():
         assert str(e.value).startswith(msg)
 
 
+def test_the_pass_takes_the_one_public_config_class_and_validates_it():
+    """treadfx.passes.diffmoe.DiffMoEConfig is treadfx.DiffMoEConfig (no second class with the same fields); the pass
+    refuses anything else and checks the config's values with the same messages as treadfx.diffmoe."""
+    from treadfx.passes import diffmoe as pass_module
+
+    assert pass_module.DiffMoEConfig is treadfx.DiffMoEConfig
+    cfg = treadfx.DiffMoEConfig(num_experts=2, seed=0, interleave=False, experts_impl="loop")
+    p = pass_module.DiffMoEPass(cfg)
+    m = tiny_dit(depth=2)
+    assert [x.path for x in p.analyse(m)] == ["blocks.0.mlp", "blocks.1.mlp"]
+    layers = p.apply(m)
+    assert [lay.experts_impl for lay in layers] == ["loop", "loop"] and m.blocks[0].mlp is layers[0]
+    with pytest.raises(treadfx.InvalidMoEConfigError, match=r"^num_experts=0 must be an int >= 1. Fix: e.g."):
+        pass_module.DiffMoEPass(treadfx.DiffMoEConfig(num_experts=0))
+    with pytest.raises(treadfx.TransformError, match=r"DiffMoEPass takes a treadfx.DiffMoEConfig, got dict"):
+        pass_module.DiffMoEPass({"num_experts": 2})
+
+
 def test_static_capacity_eval_compiles_fullgraph_without_recompiles_and_matches_dynamic():
     from torch._dynamo.utils import counters
 

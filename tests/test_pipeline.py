@@ -9,6 +9,7 @@ the other test modules.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -50,12 +51,14 @@ def args():
     return torch.randn(2, 6, 4), torch.randn(2, 8)
 
 
-def request(config: TreadConfig = TreadConfig(start=1, end=2, ratio=0.5), model: nn.Module | None = None):
+def request(config: TreadConfig = TreadConfig(start=1, end=2, ratio=0.5), model: nn.Module | None = None,
+            method: treadfx.Method | None = None):
     torch.manual_seed(0)
     model = model if model is not None else Net()
     resolved, candidates = config.resolve(model)
     x, c = args()
-    return pipeline.BuildRequest(model, resolved, type(model).forward, (x, c), {}, candidates)
+    return pipeline.BuildRequest(model, resolved, type(model).forward, (x, c), {}, candidates,
+                                 method=method if method is not None else treadfx.TreadMethod(config))
 
 
 # ----------------------------------------------------------------------------------------- the driver
@@ -300,9 +303,8 @@ def test_apply_with_a_diffmoe_config_is_what_diffmoe_does():
 
 
 def test_a_new_method_plugs_in_through_the_override_points(monkeypatch):
-    """A third method only subclasses Method: apply() runs check_model, validate, plan, copy, rewrite, finish."""
-    import dataclasses
-
+    """A third method only subclasses Method: apply() runs check_model, validate, plan, copy, rewrite, finish;
+    inspect() asks it for its report section (no edit of treadfx.report)."""
     import treadfx.method as method_module
 
     calls = []
@@ -330,6 +332,9 @@ def test_a_new_method_plugs_in_through_the_override_points(monkeypatch):
                 target.get_submodule(name).weight.data.mul_(self.config.factor)
             return target
 
+        def report_section(self, inspection):
+            return {"scale": f"x{self.config.factor:g} on {type(inspection.model).__name__}"}
+
     monkeypatch.setitem(method_module._REGISTRY, ScaleConfig, ScaleMethod)
     m = Net()
     out = treadfx.apply(m, ScaleConfig(3.0))
@@ -339,3 +344,99 @@ def test_a_new_method_plugs_in_through_the_override_points(monkeypatch):
         treadfx.apply(m, ScaleConfig(-1.0))
     with pytest.raises(treadfx.TransformError, match="scale\\(\\) got a DataParallel wrapper"):
         treadfx.apply(nn.DataParallel(m), ScaleConfig())
+    deep = Net(depth=6)  # the paper default route (2..depth-4) needs 6 blocks
+    scaled = treadfx.apply(deep, ScaleConfig(3.0))
+    report = treadfx.inspect(scaled, *args())  # a plain model: transformed for the report, the scale method kept
+    assert report.sections == {"scale": "x3 on Net"} and "  scale: x3 on Net" in str(report).splitlines()
+    assert [(r.start, r.end) for r in report.routes] == [(2, 2)] and treadfx.inspect(deep, *args()).sections == {}
+
+
+# ----------------------------------------------------------------------------------------- a third method
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkedConfig(TreadConfig):
+    """TREAD plus an identity op after the first block (a stand-in for a third graph method)."""
+
+
+class MarkedMethod(treadfx.TreadMethod):
+    """Plans like TREAD and, after TREAD's rewrite, inserts ``x * 1`` on the first block's output; reports how many
+    marks its graphs hold.  Nothing in treadfx.pipeline or treadfx.report knows this class."""
+
+    config_class = MarkedConfig
+    entry_point = "mark"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.stages: list[str] = []
+
+    def plan_graph(self, laid):
+        self.stages.append("plan_graph")
+        return super().plan_graph(laid)
+
+    def rewrite_graph(self, planned):
+        self.stages.append("rewrite_graph")
+        rewritten = super().rewrite_graph(planned)
+        gm = planned.laid.chains.traced.program.gm
+        first = planned.laid.chain.nodes[0]
+        with gm.graph.inserting_after(first):
+            mark = gm.graph.call_function(torch.mul, (first, 1))
+        first.replace_all_uses_with(mark, delete_user_cb=lambda u: u is not mark)
+        mark.meta["val"] = first.meta["val"]
+        mark.meta["treadfx_scope"] = first.meta.get("treadfx_scope")
+        gm.recompile()
+        return rewritten
+
+    @classmethod
+    def found_in(cls, model):
+        m = state_of(model).method if treadfx.is_transformed(model) else None
+        return m if type(m) is cls else None
+
+    def report_section(self, inspection):
+        marks = [n for n in inspection.program.gm.graph.nodes if n.target is torch.mul and n.args[1] == 1]
+        return {**super().report_section(inspection), "marks": f"{len(marks)} identity op(s)"}
+
+
+def _marked_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.mul and n.args[1] == 1]
+
+
+def test_a_third_graph_method_runs_through_build_by_overriding_plan_graph_and_rewrite_graph(caplog, monkeypatch):
+    import treadfx.method as method_module
+
+    config = MarkedConfig(start=1, end=2, seed=4)
+    method = MarkedMethod(config)
+    with caplog.at_level(logging.DEBUG, logger="treadfx"):
+        built = pipeline.build(request(config, method=method))
+    assert method.stages == ["plan_graph", "rewrite_graph"]
+    assert [r.getMessage().split()[1].rstrip(":") for r in caplog.records if r.name == "treadfx"] == STAGE_NAMES
+    gm = built.traced.gm
+    (mark,) = _marked_nodes(gm)
+    assert mark.args[0] is built.chain.nodes[0] and built.chain.nodes[1].args[0] is not built.chain.nodes[0]
+    assert [n.name for n in gm.graph.nodes if n.op == "call_module" and n.name.startswith("treadfx")] == [
+        "treadfx_route0_select", "treadfx_route0_gather0", "treadfx_route0_scatter0"]
+
+    # end to end: registered, applied, trained, inspected; outputs bit-equal to TREAD's with the same seed
+    monkeypatch.setitem(method_module._REGISTRY, MarkedConfig, MarkedMethod)
+    m = Net()
+    marked = treadfx.apply(m, config)
+    tread = treadfx.transform(m, start=1, end=2, seed=4)
+    x, c = args()
+    assert torch.equal(marked(x, c), tread(x, c))
+    prog = state_of(marked).current
+    assert len(_marked_nodes(prog.gm)) == 1 and not _marked_nodes(state_of(tread).current.gm)
+    assert state_of(marked).method.stages == ["plan_graph", "rewrite_graph"]
+    report = treadfx.inspect(marked, x, c)
+    assert report.sections == {"marks": "1 identity op(s)"}
+    assert "  marks: 1 identity op(s)" in str(report).splitlines()
+    assert [(r.start, r.end, r.num_keep) for r in report.routes] == [(1, 2, 3)]  # TREAD's section, inherited
+    assert report.to_dict()["sections"] == {"marks": "1 identity op(s)"}
+
+
+def test_build_without_a_method_says_which_field_to_set():
+    req = request()
+    req.method = None
+    with pytest.raises(treadfx.TransformError, match=r"BuildRequest.method is None.*Fix: BuildRequest\(\.\.\., "
+                       r"method=treadfx.TreadMethod\(config\)\)") as e:
+        pipeline.build(req)
+    assert e.value.stage == "plan_routes"

@@ -17,6 +17,7 @@ from .api import (
     diffmoe,
     fixed_routes,
     force_routing,
+    inspect,
     keep_tokens,
     last_routes,
     original_class,
@@ -44,7 +45,7 @@ from .errors import (
 )
 from .moe import DiffMoELayer, DiffMoEStats, diffmoe_loss, diffmoe_stats
 from .loss import RouteLoss, route_loss, token_map
-from .report import Report, inspect
+from .report import Report
 from .schedule import RatioSchedule
 from .side_exits import SideExit, SideExitError, SideExitWarning, route_mask, route_rows
 from .routes import Route

@@ -13,13 +13,14 @@ import torch.utils._pytree as pytree
 
 from .config import DiffMoEConfig, TreadConfig
 from .errors import InvalidMoEConfigError, InvalidRouteError, TransformError
-from .method import apply
+from .method import apply, methods_of
+from .report import Report, build_report
 from .routes import check_ratio
-from .transformed import RouteRecord, clone_module_tree, prepare_now, state_of, unwrap
+from .transformed import RouteRecord, clone_module_tree, is_transformed, prepare_now, state_of, unwrap
 
 __all__ = [
     "transform", "diffmoe", "apply", "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
-    "original_class", "keep_tokens", "routing_guidance",
+    "original_class", "keep_tokens", "routing_guidance", "inspect",
 ]
 
 
@@ -63,6 +64,21 @@ def transform(
                          mae_weight=mae_weight, leaf_modules=tuple(leaf_modules),
                          side_exits=side_exits)
     return apply(model, config, inplace=inplace, example_inputs=example_inputs, example_kwargs=example_kwargs)
+
+
+def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
+    """Analyse ``model`` on these example inputs and return a (printable) :class:`~treadfx.Report`.
+
+    ``model`` may be a transformed model (its routes are reported) or a plain
+    one (analysed with the paper default route, blocks 2..depth-4, ratio 0.5).
+    Every method applied to the model adds its section
+    (:meth:`treadfx.Method.report_section`).  The model's mode, parameters,
+    gradients and DiffMoE statistics are left as they were.
+    """
+    m = unwrap(model)
+    if not is_transformed(m):
+        m = transform(m)
+    return build_report(m, methods_of(m), args, kwargs)
 
 
 def diffmoe(model: nn.Module, *, inplace: bool = False, example_inputs: tuple | None = None,

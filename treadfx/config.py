@@ -21,8 +21,7 @@ from typing import Any, Sequence
 import torch.nn as nn
 
 from .blocks import BlockCandidate, find_block_candidates
-from .errors import InvalidRouteError, NoBlocksFoundError, TransformError
-from .passes.diffmoe import DiffMoEConfig as _DiffMoEPassConfig
+from .errors import InvalidMoEConfigError, InvalidRouteError, NoBlocksFoundError, TransformError
 from .routes import Route, check_ratio, normalize_routes, resolve_routes
 from .side_exits import check_side_exits_mode
 
@@ -179,12 +178,42 @@ class DiffMoEConfig:
                     clamp_k=bool(self.clamp_k), topk_before_calibration=bool(self.topk_before_calibration),
                     init=self.init)
 
-    def pass_config(self) -> _DiffMoEPassConfig:
-        """The configuration of the DiffMoE pass (:mod:`treadfx.passes.diffmoe`) this config describes."""
-        return _DiffMoEPassConfig(self.num_experts, self.capacity, bool(self.interleave), bool(self.shared_expert),
-                                  self.predictor_loss_weight, self.threshold_decay, self.noise_std, self.seed,
-                                  self.ffn, self.layer_options)
-
     def validate(self) -> None:
-        """Raise :class:`~treadfx.InvalidMoEConfigError` (with the fix) for a bad value (the pass's own rules)."""
-        self.pass_config().validate()
+        """Raise :class:`~treadfx.InvalidMoEConfigError` (exact message with the fix) for a bad value."""
+        n = self.num_experts
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidMoEConfigError(f"num_experts={n!r} must be an int >= 1. Fix: e.g. num_experts=8.")
+        _check_number("capacity", self.capacity, lambda v: v > 0,
+                      "must be a number > 0 (experts per token on average; 1.0 keeps the dense FFN compute)",
+                      "e.g. capacity=1.0")
+        _check_number("predictor_loss_weight", self.predictor_loss_weight, lambda v: v >= 0,
+                      "must be a number >= 0", "e.g. predictor_loss_weight=1.0")
+        _check_number("threshold_decay", self.threshold_decay, lambda v: 0 <= v < 1,
+                      "must be a number in [0, 1) (EMA decay of the capacity thresholds)", "e.g. threshold_decay=0.95")
+        _check_number("noise_std", self.noise_std, lambda v: v >= 0,
+                      "must be a number >= 0 (relative noise on expert weights)",
+                      "e.g. noise_std=0.01, or 0 for exact copies")
+        sched = self.capacity_schedule
+        if sched is not None and not (isinstance(sched, (tuple, list)) and len(sched) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sched)):
+            raise InvalidMoEConfigError(
+                f"capacity_schedule={sched!r} must be (dense_steps, ramp_steps), two ints >= 0. "
+                "Fix: e.g. capacity_schedule=(10000, 20000), or None for the configured capacity from the start.")
+        if self.experts_impl not in ("grouped", "bmm", "loop"):
+            raise InvalidMoEConfigError(f"experts_impl={self.experts_impl!r} must be 'grouped', 'bmm' or 'loop'. "
+                                        "Fix: e.g. experts_impl='grouped'.")
+        if self.static_capacity is not None:
+            _check_number("static_capacity", self.static_capacity, lambda v: v > 0,
+                          "must be a number > 0 (slots per expert relative to S / E * capacity)",
+                          "e.g. static_capacity=2.0, or None for the dynamic inference")
+        if self.init not in ("official", "treadfx"):
+            raise InvalidMoEConfigError(f"init={self.init!r} must be 'official' or 'treadfx'. "
+                                        "Fix: e.g. init='official'.")
+        if self.ffn is not None and not isinstance(self.ffn, str):
+            raise InvalidMoEConfigError(f"ffn={self.ffn!r} must be a str path inside each block. Fix: e.g. ffn='mlp'.")
+
+
+def _check_number(name: str, value: Any, ok, rule: str, fix: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise InvalidMoEConfigError(f"{name}={value!r} {rule}. Fix: {fix}.")
+    return float(value)

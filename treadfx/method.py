@@ -15,7 +15,10 @@ peft tuner overrides ``BaseTuner``'s:
 * :meth:`Method.finish`: work that needs the rewritten model (TREAD traces ``example_inputs`` now);
 * :meth:`Method.runtime_outputs`: what the runtime does with the extra outputs a rewritten graph returns
   after the user's outputs, once per routed forward;
-* :meth:`Method.report_section`: the part of :class:`treadfx.Report` the method fills.
+* :meth:`Method.report_section`: the method's part of :func:`treadfx.inspect`'s report;
+* :meth:`Method.plan_graph` / :meth:`Method.rewrite_graph`: for a method that rewrites the traced graph (TREAD),
+  the ``plan_routes`` and ``rewrite`` stages of :func:`treadfx.pipeline.build`;
+* :meth:`Method.found_in`: the instance of the method applied to a model (default: the one ``apply`` recorded).
 
 :class:`TreadMethod` routes tokens through a rewritten graph per input
 signature (:mod:`treadfx.pipeline` builds it lazily); :class:`DiffMoEMethod`
@@ -36,10 +39,15 @@ from .config import DiffMoEConfig, TransformConfig, TreadConfig
 from .errors import LiveModelError, TransformError
 from .moe import diffmoe_layers
 from .passes.diffmoe import DiffMoEPass, FFNMatch
+from .pipeline import LaidOut, Planned, Rewritten, insert_routes, plan_tread_routes
+from .report import Inspection, diffmoe_section, tread_section
 from .transformed import (RoutedProgram, TreadState, attach, clone_module_tree, is_transformed, prepare_now, state_of,
                           unwrap)
 
-__all__ = ["Method", "TreadMethod", "DiffMoEMethod", "apply", "register_method", "method_for"]
+__all__ = ["Method", "TreadMethod", "DiffMoEMethod", "apply", "register_method", "method_for", "methods_of"]
+
+#: where ``Method.apply`` records the methods applied to a model (a tuple in the module's ``__dict__``)
+_APPLIED = "_treadfx_methods"
 
 
 class Method(abc.ABC):
@@ -89,9 +97,36 @@ class Method(abc.ABC):
         """Consume the outputs a rewritten graph returns after the user's, once per routed forward (default:
         none are expected)."""
 
-    def report_section(self, report: Any) -> Any:
-        """The part of a :class:`treadfx.Report` this method fills (default: None)."""
-        return None
+    def report_section(self, inspection: Inspection) -> dict[str, Any]:
+        """This method's part of :func:`treadfx.inspect`'s report, as ``{name: value}`` (default: nothing).
+
+        ``inspection`` holds the model, its routed program for the inspect
+        inputs and the inputs.  A name that is a section field of
+        :class:`treadfx.Report` (``routes``, ``token_map``, ``side_exits``,
+        ``diffmoe``, ``diffmoe_inference``) fills it; any other name goes to
+        ``Report.sections``, printed as ``name: str(value)``.
+        """
+        return {}
+
+    def plan_graph(self, laid: LaidOut) -> Planned:
+        """The ``plan_routes`` stage of :func:`treadfx.pipeline.build` for a method attached to the traced graph
+        (default: refused, the method does not rewrite graphs)."""
+        raise TransformError(f"{type(self).__name__} does not rewrite traced graphs. Fix: override plan_graph and "
+                             "rewrite_graph (see TreadMethod), or attach a TreadMethod.")
+
+    def rewrite_graph(self, planned: Planned) -> Rewritten:
+        """The ``rewrite`` stage of :func:`treadfx.pipeline.build` (default: refused, as :meth:`plan_graph`)."""
+        raise TransformError(f"{type(self).__name__} does not rewrite traced graphs. Fix: override plan_graph and "
+                             "rewrite_graph (see TreadMethod), or attach a TreadMethod.")
+
+    @classmethod
+    def found_in(cls, model: nn.Module) -> "Method | None":
+        """The instance of this method applied to ``model`` (recorded by :meth:`apply`), or None."""
+        return next((m for m in model.__dict__.get(_APPLIED, ()) if type(m) is cls), None)
+
+    def __deepcopy__(self, memo):
+        """Copies of a model share its methods (a method is its configuration, which is not changed after apply)."""
+        return self
 
     # ---------------------------------------------------------------- template
     def apply(self, model: nn.Module, *, inplace: bool = False, example_inputs: tuple | None = None,
@@ -103,6 +138,7 @@ class Method(abc.ABC):
         plan = self.plan(model, example_inputs, example_kwargs)
         target = model if inplace else self.copy(model)
         out = self.rewrite(target, plan)
+        out.__dict__[_APPLIED] = (*out.__dict__.get(_APPLIED, ()), self)
         self.finish(out, example_inputs, example_kwargs)
         return out
 
@@ -123,6 +159,17 @@ def method_for(config: Any) -> Method:
         known = ", ".join(c.__name__ for c in _REGISTRY)
         raise TransformError(f"no treadfx method takes a {type(config).__name__}. Fix: pass one of: {known}.")
     return cls(config)
+
+
+def methods_of(model: nn.Module) -> list[Method]:
+    """The methods applied to ``model`` (the module itself, unwrapped by the caller), in registration order
+    (TREAD, DiffMoE, then methods registered later): each registered method's :meth:`Method.found_in`."""
+    found: list[Method] = []
+    for cls in _REGISTRY.values():
+        m = cls.found_in(model)
+        if m is not None and all(m is not f for f in found):
+            found.append(m)
+    return found
 
 
 def apply(model: nn.Module, config: Any, *, inplace: bool = False, example_inputs: tuple | None = None,
@@ -193,9 +240,23 @@ class TreadMethod(Method):
         """The extra outputs are each route's kept indices: remember them as this thread's last routes."""
         state.record(program, list(extra))
 
-    def report_section(self, report):
-        """The routes as planned (``Report.routes``)."""
-        return report.routes
+    def report_section(self, inspection):
+        """The routes as planned, the pixel->token map and the side exits (:func:`treadfx.report.tread_section`)."""
+        return tread_section(inspection)
+
+    def plan_graph(self, laid):
+        """A plan per route, with the order probe (:func:`treadfx.pipeline.plan_tread_routes`)."""
+        return plan_tread_routes(laid)
+
+    def rewrite_graph(self, planned):
+        """The TREAD pass on the traced graph (:func:`treadfx.pipeline.insert_routes`)."""
+        return insert_routes(planned)
+
+    @classmethod
+    def found_in(cls, model):
+        """The method of a transformed model's routed runtime (also for models rebuilt by unpickling)."""
+        m = state_of(model).method if is_transformed(model) else None
+        return m if type(m) is cls else None
 
 
 # ------------------------------------------------------------------------------------------ DiffMoE
@@ -221,7 +282,7 @@ class DiffMoEMethod(Method):
         self._pass: DiffMoEPass | None = None
 
     def plan(self, model, example_inputs, example_kwargs) -> list[FFNMatch]:
-        self._pass = DiffMoEPass(self.config.pass_config())  # validates
+        self._pass = DiffMoEPass(self.config)  # validates
         if diffmoe_layers(model):
             raise TransformError(
                 f"{type(model).__name__} already has DiffMoE layers. Fix: convert the original dense model once."
@@ -230,7 +291,7 @@ class DiffMoEMethod(Method):
 
     def rewrite(self, target, plan):
         if self._pass is None:
-            self._pass = DiffMoEPass(self.config.pass_config())
+            self._pass = DiffMoEPass(self.config)
         self._pass.matches = list(plan)  # same module paths in the copy
         self._pass.apply(target)
         if is_transformed(target):  # traced TREAD programs ran the old FFNs' fake shapes: rebuild lazily
@@ -241,6 +302,13 @@ class DiffMoEMethod(Method):
         target.__dict__["_treadfx_diffmoe_matches"] = list(plan)
         return target
 
-    def report_section(self, report):
-        """The DiffMoE statistics of a training step (``Report.diffmoe``)."""
-        return report.diffmoe
+    def report_section(self, inspection):
+        """The DiffMoE statistics of a training step and the static-capacity inference check
+        (:func:`treadfx.report.diffmoe_section`)."""
+        return diffmoe_section(inspection)
+
+    @classmethod
+    def found_in(cls, model):
+        """The recorded DiffMoE method, or one with the default config for a model whose DiffMoE layers were
+        inserted by hand (the report reads the layers, not the config)."""
+        return super().found_in(model) or (cls(DiffMoEConfig()) if diffmoe_layers(model) else None)

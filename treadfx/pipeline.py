@@ -13,10 +13,13 @@ Each stage is a function from one artefact to the next:
   consuming the previous one's output;
 * :func:`analyse_layout` (:mod:`treadfx.layout`): the token layout of every
   value, and the chain that carries the image tokens;
-* :func:`plan_routes` (:mod:`treadfx.planning`): per route, what is gathered,
-  scattered or passed, and how kept tokens are selected and ordered;
-* :func:`rewrite` (:mod:`treadfx.passes.tread`): the route ops inserted into
-  the graph by the TREAD pass;
+* :func:`plan_routes`: the request's method plans its rewrite
+  (``method.plan_graph``; TREAD: :func:`plan_tread_routes` with
+  :mod:`treadfx.planning`, per route what is gathered, scattered or passed,
+  and how kept tokens are selected and ordered);
+* :func:`rewrite`: the method applies its plan to the graph
+  (``method.rewrite_graph``; TREAD: :func:`insert_routes`, the route ops
+  inserted by the TREAD pass of :mod:`treadfx.passes.tread`);
 * :func:`make_live` (:mod:`treadfx.live`): the executable graph, with every
   module that does not call the routed blocks called live on the model;
 * :func:`validate` (:mod:`treadfx.validate`): the routed graph fake-runs and
@@ -43,6 +46,7 @@ import torch.nn as nn
 from . import chains as chain_finding
 from . import live as live_model
 from . import tracing
+from . import windows
 from .blocks import BlockCandidate, block_graph_hash, find_block_candidates
 from .chains import Chain, image_input_index, pick_chain
 from .config import TransformConfig
@@ -63,7 +67,7 @@ from .validate import check_routed_graph
 __all__ = [
     "BuildRequest", "Traced", "Chains", "LaidOut", "Planned", "Rewritten", "Built", "STAGES", "build",
     "trace", "find_chains", "analyse_layout", "plan_routes", "rewrite", "make_live", "validate",
-    "forward_arg_names",
+    "plan_tread_routes", "insert_routes", "forward_arg_names",
 ]
 
 logger = logging.getLogger("treadfx")
@@ -74,7 +78,9 @@ logger = logging.getLogger("treadfx")
 
 @dataclasses.dataclass
 class BuildRequest:
-    """What a build starts from: the model, its TREAD config, the forward to trace and one call's inputs."""
+    """What a build starts from: the model, its TREAD config, the forward to trace, one call's inputs, and the
+    method whose ``plan_graph`` / ``rewrite_graph`` run the plan and rewrite stages (the model's
+    :class:`~treadfx.TreadMethod`, or a subclass)."""
 
     model: nn.Module
     config: TransformConfig
@@ -83,6 +89,7 @@ class BuildRequest:
     kwargs: dict
     candidates: list[BlockCandidate] = dataclasses.field(default_factory=list)  # found here when empty
     forced: bool = False  # routing forced in eval (force_routing) when the build happens
+    method: Any = None  # a treadfx.Method with plan_graph / rewrite_graph
 
 
 @dataclasses.dataclass
@@ -193,30 +200,21 @@ def analyse_layout(chains: Chains) -> LaidOut:
 
 
 def plan_routes(laid: LaidOut) -> Planned:
-    """A :class:`~treadfx.planning.RoutePlan` per configured route (with the order probe), plus the token map
-    when ``aux_loss`` asks for it at trace time."""
-    prog, cfg = laid.chains.traced.program, laid.chains.traced.request.config
-    spans = resolve_routes(cfg.routes, len(laid.chain))
-    probe = make_order_probe(prog, laid.analysis)
-    plans = [plan_route(prog, laid.analysis, laid.chain, i, route, s, e, _namer(prog), order_probe=probe,
-                        side_exits=cfg.side_exits)
-             for i, (route, (s, e)) in enumerate(zip(cfg.routes, spans))]
-    tmap = None
-    if cfg.aux_loss and plans:
-        tmap = derive_token_map(prog.gm, laid.analysis, plans[0].stream, plans[0].stream_info)
-    return Planned(laid, plans, tmap)
+    """The request's method plans its rewrite of the traced graph: ``method.plan_graph(laid)``."""
+    return _method(laid.chains.traced.request).plan_graph(laid)
 
 
 def rewrite(planned: Planned) -> Rewritten:
-    """Run the TREAD pass (``requires``, ``call``, ``ensures``) on the traced graph; the route ops come back
-    from the rewritten graph module."""
-    req = planned.laid.chains.traced.request
-    gm = planned.laid.chains.traced.program.gm
-    result = TreadPass(planned.plans, fp32_after_route=req.config.fp32_after_route, forced=req.forced,
-                       training=req.model.training)(gm)
-    selects = route_selects(result.graph_module, planned.plans)
-    apply_kept_exits(result.graph_module, planned.plans, planned.laid.chains.traced.program, selects)
-    return Rewritten(planned, selects)
+    """The request's method rewrites the traced graph by its plan: ``method.rewrite_graph(planned)``."""
+    return _method(planned.laid.chains.traced.request).rewrite_graph(planned)
+
+
+def _method(req: BuildRequest):
+    if req.method is None:
+        raise TransformError("BuildRequest.method is None: the plan and rewrite stages come from the model's method. "
+                             "Fix: BuildRequest(..., method=treadfx.TreadMethod(config)) (a transformed model passes "
+                             "its own).")
+    return req.method
 
 
 def make_live(rewritten: Rewritten) -> Built:
@@ -273,6 +271,39 @@ def build(req: BuildRequest, stages: tuple[Callable[[Any], Any], ...] = STAGES) 
             logger.debug("stage %s: %.3f s", name, time.perf_counter() - t)
     value.seconds = time.perf_counter() - t0
     return value
+
+
+# ------------------------------------------------------------------------------------------ TREAD's hooks
+
+
+def plan_tread_routes(laid: LaidOut) -> Planned:
+    """TREAD's plan (:meth:`treadfx.TreadMethod.plan_graph`): a :class:`~treadfx.planning.RoutePlan` per
+    configured route (with the order probe), plus the token map when ``aux_loss`` asks for it at trace time."""
+    prog, cfg = laid.chains.traced.program, laid.chains.traced.request.config
+    spans = resolve_routes(cfg.routes, len(laid.chain))
+    probe = make_order_probe(prog, laid.analysis)
+    plans = [plan_route(prog, laid.analysis, laid.chain, i, route, s, e, _namer(prog), order_probe=probe,
+                        side_exits=cfg.side_exits)
+             for i, (route, (s, e)) in enumerate(zip(cfg.routes, spans))]
+    windows.window_plans(prog.gm, laid.analysis, plans)  # image tokens at per-sample offsets (Lumina2)
+    tmap = None
+    if cfg.aux_loss and plans:
+        tmap = derive_token_map(prog.gm, laid.analysis, plans[0].stream, plans[0].stream_info)
+    return Planned(laid, plans, tmap)
+
+
+def insert_routes(planned: Planned) -> Rewritten:
+    """TREAD's rewrite (:meth:`treadfx.TreadMethod.rewrite_graph`): the TREAD pass through its protocol
+    (``requires``, ``call``, ``ensures``) on the traced graph, then the kept side exits; the route ops come back
+    from the rewritten graph module."""
+    req = planned.laid.chains.traced.request
+    gm = planned.laid.chains.traced.program.gm
+    result = TreadPass(planned.plans, fp32_after_route=req.config.fp32_after_route, forced=req.forced,
+                       training=req.model.training)(gm)
+    windows.rewire(result.graph_module, planned.plans)
+    selects = route_selects(result.graph_module, planned.plans)
+    apply_kept_exits(result.graph_module, planned.plans, planned.laid.chains.traced.program, selects)
+    return Rewritten(planned, selects)
 
 
 # ------------------------------------------------------------------------------------------ helpers

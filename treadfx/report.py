@@ -6,6 +6,16 @@ which tensors are gathered, scattered or passed through and why.  It counts
 forward+backward FLOPs of the dense model and of the routed graph on fake
 tensors, predicts the routed count from per-node counts at N and K tokens, and
 derives the ideal speedup.
+
+The report has a common part (chains, stream, FLOPs) and one part per method
+applied to the model: :func:`build_report` asks each method for its section
+(:meth:`treadfx.Method.report_section`, given an :class:`Inspection`).  TREAD
+fills ``routes``, ``token_map`` and ``side_exits`` (:func:`tread_section`),
+DiffMoE ``diffmoe`` and ``diffmoe_inference`` (:func:`diffmoe_section`); the
+entries of any other method are kept in ``Report.sections``, printed as
+``name: str(value)`` and serialised with the value's ``to_dict()`` when it has
+one.  :func:`treadfx.inspect` (in :mod:`treadfx.api`) transforms a plain model
+first and calls :func:`build_report`.
 """
 
 from __future__ import annotations
@@ -19,14 +29,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .api import transform
-from .fake_eval import meta_key, autocast_cache_off, module_structure_key
+from .fake_eval import autocast_cache_off, meta_key, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
+from .moe import diffmoe_layers, diffmoe_stats, static_capacity_check
 from .tracing import autowrap_guard
-from .transformed import RoutedProgram, TreadState, is_transformed, program_for, state_of, unwrap
+from .transformed import RoutedProgram, TreadState, program_for, state_of
 
-__all__ = ["Report", "RouteReport", "inspect"]
+__all__ = ["Report", "RouteReport", "Inspection", "build_report", "tread_section", "diffmoe_section"]
 
 
 @dataclasses.dataclass
@@ -84,16 +94,20 @@ class Report:
     stream_input: str
     stream_shape: list[int]
     stream_layout: str
-    routes: list[RouteReport]
     dense_flops: int
     routed_flops: int
     predicted_routed_flops: int
     trace_seconds: float
+    # TREAD's section (tread_section)
+    routes: list[RouteReport] = dataclasses.field(default_factory=list)
     token_map: str = ""
+    # DiffMoE's section (diffmoe_section)
     diffmoe: Any = None  # DiffMoEStats of a training step (models converted with treadfx.diffmoe), else None
     # StaticCapacityCheck: DiffMoE inference on these inputs, static-capacity vs dynamic mode, else None
     diffmoe_inference: Any = None
     side_exits: list = dataclasses.field(default_factory=list)  # SideExit.to_dict() + "line" of every side exit
+    # the sections of other methods (Method.report_section entries that are not fields above), by name
+    sections: dict[str, Any] = dataclasses.field(default_factory=dict)
     graph_code: str = dataclasses.field(repr=False, default="")
 
     @property
@@ -106,10 +120,12 @@ class Report:
         return self.dense_flops / self.routed_flops if self.routed_flops else float("inf")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """Every field as JSON-ready values (sections through their ``to_dict()`` when they have one)."""
+        d = dataclasses.asdict(dataclasses.replace(self, diffmoe=None, diffmoe_inference=None, sections={}))
         d.pop("graph_code", None)
         d["diffmoe"] = self.diffmoe.to_dict() if self.diffmoe is not None else None
         d["diffmoe_inference"] = self.diffmoe_inference.to_dict() if self.diffmoe_inference is not None else None
+        d["sections"] = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in self.sections.items()}
         d["ideal_speedup"] = self.ideal_speedup
         return d
 
@@ -156,6 +172,8 @@ class Report:
                          "tokens of the pool; FLOPs above include the experts, router and predictor)")
         if self.diffmoe_inference is not None:
             lines.append("  " + str(self.diffmoe_inference).replace("\n", "\n  "))
+        for name, value in self.sections.items():
+            lines.append(f"  {name}: " + str(value).replace("\n", "\n  "))
         lines.append(f"  trace + analysis + rewrite: {self.trace_seconds:.2f} s")
         return "\n".join(lines)
 
@@ -229,8 +247,6 @@ def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
 def _diffmoe_training_stats(m: nn.Module, prog: RoutedProgram):
     """Planned DiffMoE compute of one training step: pool S = tokens entering each converted block (kept ones inside
     a route), or None when the model has no DiffMoE layers."""
-    from .moe import diffmoe_layers, diffmoe_stats
-
     layers = diffmoe_layers(m)
     if not layers:
         return None
@@ -241,8 +257,10 @@ def _diffmoe_training_stats(m: nn.Module, prog: RoutedProgram):
             if not path.startswith(bpath + "."):
                 continue
             inside = [plan for plan in prog.plans if plan.start <= i <= plan.end]
-            # inside a route the block's inputs are gathered values: size them from the stream at route-out
-            # (and after a route from the stream too: the scattered value is a new node without a recorded value)
+            # inside a route the block's inputs are gathered values: size them from the stream at route-out (the
+            # kept tokens are subtracted below); outside a route the block's own inputs have their dense values (a
+            # scatter's meta["val"] is the value it restores), and the stream is the fallback for a block whose
+            # inputs have no [B, N, D] value of the layer's width
             streams = [plan.stream.meta.get("val") for plan in (inside or prog.plans)]
             vals = streams if inside else [a.meta.get("val") for a in node.all_input_nodes] + streams
             x = next((v for v in vals if isinstance(v, torch.Tensor) and v.ndim == 3 and v.shape[-1] == layer.dim),
@@ -254,25 +272,67 @@ def _diffmoe_training_stats(m: nn.Module, prog: RoutedProgram):
     return diffmoe_stats(m, pools)
 
 
-def _diffmoe_inference_check(m: nn.Module, st: TreadState, args: tuple, kwargs: dict):
-    """DiffMoE static-capacity inference vs the dynamic mode on the inspect inputs (the dense forward, eval, no
-    grad), or None without DiffMoE layers or with meta/fake inputs; model state is restored."""
-    from .moe import static_capacity_check
+@dataclasses.dataclass
+class Inspection:
+    """What :meth:`treadfx.Method.report_section` reads: the inspected model (transformed, unwrapped), its
+    :class:`~treadfx.transformed.TreadState`, the routed program built for the inspect inputs, and those inputs."""
 
-    return static_capacity_check(m, tuple(args), dict(kwargs),
-                                 forward=lambda *a, **k: st.original_forward(m, *a, **k))
+    model: nn.Module
+    state: TreadState
+    program: RoutedProgram
+    args: tuple
+    kwargs: dict
 
 
-def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
-    """Analyse ``model`` on these example inputs and return (printable) :class:`Report`.
+def tread_section(insp: Inspection) -> dict[str, Any]:
+    """TREAD's report fields: ``routes`` (each route's blocks, kept count, selection, order and the decision on every
+    tensor entering or leaving it), ``token_map`` and ``side_exits``."""
+    prog, st = insp.program, insp.state
+    routes = []
+    for plan in prog.plans:
+        tensors = []
+        for d in plan.entering + plan.leaving:
+            tensors.append(TensorDecision(d.action, _name(prog, d.node), d.role,
+                                          layout_str(d.layout) if d.layout else None, d.axis, d.reason))
+        for seg in plan.extra_tokens:
+            tensors.append(TensorDecision("keep", f"{seg.length} {seg.kind} token(s) of the stream", "extra tokens",
+                                          None, None, "never routed: only image tokens are selected"))
+        routes.append(RouteReport(
+            plan.index, plan.start, plan.end, plan.chain.paths[plan.start], plan.chain.paths[plan.end],
+            st.ratio_of(plan.index), plan.num_tokens, plan.num_keep, plan.selection, plan.selection_reason,
+            plan.order, plan.order_reason, layout_str(plan.stream_info.layout), tensors, plan.route.seed,
+        ))
+    return {
+        "routes": routes,
+        "token_map": prog.token_map().describe() if prog.plans else "",
+        "side_exits": [dict(e.to_dict(), line=e.describe()) for plan in prog.plans for e in plan.side_exits],
+    }
 
-    ``model`` may be a transformed model (its routes are reported) or a plain
-    one (analysed with the paper default route, blocks 2..depth-4, ratio 0.5).
-    The model's mode, parameters and gradients are left as they were.
+
+def diffmoe_section(insp: Inspection) -> dict[str, Any]:
+    """DiffMoE's report fields: ``diffmoe``, the planned statistics of a training step (pools sized by the routes),
+    and ``diffmoe_inference``, static-capacity vs dynamic inference on the inspect inputs (the dense forward, eval,
+    no grad; the model's state is restored); each None when it does not apply."""
+    m, st = insp.model, insp.state
+    return {
+        "diffmoe": _diffmoe_training_stats(m, insp.program),
+        "diffmoe_inference": static_capacity_check(m, tuple(insp.args), dict(insp.kwargs),
+                                                   forward=lambda *a, **k: st.original_forward(m, *a, **k)),
+    }
+
+
+#: Report fields a method's section may fill (the built-in methods'); other entries go to Report.sections
+SECTION_FIELDS = ("routes", "token_map", "side_exits", "diffmoe", "diffmoe_inference")
+
+
+def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> Report:
+    """The report of a transformed ``model`` (unwrapped) on these inputs: the common part, then each method's
+    section (``method.report_section(Inspection(...))``) in the order of ``methods``.
+
+    Entries that name a :class:`Report` field fill it; others go to ``Report.sections``.  The model's mode,
+    parameters and gradients are left as they were.
     """
-    m = unwrap(model)
-    if not is_transformed(m):
-        m = transform(m)
+    m = model
     st = state_of(m)
     with _train_mode(m), autocast_cache_off():
         prog = program_for(m, st, tuple(args), dict(kwargs))
@@ -299,23 +359,15 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         blocks = [{"index": i, "path": p, "class": cls, "kind": h or ""}
                   for i, (p, cls, h) in enumerate(zip(c.paths, c.classes, c.hashes))]
         chains.append(ChainReport(ci, c.name, len(c), c is prog.chain, blocks, c.note))
-    routes = []
-    for plan in prog.plans:
-        tensors = []
-        for d in plan.entering + plan.leaving:
-            tensors.append(TensorDecision(d.action, _name(prog, d.node), d.role,
-                                          layout_str(d.layout) if d.layout else None, d.axis, d.reason))
-        for seg in plan.extra_tokens:
-            tensors.append(TensorDecision("keep", f"{seg.length} {seg.kind} token(s) of the stream", "extra tokens",
-                                          None, None, "never routed: only image tokens are selected"))
-        routes.append(RouteReport(
-            plan.index, plan.start, plan.end, plan.chain.paths[plan.start], plan.chain.paths[plan.end],
-            st.ratio_of(plan.index), plan.num_tokens, plan.num_keep, plan.selection, plan.selection_reason,
-            plan.order, plan.order_reason, layout_str(plan.stream_info.layout), tensors, plan.route.seed,
-        ))
     first = prog.plans[0] if prog.plans else None
     stream_val = first.stream.meta.get("val") if first else None
     image_ph = prog.analysis.image_ph
+    insp = Inspection(m, st, prog, tuple(args), dict(kwargs))
+    fields: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for method in methods:
+        for key, value in method.report_section(insp).items():
+            (fields if key in SECTION_FIELDS else sections)[key] = value
     return Report(
         model=type(m).__name__.removeprefix("Tread"),
         inputs=[f"{n}{list(v.shape)}" for n, v in zip(traced.input_names, traced.fake_inputs or [])],
@@ -323,14 +375,11 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         stream_input=image_ph.meta.get("input_name", image_ph.name),
         stream_shape=list(stream_val.shape) if isinstance(stream_val, torch.Tensor) else [],
         stream_layout=layout_str(first.stream_info.layout) if first else "",
-        routes=routes,
         dense_flops=dense,
         routed_flops=routed,
         predicted_routed_flops=predicted,
         trace_seconds=prog.trace_seconds,
-        token_map=prog.token_map().describe() if prog.plans else "",
-        diffmoe=_diffmoe_training_stats(m, prog),
-        diffmoe_inference=_diffmoe_inference_check(m, st, args, kwargs),
-        side_exits=[dict(e.to_dict(), line=e.describe()) for plan in prog.plans for e in plan.side_exits],
         graph_code=traced.gm.code,
+        sections=sections,
+        **fields,
     )

@@ -512,7 +512,7 @@ def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> 
             progs.pop(i)
             _note_retrace(st, key, reason)
             break
-    req = BuildRequest(model, st.config, st.original_forward, args, kwargs, st.candidates, st.forced)
+    req = BuildRequest(model, st.config, st.original_forward, args, kwargs, st.candidates, st.forced, st.method)
     prog = RoutedProgram(build(req))
     st.candidates = req.candidates  # found by the first build of a copy
     progs = st.programs.setdefault(key, [])

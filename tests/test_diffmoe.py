@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import treadfx
 from treadfx.models.dit import DiT, Mlp
-from treadfx.moe import DiffMoELayer, expert_capacity
+from treadfx.moe import DiffMoELayer, diffmoe_layers, expert_capacity
 from treadfx.passes.diffmoe import diffmoe_block_indices, tokenwise_mlp_dims
 
 from helpers import dit_inputs, random_dit
@@ -474,6 +474,26 @@ def test_inspect_reports_the_activated_compute_of_a_training_step(interleave):
     assert {l.path: l.pool_tokens for l in planned.layers}["blocks.5.mlp"] == 3 * n
     assert "DiffMoE: " in str(r) and r.to_dict()["diffmoe"]["activated_params"] == real.activated_params
     assert treadfx.inspect(treadfx.transform(tiny_dit(depth=6), start=1, end=3), x, t, y).diffmoe is None
+
+
+def test_inspect_and_its_order_probe_leave_the_last_training_statistics_as_they_were():
+    """inspect on a new input signature builds a routed graph, whose order probe runs the routed blocks (with their
+    DiffMoE layers) for real in eval mode: the statistics of the user's last training forward survive it."""
+    m = tiny_dit(depth=6)
+    tm = treadfx.transform(treadfx.diffmoe(m, num_experts=2, seed=0), start=1, end=3, ratio=0.5)
+    x, t, y = dit_inputs(m, 2)
+    tm.train()(x, t, y)
+    layers = diffmoe_layers(tm)
+    last = {path: lay._last for path, lay in layers}
+    assert {p: v["mode"] for p, v in last.items()} == {"blocks.1.mlp": "train", "blocks.3.mlp": "train",
+                                                       "blocks.5.mlp": "train"}
+    loss = treadfx.diffmoe_loss(tm)
+    stats = treadfx.diffmoe_stats(tm)
+    report = treadfx.inspect(tm, *dit_inputs(m, 3))  # batch 3: a new signature, so a new build and order probe
+    assert report.routes[0].order == "random"  # the probe ran and found the blocks permutation-equivariant
+    assert all(lay._last is last[path] for path, lay in layers)
+    assert treadfx.diffmoe_loss(tm) is not None and torch.equal(treadfx.diffmoe_loss(tm), loss)
+    assert treadfx.diffmoe_stats(tm) == stats
 
 
 # ----------------------------------------------------------------------------------------- official reference

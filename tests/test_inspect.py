@@ -13,15 +13,16 @@ import treadfx
 from treadfx.__main__ import main, parse_tensor_spec
 from treadfx.models.dit import DiT, dit
 
+from helpers import dit_inputs, random_dit
+
 
 def small_dit() -> DiT:
-    torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2, num_classes=10,
-               class_dropout_prob=0.0, zero_init=False)
+    """A depth-6 DiT on a 4x4 grid of 2x2 patches, width 32 (the shared test helper)."""
+    return random_dit(depth=6, width_per_head=16, heads=2, patch=2, grid=4, num_classes=10)
 
 
 def inputs(batch: int = 2):
-    return torch.randn(batch, 4, 8, 8), torch.rand(batch), torch.randint(0, 10, (batch,))
+    return dit_inputs(small_dit(), batch)
 
 
 def test_report_lists_chain_stream_routes_and_decisions():
@@ -60,7 +61,8 @@ def test_inspect_accepts_an_untransformed_model_with_the_paper_default_route():
 
 
 def test_ideal_speedup_of_the_paper_models():
-    """The FLOP limits measured in the design notes: DiT-B/2 1.41x, DiT-XL/2 1.70x at 256 px (2..depth-4, r=0.5)."""
+    """Ideal fwd+bwd FLOP speedups of the paper default route (2..depth-4, r=0.5) at 256 px: DiT-B/2 1.41x, DiT-XL/2
+    1.70x (the dense/routed FLOP ratio of the two counted graphs, rounded)."""
     x, t, y = torch.randn(2, 4, 32, 32), torch.rand(2), torch.randint(0, 1000, (2,))
     with torch.device("cpu"):
         b2 = treadfx.inspect(treadfx.transform(dit("B", 2)), x, t, y)

@@ -10,7 +10,8 @@ and a small random subset of image tokens, once in order and once permuted,
 in eval mode and without gradients, and compares.  It calls
 ``module.forward`` directly (the block's own forward hooks do not run), draws
 from private generators and restores torch's global RNG state, never changes
-the block's parameters, and restores its training flags.  A probe that raises
+the block's parameters, and restores its training flags and the last-forward
+statistics of its DiffMoE layers.  A probe that raises
 proves nothing: the finding says so, and the planner then keeps tokens
 sorted.
 """
@@ -26,6 +27,7 @@ import torch.utils._pytree as pytree
 
 from .fake_eval import module_structure_key
 from .layout import LayoutAnalysis, TokenInfo, image_span
+from .moe import DiffMoELayer
 from .ops import gather_op
 
 __all__ = ["make_order_probe", "OrderFinding"]
@@ -134,8 +136,10 @@ def _cuda_devices(args) -> list[int]:
 
 def _run_block(module, call_args) -> Any:
     """``module.forward`` in eval mode without gradients, hooks or global-RNG side effects; restores training
-    flags."""
+    flags and the last-forward statistics of DiffMoE layers inside (``diffmoe_loss`` / ``diffmoe_stats`` read
+    them after the user's own forward)."""
     flags = [(m, m.training) for m in module.modules()]
+    last = [(m, m._last) for m in module.modules() if isinstance(m, DiffMoELayer)]
     params = list(module.parameters())
     devices = _cuda_devices((call_args, params))
     try:
@@ -145,6 +149,8 @@ def _run_block(module, call_args) -> Any:
     finally:
         for m, f in flags:
             m.training = f
+        for m, stats in last:
+            m._last = stats
 
 
 def _dependent(prog, analysis: LayoutAnalysis, node: fx.Node, module, side, tokens: int, tol: float) -> bool | str:

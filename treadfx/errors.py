@@ -66,7 +66,17 @@ class InvalidMoEConfigError(TransformError, ValueError):
 
 
 class FFNNotFoundError(TransformError):
-    """``treadfx.diffmoe`` found no (or several) feed-forward submodules in a block; name it with ``ffn=``."""
+    """``treadfx.diffmoe`` cannot find exactly one feed-forward network (FFN) to convert in a block.
+
+    The message names the block and the fix that fits the case: name the FFN
+    with ``ffn='<path inside the block>'`` (none found, or several: submodules
+    or inline ``Linear -> activation -> Linear`` subgraphs, the latter named by
+    their first Linear); pass an ``ffn=`` path that is a submodule with a
+    ``Linear D -> ... -> D`` path; move an FFN written in a forward that does not
+    trace with torch.fx into a submodule; for an FFN fused with attention (Flux
+    single-stream blocks), convert a model with separate MLP Linears or split
+    them first; and convert the model as analysed, without changing it in between.
+    """
 
 
 __all__ += ["InvalidMoEConfigError", "FFNNotFoundError"]

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs", "forward_of", "no_user_hooks",
@@ -63,7 +64,12 @@ def no_user_hooks() -> Iterator[None]:
 
     def call(self, *args, **kwargs):
         if threading.get_ident() == me and getattr(_HOOKLESS, "depth", 0):
-            return forward_of(self)(*args, **kwargs)
+            try:
+                return forward_of(self)(*args, **kwargs)
+            except _DATA_DEPENDENT:
+                if getattr(_HOOKLESS, "culprit", None) is None:
+                    _HOOKLESS.culprit = self  # the innermost module whose own code needs tensor data
+                raise
         return previous(self, *args, **kwargs)
 
     _HOOKLESS.depth = 1
@@ -210,6 +216,10 @@ def fake_like(t: torch.Tensor, mode: FakeTensorMode, shape: tuple | None = None)
     return out
 
 
+class _DataDependentOutput(RuntimeError):
+    """A symbolic fake evaluation ended with an output whose shape (or a Python value) depends on the data."""
+
+
 class _Meta:
     """Metadata of a tensor (shape, stride, dtype, device, requires_grad), independent of any fake mode."""
 
@@ -236,18 +246,23 @@ class FakeEvaluator:
         self._structure: dict[int, tuple] = {}
         self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.live_modules: list[nn.Module] = []  # modules that use tensor data: run live, never on fakes
+        # submodules whose code has data-dependent sizes (boolean-mask indexing, nonzero): class -> structure keys
+        self.data_dependent: dict[type, set[tuple]] = {}
+        self._symbolic: FakeTensorMode | None = None
 
     @contextlib.contextmanager
     def live_modules_by_metadata(self) -> Iterator[None]:
-        """While active, calls of ``live_modules`` in this thread return outputs built by :meth:`call_module`.
+        """While active, calls of ``live_modules`` and of data-dependent submodules (see
+        :meth:`is_data_dependent`) in this thread return outputs built by :meth:`call_module`.
 
-        Such modules use tensor data in Python (an ``assert`` on labels,
-        ``.tolist()``), so running their code on fake tensors fails; analyses
-        that run the whole forward on fakes (FLOP counts) get their outputs'
-        metadata instead (from the memo, else one evaluation on random data).
+        Such modules use tensor data (an ``assert`` on labels, ``.tolist()``,
+        expert dispatch by boolean masks), so running their code on plain fake
+        tensors fails; analyses that run the whole forward on fakes (FLOP
+        counts) get their outputs' metadata instead, and count no FLOPs inside
+        them (their sizes depend on the data).
         """
         ids = {id(m) for m in self.live_modules}
-        if not ids:
+        if not ids and not self.data_dependent:
             yield
             return
         previous = nn.Module.__call__
@@ -255,8 +270,13 @@ class FakeEvaluator:
         evaluator = self
 
         def call(module, *args, **kwargs):
-            if id(module) in ids and threading.get_ident() == me:
+            if threading.get_ident() == me and id(module) in ids:
                 return evaluator.call_module(module, args, kwargs)
+            if threading.get_ident() == me and evaluator.is_data_dependent(module):
+                # outside the caller's dispatch modes (a FLOP counter): the symbolic evaluation's ops, whose sizes
+                # are unbacked symbols, are not the caller's to count
+                with _disable_current_modes():
+                    return evaluator.call_module(module, args, kwargs)
             return previous(module, *args, **kwargs)
 
         nn.Module.__call__ = call  # type: ignore[method-assign]
@@ -299,24 +319,95 @@ class FakeEvaluator:
         if sk is None:
             sk = module_structure_key(module)
             self._structure[id(module)] = sk
-        key = (sk, meta_key((args, kwargs)), torch.is_grad_enabled(), dtype_state())
+        key = (sk, meta_key((tuple(args), dict(kwargs))), torch.is_grad_enabled(), dtype_state())
         hit = _OUTPUT_META.get(key)
         if hit is not None:
             return self._rebuild(hit)
         a, k = self.fakeify((args, kwargs))
+        _HOOKLESS.culprit = None
         try:
             with self.mode, _unsharded(module, self), no_user_hooks():
                 # .forward, not __call__: the module's own hooks (FSDP, logging) and a regional
                 # compile wrapper belong to real calls, not to shape inference
                 out = forward_of(module)(*a, **k)
         except _DATA_DEPENDENT:
-            out = self._real_fallback(module, a, k)
+            culprit = getattr(_HOOKLESS, "culprit", None) or module
+            _HOOKLESS.culprit = None
+            try:
+                out = self._symbolic_call(module, a, k)
+            except Exception:  # noqa: BLE001 - sizes (or Python values) really depend on the data
+                out = self._real_fallback(module, a, k)
+            else:
+                self.data_dependent.setdefault(type(culprit), set()).add(module_structure_key(culprit))
         if any(isinstance(x, nn.Module) for x in pytree.tree_leaves(out)):
             return out  # a module (a routed copy of a module argument) holds this mode's fakes: not memoised
         if len(_OUTPUT_META) >= _OUTPUT_META_LIMIT:
             _OUTPUT_META.clear()
         _OUTPUT_META[key] = pytree.tree_map(lambda x: _Meta(x) if isinstance(x, torch.Tensor) else x, out)
         return out
+
+    def remember(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        """Make ``out`` (fake or real tensors, Python values) what :meth:`call_module` returns for these inputs'
+        metadata: a module run live on a traced call's real data has the output structure of that data."""
+        key = (module_structure_key(module), meta_key(self.fakeify((tuple(args), dict(kwargs)))),
+               torch.is_grad_enabled(), dtype_state())
+        _OUTPUT_META[key] = pytree.tree_map(lambda x: _Meta(x) if isinstance(x, torch.Tensor) else x, out)
+
+    def is_data_dependent(self, module: nn.Module) -> bool:
+        """True if ``module`` has the class and structure of a submodule whose code was found to need tensor data
+        on plain fake tensors (and whose output shapes :meth:`call_module` proved static symbolically)."""
+        keys = self.data_dependent.get(type(module))
+        if not keys:
+            return False
+        sk = self._structure.get(id(module))
+        if sk is None:
+            sk = module_structure_key(module)
+            self._structure[id(module)] = sk
+        return sk in keys
+
+    def symbolic_mode(self) -> FakeTensorMode:
+        """A second fake mode with a ShapeEnv: sizes that depend on tensor data (``x[mask]``, ``nonzero``) become
+        unbacked symbols instead of errors; input shapes stay static."""
+        if self._symbolic is None:
+            from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+            self._symbolic = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
+        return self._symbolic
+
+    def _symbolic_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Output metadata of a module whose code has data-dependent sizes, without running it on any data.
+
+        The module runs on fake tensors of :meth:`symbolic_mode` with its inputs' metadata: a boolean-mask index or
+        ``nonzero`` gives a tensor of an unbacked size ``u``, the ops after it compute with ``u`` symbolically, and
+        an ``index_put`` back into a tensor of known size (a mixture of experts' ``y[mask] = expert(x[mask])``)
+        ends with static shapes again.  The result is exact for every value of the data: it is accepted only when
+        every output size and stride is a concrete integer (a shape that stays data-dependent, or a branch on a
+        data-dependent value, raises; the caller then falls back).  Outputs are rebuilt as fakes of ``self.mode``.
+        """
+        mode = self.symbolic_mode()
+
+        def to_sym(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            out = fake_like(x, mode)
+            return out.requires_grad_(x.requires_grad) if out.is_floating_point() else out
+
+        a, k = pytree.tree_map(to_sym, (args, kwargs))
+        with mode, no_user_hooks():
+            out = forward_of(module)(*a, **k)
+
+        def concrete(x):
+            if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                raise _DataDependentOutput("a Python value computed from data-dependent sizes")
+            if not isinstance(x, torch.Tensor):
+                return x
+            if not all(type(d) is int for d in tuple(x.shape) + tuple(x.stride())):
+                raise _DataDependentOutput(f"an output of shape {tuple(x.shape)} depends on the data")
+            with self.mode:
+                f = torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device=x.device)
+            return f.requires_grad_(True) if x.requires_grad and f.is_floating_point() else f
+
+        return pytree.tree_map(concrete, out)
 
     def _real_fallback(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Output metadata of a module whose forward branches on data: run it once on random real inputs.

@@ -41,6 +41,7 @@ from .side_exits import find_side_exits
 from .tracing import TracedProgram
 
 __all__ = ["ValueDecision", "RoutePlan", "RouteScope", "plan_route", "region_of", "find_stream", "initial_decisions",
+           "end_relative_slices",
            "settle_side_inputs", "leaving_decisions", "choose_selection", "choose_order"]
 
 
@@ -166,13 +167,17 @@ def _probe_count(n_img: int, sizes: set[int]) -> int:
     return max(1, n_img - 1)
 
 
-def _all_sizes(values: Sequence[Any]) -> set[int]:
+def all_sizes(values: Sequence[Any]) -> set[int]:
+    """Every dimension size of every tensor in ``values`` (nested structures included)."""
     out: set[int] = set()
     for v in values:
         for leaf in pytree.tree_leaves(v):
             if isinstance(leaf, torch.Tensor):
                 out.update(int(s) for s in leaf.shape)
     return out
+
+
+_all_sizes = all_sizes  # old private name
 
 
 def _shrunk(value: torch.Tensor, info: TokenInfo, keep: int, per_sample_unbatched: bool, batch: int,
@@ -281,6 +286,7 @@ def plan_route(
     extended = extend_through_residuals(prog.gm, r.region, nxt, _token_count(stream, stream_info))
     if len(extended) > len(r.region):  # h = h + block(h) outside the blocks: the stream leaves at the last add
         r = dataclasses.replace(r, region=extended, stream_end=extended[-1])
+    end_relative_slices(r, n_img)
     from . import structured
 
     found, why = None, None  # structured selection (blocks that need the token grid), see treadfx.structured
@@ -304,6 +310,60 @@ def plan_route(
     return RoutePlan(index, route, start, end, chain, r.region, stream, stream_info, n_img, selection, sel_reason,
                      order, order_reason, [entering[n] for n in order_in], leaving, exits,
                      found.grid if found is not None else None)
+
+
+def end_relative_slices(r: RouteScope, n_img: int) -> list[fx.Node]:
+    """Rewrite, in place, constant slices of token axes inside the region so they mean the same with fewer image
+    tokens: a bound at or after the image segment counts from the end (``x[:, :26]`` of ``[image 16 | text 15]``
+    becomes ``x[:, :-5]``, which drops the same 5 text tokens when only K image tokens are left), a bound at or
+    before it stays absolute.  On the dense shapes the rewritten slice selects exactly what the original did, so
+    the graph's dense meaning is unchanged.  A bound strictly inside the image tokens is left alone (the probe
+    then reports the node).  Returns the rewritten nodes (HiDream's single-stream loop slices the joint stream
+    back to image + text after every block)."""
+    out = []
+    for node in r.region:
+        if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
+                and isinstance(node.args[0], fx.Node)):
+            continue
+        info = r.analysis.token_info(node.args[0])
+        if not isinstance(info, TokenInfo) or not info.has_image():
+            continue
+        try:
+            off, n = image_span(info.layout)
+        except StreamAnalysisError:
+            continue
+        if n != n_img:
+            continue
+        idx = node.args[1]
+        entries = idx if isinstance(idx, tuple) else (idx,)
+        if not (len(entries) > info.axis and all(isinstance(e, slice) and e == slice(None)
+                                                  for e in entries[: info.axis])):
+            continue
+        e = entries[info.axis]
+        if not isinstance(e, slice) or e.step not in (None, 1):
+            continue
+        total = info.length
+
+        def moved(b, is_stop: bool):
+            if not isinstance(b, int) or isinstance(b, bool):
+                return b
+            a = b + total if b < 0 else b
+            a = min(max(a, 0), total)
+            if a <= off:
+                return a
+            if a >= off + n:
+                if a == total:
+                    return None if is_stop else b  # to the end (a start at the end selects nothing either way)
+                return a - total
+            return b  # inside the image tokens: no fixed meaning with fewer of them
+
+        new = slice(moved(e.start, False), moved(e.stop, True), e.step)
+        if new == e:
+            continue
+        entries = entries[: info.axis] + (new,) + entries[info.axis + 1:]
+        node.args = (node.args[0], entries if isinstance(idx, tuple) else entries[0])
+        out.append(node)
+    return out
 
 
 def find_stream(r: RouteScope) -> fx.Node:
@@ -352,7 +412,7 @@ def _known_layouts(gm: fx.GraphModule, analysis: LayoutAnalysis) -> list[Layout]
     return known
 
 
-class _Prober:
+class Prober:
     """Fake-runs the region with the tensors currently marked "gather" shrunk to ``probe_k`` image tokens."""
 
     def __init__(self, r: RouteScope, entering: dict[fx.Node, ValueDecision], order_in: list[fx.Node], n_img: int):
@@ -375,6 +435,9 @@ class _Prober:
                 gathered[n] = _shrunk(n.meta["val"], info, self.probe_k, self.per_sample_unbatched, self.batch,
                                       self.r.prog.evaluator.mode)
         return self.walk.run(gathered)
+
+
+_Prober = Prober  # old private name
 
 
 def settle_side_inputs(r: RouteScope, entering: dict[fx.Node, ValueDecision], order_in: list[fx.Node],

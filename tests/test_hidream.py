@@ -1,0 +1,245 @@
+"""diffusers' HiDream-I1 transformer (``HiDreamImageTransformer2DModel``) trains routed.
+
+The model runs a double-stream chain (image and text streams apart, joint attention) and then a single-stream
+chain on the joint stream ``[image N | text T]``, whose forward slices the stream back to ``N + T`` tokens after
+every block and appends the next Llama layer's tokens.  Every block gets the joint RoPE table
+``[B, N + T + T_llama, 1, d/2, 2, 2]``.  A route must gather that table's image rows with the kept indices, keep
+every text row, and keep the between-block slice meaning "drop the appended Llama tokens" when fewer image tokens
+are left.  The feed-forward of every block is a mixture of experts (``num_routed_experts > 0`` in the default
+config) whose training path indexes tokens by expert with boolean masks: data-dependent sizes inside the block.
+
+Each routed output is compared with :func:`_by_hand`, an independent forward written here with TREAD by hand:
+the same modules, the same kept indices, the image rows gathered from the stream and the RoPE table at route-in
+and written back into the route-in image tokens at route-out.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import treadfx
+
+pytest.importorskip("diffusers")
+
+B = 2
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randomize_zero_linears(m: torch.nn.Module) -> torch.nn.Module:
+    """diffusers zero-initialises some output layers; make every layer matter."""
+    g = _gen(123)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.05)
+    return m
+
+
+def _hidream(experts: int = 0):
+    """The tiny random config of tests/test_zoo.py; ``experts`` routed experts in every feed-forward (2 active)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=experts,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1, 0, 1)))
+
+
+def _inputs(seed: int = 4):
+    g = _gen(seed)
+    return (torch.randn(B, 4, 8, 8, generator=g),), {
+        "timesteps": torch.tensor([10.0, 20.0]), "encoder_hidden_states_t5": torch.randn(B, 5, 8, generator=g),
+        "encoder_hidden_states_llama3": torch.randn(2, B, 5, 4, generator=g),
+        "pooled_embeds": torch.randn(B, 8, generator=g)}
+
+
+def _by_hand(m, args, kwargs, start: int, end: int, kept: torch.Tensor) -> torch.Tensor:
+    """HiDream's training forward written out, with TREAD by hand over chain blocks ``start..end`` (0, 1: the
+    double-stream blocks; 2, 3: the single-stream blocks).  ``kept``: shared kept indices ``[K]``.
+
+    At route-in the image rows ``kept`` of the stream are taken (text rows stay) and every routed block gets the
+    RoPE rows ``kept`` followed by all text rows; at route-out the routed image rows are written into the image
+    tokens that entered the route, and the text rows come from the routed output."""
+    (x,), kw = args, kwargs
+    cfg = m.config
+    p = cfg.patch_size
+    b, c, h, w = x.shape
+    ph, pw = h // p, w // p
+    n = ph * pw
+    hs = x.reshape(b, c, ph, p, pw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n, p * p * c)
+    img_ids = torch.zeros(ph, pw, 3)
+    img_ids[..., 1] += torch.arange(ph)[:, None]
+    img_ids[..., 2] += torch.arange(pw)[None, :]
+    img_ids = img_ids.reshape(n, 3).unsqueeze(0).repeat(b, 1, 1)
+    hs = m.x_embedder(hs)
+    d = hs.shape[-1]
+    temb = m.t_embedder(kw["timesteps"], x.dtype) + m.p_embedder(kw["pooled_embeds"])
+    llama = [m.caption_projection[i](kw["encoder_hidden_states_llama3"][k]).view(b, -1, d)
+             for i, k in enumerate(cfg.llama_layers)]
+    t5 = m.caption_projection[-1](kw["encoder_hidden_states_t5"]).view(b, -1, d)
+    text = torch.cat([t5, llama[-1]], dim=1)  # the text stream of the double-stream blocks
+    n_txt = text.shape[1] + llama[0].shape[1]
+    rope = m.pe_embedder(torch.cat([img_ids, torch.zeros(b, n_txt, 3)], dim=1))  # [B, N + T, 1, d/2, 2, 2]
+    rows = torch.cat([kept, torch.arange(n, rope.shape[1])])
+    rope_routed = rope[:, rows]
+    saved = None
+
+    def route_in(stream):
+        nonlocal saved
+        saved = stream[:, :n]
+        return torch.cat([stream[:, kept], stream[:, n:]], dim=1)
+
+    def route_out(stream):
+        img = saved.clone()
+        img[:, kept] = stream[:, : len(kept)]
+        return torch.cat([img, stream[:, len(kept):]], dim=1)
+
+    blocks = list(m.double_stream_blocks) + list(m.single_stream_blocks)
+    for i, block in enumerate(blocks):
+        routed = start <= i <= end
+        if i == start:
+            hs = route_in(hs)
+        table = rope_routed if routed else rope
+        if i < len(m.double_stream_blocks):
+            hs, text_out = block(hidden_states=hs, hidden_states_masks=None,
+                                 encoder_hidden_states=torch.cat([text, llama[i]], dim=1), temb=temb,
+                                 image_rotary_emb=table)
+            text = text_out[:, : text.shape[1]]
+            if i == len(m.double_stream_blocks) - 1:
+                hs = torch.cat([hs, text], dim=1)  # the joint stream [image | text]
+        else:
+            joint = hs.shape[1]
+            hs = block(hidden_states=torch.cat([hs, llama[i]], dim=1), hidden_states_masks=None,
+                       encoder_hidden_states=None, temb=temb, image_rotary_emb=table)
+            hs = hs[:, :joint]  # drop the Llama tokens appended for this block
+        if i == end:
+            hs = route_out(hs)
+    out = m.final_layer(hs[:, :n], temb)
+    return out.reshape(b, n, p, p, -1).permute(0, 4, 1, 2, 3).reshape(b, -1, n, p * p)  # training unpatchify
+
+
+def _kept(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=_gen(seed))[:k].sort().values
+
+
+def _eval_is_the_original(tm, m, args, kwargs):
+    tm.eval()
+    m.eval()
+    try:
+        with torch.no_grad():
+            assert torch.equal(tm(*args, **kwargs).sample, m(*args, **kwargs).sample)
+    finally:
+        tm.train()
+        m.train()
+
+
+def test_the_hand_loop_is_the_dense_model():
+    """The reference itself: with every token kept it is HiDream's own training forward, bit for bit."""
+    m = _hidream()
+    args, kwargs = _inputs()
+    with torch.no_grad():
+        assert torch.equal(_by_hand(m, args, kwargs, 1, 2, torch.arange(16)), m(*args, **kwargs).sample)
+
+
+@pytest.mark.parametrize("start,end", [(2, 3), (0, 1), (1, 2)],
+                         ids=["single_stream_chain", "double_stream_chain", "across_both"])
+def test_route_equals_the_hand_loop_and_flops_drop_as_predicted(start, end):
+    m = _hidream()
+    args, kwargs = _inputs()
+    tm = treadfx.transform(m, start=start, end=end, ratio=0.5)
+    r = treadfx.inspect(tm, *args, **kwargs)
+    assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+    route = r.routes[0]
+    assert (route.num_tokens, route.num_keep, route.selection) == (16, 8, "shared")
+    kept = _kept(16, 8, seed=start + 10 * end)
+    with treadfx.fixed_routes(tm, [kept]):
+        out = tm(*args, **kwargs).sample
+    ref = _by_hand(m, args, kwargs, start, end, kept)
+    assert torch.equal(out, ref)
+    # the RoPE table is gathered on its token axis: image rows by the kept indices, every text row kept
+    text = str(r)
+    assert "side input [image 16 | text 15] axis 1" in text
+    out.square().mean().backward()
+    _eval_is_the_original(tm, m, args, kwargs)
+
+
+# ------------------------------------------------------------------ routed experts (the default config)
+@pytest.fixture
+def no_synthetic_data(monkeypatch):
+    """The analysis must not run the user's code on random stand-in data (FakeEvaluator's last resort)."""
+    from treadfx.fake_eval import FakeEvaluator
+
+    def refuse(self, module, args, kwargs):
+        raise AssertionError(f"{type(module).__name__} was run on synthetic data")
+
+    monkeypatch.setattr(FakeEvaluator, "_real_fallback", refuse)
+
+
+@pytest.mark.parametrize("start,end", [(2, 3), (1, 2)], ids=["single_stream_chain", "across_both"])
+def test_routed_experts_train_routed_like_the_hand_loop(no_synthetic_data, start, end):
+    """Default config: 4 routed experts, 2 active.  The MoE feed-forward's training path dispatches tokens with
+    boolean masks (``y[idx == i] = expert(x[idx == i])``); the analysis evaluates it with unbacked sizes, and the
+    routed model runs it live on the kept tokens, so each kept token gets the experts it would get anyway."""
+    m = _hidream(experts=4)
+    assert m.double_stream_blocks[0].block.ff_i.experts  # the MoE feed-forward
+    args, kwargs = _inputs()
+    tm = treadfx.transform(m, start=start, end=end, ratio=0.5)
+    r = treadfx.inspect(tm, *args, **kwargs)
+    assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+    assert [(c.name, c.length) for c in r.chains if c.selected] == [("double_stream_blocks+single_stream_blocks", 4)]
+    kept = _kept(16, 8, seed=3 + start)
+    with treadfx.fixed_routes(tm, [kept]):
+        out = tm(*args, **kwargs).sample
+    assert torch.equal(out, _by_hand(m, args, kwargs, start, end, kept))
+    with torch.no_grad():
+        assert not torch.allclose(out, m(*args, **kwargs).sample, atol=1e-4)  # it really routed
+    opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad], lr=0.1)
+    out.square().mean().backward()
+    assert m.single_stream_blocks[1].block.ff_i.experts[0].w1.weight.grad is not None
+    opt.step()
+    _eval_is_the_original(tm, m, args, kwargs)  # eval: the experts' inference path, the original model's
+
+
+def test_a_data_dependent_submodule_gets_exact_output_shapes_without_data():
+    """FakeEvaluator.call_module on a block whose feed-forward indexes tokens by expert: the output metadata is
+    what a real call gives, found symbolically (no fallback run), and the submodule that needs the data (the MoE
+    feed-forward, not the whole block) is the one recorded, so FLOP counts skip only it."""
+    from diffusers.models.transformers.transformer_hidream_image import (
+        HiDreamImageSingleTransformerBlock, MOEFeedForwardSwiGLU)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from treadfx.fake_eval import FakeEvaluator
+
+    torch.manual_seed(0)
+    block = HiDreamImageSingleTransformerBlock(32, 4, 8, num_routed_experts=3, num_activated_experts=2).train()
+    ev = FakeEvaluator(FakeTensorMode(allow_non_fake_inputs=True))
+    ev._real_fallback = None  # a fallback run would fail here
+    g = _gen(0)
+    x, temb = torch.randn(2, 23, 32, generator=g), torch.randn(2, 32, generator=g)
+    rope = torch.randn(2, 23, 1, 4, 2, 2, generator=g)
+    out = ev.call_module(block, (x, None, None, temb, rope), {})
+    real = block(x, None, None, temb, rope)
+    assert (tuple(out.shape), out.stride(), out.dtype, out.requires_grad) == (
+        tuple(real.shape), real.stride(), real.dtype, real.requires_grad)
+    assert list(ev.data_dependent) == [MOEFeedForwardSwiGLU]
+    assert ev.is_data_dependent(block.ff_i) and not ev.is_data_dependent(block)
+
+
+def test_an_output_whose_shape_depends_on_the_data_is_not_accepted_symbolically():
+    """The symbolic evaluation is exact or refuses: ``x[x > 0]`` keeps an unbacked size in its output."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from treadfx.fake_eval import FakeEvaluator
+
+    class Positive(torch.nn.Module):
+        def forward(self, x):
+            return x[x > 0]
+
+    ev = FakeEvaluator(FakeTensorMode(allow_non_fake_inputs=True))
+    with pytest.raises(RuntimeError, match="depends on the data"):
+        ev._symbolic_call(Positive(), (ev.to_fake(torch.randn(4, 3)),), {})

@@ -54,6 +54,8 @@ from treadfx.config import DiffMoEConfig  # the public config class (treadfx.Dif
 from treadfx.errors import FFNNotFoundError, NoBlocksFoundError, TransformError
 from treadfx.graph_walk import depends_on, feeds_output
 from treadfx.moe import DiffMoELayer
+from treadfx.tracing import trace
+from treadfx.transformed import is_transformed, state_of
 
 __all__ = ["DiffMoEPass", "DiffMoEConfig", "FFNMatch", "find_ffn", "tokenwise_mlp_dims", "diffmoe_block_indices", "GraphForward",
            "inline_ffn_subclass"]
@@ -179,8 +181,6 @@ def _graph_filter_traced(block: nn.Module, cands: dict[str, tuple[int, int]], ar
                          ) -> dict[str, tuple[int, int]] | None:
     """Like :func:`_graph_filter_fx`, on the block traced with its real (fake) input signature: the call's
     input is ``[..., D]``, derived from a ``[..., D]`` block input, and its output has the input's shape."""
-    from treadfx.tracing import trace
-
     try:
         prog = trace(block, type(block).forward, args, kwargs,
                      leaves=_leaf_names(block, list(cands)) + list(block.children()))
@@ -209,9 +209,6 @@ def _graph_filter_traced(block: nn.Module, cands: dict[str, tuple[int, int]], ar
 
 def _block_inputs(model: nn.Module, blocks: Sequence[nn.Module], args: tuple, kwargs: dict) -> dict[int, tuple]:
     """Fake ``(args, kwargs)`` of every call of each block, from one trace of the model with blocks as leaves."""
-    from treadfx.transformed import is_transformed, state_of
-    from treadfx.tracing import trace
-
     forward = state_of(model).original_forward if is_transformed(model) else type(model).forward
     prog = trace(model, forward, tuple(args), dict(kwargs), leaves=list(blocks))
     by_id = {id(b): b for b in blocks}

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 
 from .fake_eval import module_structure_key
 from .layout import LayoutAnalysis, TokenInfo, image_span
-from .moe import DiffMoELayer
+from .moe import statistics_kept
 from .ops import gather_op
 
 __all__ = ["make_order_probe", "OrderFinding"]
@@ -84,7 +84,7 @@ def make_order_probe(prog, analysis: LayoutAnalysis, tokens: int = 16, tol: floa
             module = prog.gm.get_submodule(node.target)
             key = module_structure_key(module)
             if key not in cache:
-                cache[key] = _dependent(prog, analysis, node, module, side, tokens, tol)
+                cache[key] = _dependent(analysis, node, module, side, tokens, tol)
             if cache[key] is True:
                 return OrderFinding(dependent=prog.model_path(node))
             if isinstance(cache[key], str) and unproven is None:
@@ -139,21 +139,18 @@ def _run_block(module, call_args) -> Any:
     flags and the last-forward statistics of DiffMoE layers inside (``diffmoe_loss`` / ``diffmoe_stats`` read
     them after the user's own forward)."""
     flags = [(m, m.training) for m in module.modules()]
-    last = [(m, m._last) for m in module.modules() if isinstance(m, DiffMoELayer)]
     params = list(module.parameters())
     devices = _cuda_devices((call_args, params))
     try:
         module.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), statistics_kept(module):
             return module.forward(*call_args[0], **call_args[1])
     finally:
         for m, f in flags:
             m.training = f
-        for m, stats in last:
-            m._last = stats
 
 
-def _dependent(prog, analysis: LayoutAnalysis, node: fx.Node, module, side, tokens: int, tol: float) -> bool | str:
+def _dependent(analysis: LayoutAnalysis, node: fx.Node, module, side, tokens: int, tol: float) -> bool | str:
     """True if the block is order dependent, False if equivariant, or why the probe could not run."""
     gen = torch.Generator().manual_seed(0)
     infos = _image_inputs(analysis, node, side)

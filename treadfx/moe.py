@@ -23,9 +23,10 @@ treadfx differs, the difference is an option (see ``docs/diffmoe.md``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -36,7 +37,7 @@ __all__ = [
     "DiffMoELayer", "expert_capacity", "scheduled_capacity", "static_capacity_tokens", "diffmoe_layers",
     "diffmoe_loss", "diffmoe_stats", "DiffMoEStats", "LayerStats", "ffn_flops_per_token", "grouped_linear",
     "grouped_mm_available", "static_capacity_check", "StaticCapacityCheck", "StaticLayerCheck",
-    "DEFAULT_STATIC_CAPACITY",
+    "DEFAULT_STATIC_CAPACITY", "statistics_kept",
 ]
 
 EXPERT_IMPLS = ("grouped", "bmm", "loop")
@@ -631,6 +632,18 @@ def diffmoe_layers(model: nn.Module) -> list[tuple[str, DiffMoELayer]]:
         if isinstance(sub, nn.Module) and not any(True for _ in inner.parameters(recurse=False)):
             inner = sub
     return [(n, m) for n, m in inner.named_modules() if isinstance(m, DiffMoELayer)]
+
+
+@contextlib.contextmanager
+def statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Calls inside leave the last-forward statistics of every DiffMoE layer in ``module`` (what
+    :func:`diffmoe_loss` and :func:`diffmoe_stats` read) as they were before, also when they raise."""
+    saved = [(m, m._last) for m in module.modules() if isinstance(m, DiffMoELayer)]
+    try:
+        yield
+    finally:
+        for m, last in saved:
+            m._last = last
 
 
 def diffmoe_loss(model: nn.Module) -> torch.Tensor:

@@ -207,7 +207,7 @@ def _dense_value(n: fx.Node) -> Any:
     return (n.args[0] if n.meta.get("treadfx", ("",))[0] == "gather" else n).meta.get("val")
 
 
-def _predicted_savings(prog: RoutedProgram, state: TreadState) -> int:
+def _predicted_savings(prog: RoutedProgram) -> int:
     """Σ over region nodes of (FLOPs at N tokens - FLOPs at K tokens), each counted on its own."""
     traced = prog.traced
     ev = traced.evaluator
@@ -352,7 +352,7 @@ def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> 
         finally:
             for s, (f, x) in zip(prog.selects, saved):
                 s.forced, s.fixed = f, x
-        predicted = dense - _predicted_savings(prog, st)
+        predicted = dense - _predicted_savings(prog)
 
     chains = []
     for ci, c in enumerate(prog.chains):

@@ -128,7 +128,7 @@ class RoutedProgram:
         leaves, _ = flatten_call(args, kwargs)
         inputs = [leaves[i] for i in self.traced.tensor_positions]
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        keep = state.keep_mask(self, tensors)
+        keep = state.keep_mask(self)
         step = state.step_counter(tensors) if self.seeded else None
         outs = self.live.gm(*inputs, keep, step)
         if step is not None:
@@ -182,7 +182,7 @@ class TreadState:
     def last_outputs(self) -> tuple:
         return getattr(self._last, "outputs", ())
 
-    def keep_mask(self, prog: "RoutedProgram", tensors: list) -> torch.Tensor | None:
+    def keep_mask(self, prog: "RoutedProgram") -> torch.Tensor | None:
         """The active keep mask as [B, N] bool image-token mask, or None."""
         if self.keep is None:
             return None
@@ -483,7 +483,7 @@ def tread_subclass(cls: type) -> type:
 # ------------------------------------------------------------------------------------------ program cache
 
 
-def _mode_key(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> tuple:
+def _mode_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
     """Everything a traced graph is specialised on: input signature, mode, grad mode, autocast of every device."""
     return (signature_of(args, kwargs), model.training, torch.is_grad_enabled(), dtype_state())
 
@@ -497,7 +497,7 @@ _RETRACE_WARN_AFTER = 3
 def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> RoutedProgram:
     """The routed program for this call: cached, guarded, built (:func:`treadfx.pipeline.build`) when new or
     when the model or a guarded value changed."""
-    key = _mode_key(model, st, args, kwargs)
+    key = _mode_key(model, args, kwargs)
     progs = st.programs.get(key)
     reason = None
     if progs is not None:
@@ -510,7 +510,7 @@ def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> 
             if reason is None:
                 return prog
             progs.pop(i)
-            _note_retrace(st, key, reason)
+            _note_retrace(st, reason)
             break
     req = BuildRequest(model, st.config, st.original_forward, args, kwargs, st.candidates, st.forced, st.method)
     prog = RoutedProgram(build(req))
@@ -528,7 +528,7 @@ def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> 
     if len(st.programs) > MAX_PROGRAMS:
         st.programs.popitem(last=False)
         _warn_once(st, "signatures", f"treadfx: more than {MAX_PROGRAMS} different call signatures; "
-                   + _changing_constants(model, st, key[0]) + " Each one is traced separately and only the "
+                   + _changing_constants(st, key[0]) + " Each one is traced separately and only the "
                    f"{MAX_PROGRAMS} most recent graphs are kept. Fix: pass values that change between calls as "
                    "tensors, and keep shapes fixed (bucket them).")
     return prog
@@ -546,7 +546,7 @@ def prepare_now(model: nn.Module, args: tuple, kwargs: dict) -> None:
         st.prime(prog, args, kwargs)
 
 
-def _note_retrace(st: TreadState, key: Any, reason: str) -> None:
+def _note_retrace(st: TreadState, reason: str) -> None:
     counts = st.__dict__.setdefault("retraces", {})
     counts[reason] = counts.get(reason, 0) + 1
     if counts[reason] >= _RETRACE_WARN_AFTER:
@@ -562,7 +562,7 @@ def _warn_once(st: TreadState, key: Any, message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def _changing_constants(model: nn.Module, st: TreadState, sig: Any) -> str:
+def _changing_constants(st: TreadState, sig: Any) -> str:
     """Name the non-tensor arguments whose values differ between the cached signatures."""
     others = [k[0] for k in st.programs if k[0].spec == sig.spec and k[0] is not sig]
     differing = sorted({i for o in others for i, (a, b) in enumerate(zip(o.leaves, sig.leaves))

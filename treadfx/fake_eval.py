@@ -230,6 +230,9 @@ class _Meta:
         self.dtype, self.device, self.requires_grad = t.dtype, t.device, t.requires_grad
 
 
+#: process-wide, like the memo: (class, module_structure_key) of submodules whose own code needs tensor data for a
+#: size (boolean-mask indexing, nonzero) and whose outputs were proved static by a symbolic evaluation
+_DATA_DEPENDENT_MODULES: set[tuple[type, tuple]] = set()
 _OUTPUT_META: dict[tuple, Any] = {}  # process-wide: (module structure, input metadata) -> output metadata
 _OUTPUT_META_LIMIT = 4096
 
@@ -246,8 +249,6 @@ class FakeEvaluator:
         self._structure: dict[int, tuple] = {}
         self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.live_modules: list[nn.Module] = []  # modules that use tensor data: run live, never on fakes
-        # submodules whose code has data-dependent sizes (boolean-mask indexing, nonzero): class -> structure keys
-        self.data_dependent: dict[type, set[tuple]] = {}
         self._symbolic: FakeTensorMode | None = None
 
     @contextlib.contextmanager
@@ -262,7 +263,7 @@ class FakeEvaluator:
         them (their sizes depend on the data).
         """
         ids = {id(m) for m in self.live_modules}
-        if not ids and not self.data_dependent:
+        if not ids and not _DATA_DEPENDENT_MODULES:
             yield
             return
         previous = nn.Module.__call__
@@ -324,21 +325,7 @@ class FakeEvaluator:
         if hit is not None:
             return self._rebuild(hit)
         a, k = self.fakeify((args, kwargs))
-        _HOOKLESS.culprit = None
-        try:
-            with self.mode, _unsharded(module, self), no_user_hooks():
-                # .forward, not __call__: the module's own hooks (FSDP, logging) and a regional
-                # compile wrapper belong to real calls, not to shape inference
-                out = forward_of(module)(*a, **k)
-        except _DATA_DEPENDENT:
-            culprit = getattr(_HOOKLESS, "culprit", None) or module
-            _HOOKLESS.culprit = None
-            try:
-                out = self._symbolic_call(module, a, k)
-            except Exception:  # noqa: BLE001 - sizes (or Python values) really depend on the data
-                out = self._real_fallback(module, a, k)
-            else:
-                self.data_dependent.setdefault(type(culprit), set()).add(module_structure_key(culprit))
+        out = self._fake_call(module, a, k)
         if any(isinstance(x, nn.Module) for x in pytree.tree_leaves(out)):
             return out  # a module (a routed copy of a module argument) holds this mode's fakes: not memoised
         if len(_OUTPUT_META) >= _OUTPUT_META_LIMIT:
@@ -353,17 +340,72 @@ class FakeEvaluator:
                torch.is_grad_enabled(), dtype_state())
         _OUTPUT_META[key] = pytree.tree_map(lambda x: _Meta(x) if isinstance(x, torch.Tensor) else x, out)
 
-    def is_data_dependent(self, module: nn.Module) -> bool:
-        """True if ``module`` has the class and structure of a submodule whose code was found to need tensor data
-        on plain fake tensors (and whose output shapes :meth:`call_module` proved static symbolically)."""
-        keys = self.data_dependent.get(type(module))
-        if not keys:
-            return False
+    def _fake_call(self, module: nn.Module, a: tuple, k: dict) -> Any:
+        """``module``'s outputs on fake inputs.  A submodule whose own code needs tensor data for a size (a mixture
+        of experts' ``x[idx == i]``) is found by the failing call, recorded as data-dependent (see
+        :meth:`is_data_dependent`), and the call is repeated with that submodule evaluated symbolically on its own
+        (:meth:`_symbolic_call`, memoised like any module call): the rest of the module stays on plain fakes."""
+        for _attempt in range(8):
+            whole = self.is_data_dependent(module)
+            _HOOKLESS.culprit = None
+            try:
+                if whole:
+                    return self._symbolic_call(module, a, k)
+                with self.mode, _unsharded(module, self), no_user_hooks(), self._data_dependent_by_metadata():
+                    # .forward, not __call__: the module's own hooks (FSDP, logging) and a regional
+                    # compile wrapper belong to real calls, not to shape inference
+                    return forward_of(module)(*a, **k)
+            except _DATA_DEPENDENT:
+                culprit = getattr(_HOOKLESS, "culprit", None) or module
+                _HOOKLESS.culprit = None
+                if whole or self.is_data_dependent(culprit):
+                    break  # symbolic evaluation failed too
+                _DATA_DEPENDENT_MODULES.add((type(culprit), self._structure_of(culprit)))
+            except _DataDependentOutput:
+                break
+            except Exception:
+                if not whole:
+                    raise
+                break  # a guard on a data-dependent value inside the symbolic evaluation
+        _DATA_DEPENDENT_MODULES.discard((type(module), self._structure_of(module)))
+        # sizes or Python values that really depend on the data: one run on random data (see _real_fallback)
+        return self._real_fallback(module, a, k)
+
+    def _structure_of(self, module: nn.Module) -> tuple:
         sk = self._structure.get(id(module))
         if sk is None:
             sk = module_structure_key(module)
             self._structure[id(module)] = sk
-        return sk in keys
+        return sk
+
+    @contextlib.contextmanager
+    def _data_dependent_by_metadata(self) -> Iterator[None]:
+        """While active, data-dependent submodules called in this thread go through :meth:`call_module`."""
+        if not _DATA_DEPENDENT_MODULES:
+            yield
+            return
+        previous = nn.Module.__call__
+        me = threading.get_ident()
+        evaluator = self
+
+        def call(module, *args, **kwargs):
+            if threading.get_ident() == me and evaluator.is_data_dependent(module):
+                with _disable_current_modes():  # call_module enters the fake mode it needs itself
+                    return evaluator.call_module(module, args, kwargs)
+            return previous(module, *args, **kwargs)
+
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.__call__ = previous  # type: ignore[method-assign]
+
+    def is_data_dependent(self, module: nn.Module) -> bool:
+        """True if ``module`` has the class and structure of a submodule whose code was found to need tensor data
+        on plain fake tensors (and whose output shapes :meth:`call_module` proved static symbolically)."""
+        if not any(t is type(module) for t, _ in _DATA_DEPENDENT_MODULES):
+            return False
+        return (type(module), self._structure_of(module)) in _DATA_DEPENDENT_MODULES
 
     def symbolic_mode(self) -> FakeTensorMode:
         """A second fake mode with a ShapeEnv: sizes that depend on tensor data (``x[mask]``, ``nonzero``) become

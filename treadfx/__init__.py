@@ -50,13 +50,13 @@ from .schedule import RatioSchedule
 from .side_exits import SideExit, SideExitError, SideExitWarning, route_mask, route_rows
 from .routes import Route
 from .config import DiffMoEConfig, TreadConfig
-from .method import DiffMoEMethod, Method, TreadMethod
+from .method import DiffMoEMethod, Method, TreadMethod, register_method
 from .transformed import RouteRecord, is_transformed
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "apply", "TreadConfig", "DiffMoEConfig", "Method", "TreadMethod", "DiffMoEMethod",
+    "transform", "apply", "TreadConfig", "DiffMoEConfig", "Method", "TreadMethod", "DiffMoEMethod", "register_method",
     "prepare", "force_routing", "set_ratio", "last_routes", "fixed_routes", "clone_module_tree",
     "original_class", "is_transformed", "Route", "RouteRecord", "inspect", "Report",
     "keep_tokens", "routing_guidance", "routing_step", "set_routing_step", "route_loss", "RouteLoss", "token_map", "RatioSchedule",

@@ -145,7 +145,8 @@ class TreadState:
     def __init__(self, config: TransformConfig, original_class: type, candidates: list[BlockCandidate],
                  method: Any):
         self.config = config
-        self.method = method  # the treadfx.method.Method that attached this state (consumes graph extra outputs)
+        self.method = method  # the treadfx.Method that attached this state: its plan_graph / rewrite_graph build
+        # the routed graphs, its runtime_outputs consumes their extra outputs
         self.original_class = original_class
         self.original_forward: Callable = original_class.forward
         self.candidates = candidates

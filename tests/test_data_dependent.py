@@ -379,7 +379,7 @@ def test_python_values_from_a_live_module_are_guarded(trace_count):
                 if i == 2:
                     h = put(saved, h, kept, 0)
             assert torch.equal(out, h[:, :8]), lengths
-    assert trace_count[0] == 3  # one graph per lengths value, each traced once, then served from the cache
+    assert trace_count[0] == 2  # one graph per longest caption (the shape depends on it), then served from the cache
 
 
 # ----------------------------------------------------------------------------- nothing leaks, constants

@@ -10,6 +10,7 @@ U-ViT in-blocks, mid-block and out-blocks).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import TYPE_CHECKING
 
 import torch.fx as fx
@@ -67,10 +68,57 @@ class Chain:
         return f"{len(self)} blocks: " + ", then ".join(parts)
 
 
-def _block_predecessors(node: fx.Node, block_set: set[fx.Node]) -> set[fx.Node]:
-    """Block calls whose output reaches ``node`` without passing through another block call."""
-    walked = upstream(node.all_input_nodes, expand=lambda n: n not in block_set)
-    return {n for n in walked if n in block_set}
+def _writes_into(node: fx.Node, before: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
+    """Inputs of the in-place writes into ``node`` (``buf[i, a:b] = v``, ``buf.add_(v)``) made before ``before``:
+    a buffer assembled by writes carries the data written into it."""
+    out: list[fx.Node] = []
+    for u in node.users:
+        if order.get(u, -1) >= order.get(before, 0) or not u.args or u.args[0] is not node:
+            continue
+        t = str(u.target)
+        if (u.op == "call_function" and u.target is operator.setitem) or (
+                u.op == "call_method" and t.endswith("_") and not t.endswith("__")):
+            out.extend(i for i in u.all_input_nodes if i is not node)
+    return out
+
+
+def _block_predecessors(node: fx.Node, block_set: set[fx.Node], order: dict[fx.Node, int] | None = None,
+                        written: set[fx.Node] | None = None) -> set[fx.Node]:
+    """Block calls whose output reaches ``node`` without passing through another block call, also through
+    in-place writes into a buffer that ``node`` reads (a joint sequence assembled slice by slice); those reached
+    through such writes are also added to ``written``."""
+    if order is None:
+        order = {n: k for k, n in enumerate(node.graph.nodes)}
+
+    def expand(n: fx.Node) -> bool:
+        return n not in block_set and not _metadata_only(n)
+
+    seen: set[fx.Node] = set()
+    stack = list(upstream(node.all_input_nodes, expand=expand))
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in block_set:
+            continue
+        for w in _writes_into(n, node, order):
+            reached = list(upstream([w], expand=expand))
+            if written is not None:
+                written.update(r for r in reached if r in block_set)
+            stack.extend(reached)
+    return {n for n in seen if n in block_set}
+
+
+_METADATA_METHODS = frozenset({"new_zeros", "new_ones", "new_empty", "new_full"})
+_METADATA_FUNCS = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
+
+
+def _metadata_only(n: fx.Node) -> bool:
+    """``x.new_zeros(...)``, ``torch.zeros_like(x)``: reads only the shape, dtype and device of its inputs."""
+    if n.op == "call_method":
+        return n.target in _METADATA_METHODS
+    return n.op == "call_function" and getattr(n.target, "__name__", "") in _METADATA_FUNCS
 
 
 def find_chains(gm: fx.GraphModule, candidates: list[BlockCandidate], model_root: str) -> list[Chain]:
@@ -78,10 +126,16 @@ def find_chains(gm: fx.GraphModule, candidates: list[BlockCandidate], model_root
     by_target = {f"{model_root}.{c.path}": c for c in candidates}
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in by_target]
     block_set = set(calls)
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
     chains: list[list[fx.Node]] = []
     for node in calls:
-        preds = _block_predecessors(node, block_set)
-        if chains and chains[-1][-1] in preds:
+        written: set[fx.Node] = set()
+        preds = _block_predecessors(node, block_set, order, written)
+        merging = sum(1 for c in chains if c[-1] in written)
+        # a block whose input buffer is assembled from the outputs of two chains (Lumina2's joint blocks after the
+        # noise and the context refiners) starts a new chain: counting route indices along either branch into it
+        # would be arbitrary
+        if chains and chains[-1][-1] in preds and merging < 2:
             chains[-1].append(node)
         else:
             chains.append([node])
@@ -108,13 +162,33 @@ def resolve_index(index: int, length: int, what: str) -> int:
 
 
 def _image_inputs_of(node: fx.Node, analysis: LayoutAnalysis) -> list[fx.Node]:
-    """Tensor inputs of the block call ``node`` whose token axis holds image tokens."""
+    """Tensor inputs of the block call ``node`` whose token axis holds image tokens.
+
+    When the block's outputs are known to carry some of its inputs (the streams it updates, found by
+    ``analysis.block_carry``), only those count: a side input such as a RoPE table computed next to the image
+    patches (Lumina2's caption rotary rows) does not make a text refiner an image block."""
+    inputs = tensor_input_nodes(node)
+    try:
+        carried = [n for n in (analysis.block_carry(node) or {}).values() if isinstance(n, fx.Node)]
+    except Exception:  # noqa: BLE001 - no carry information: every input counts
+        carried = []
+    if any(isinstance(analysis.token_info(n), TokenInfo) for n in carried):
+        inputs = [n for n in inputs if n in carried]
     out = []
-    for inp in tensor_input_nodes(node):
+    for inp in inputs:
         info = analysis.token_info(inp)
         if isinstance(info, TokenInfo) and info.has_image():
             out.append(inp)
     return out
+
+
+def _feeds(chain: Chain, other: Chain) -> bool:
+    """The outputs of ``chain``'s last block reach ``other``'s first block (through in-place writes too)."""
+    if chain is other:
+        return False
+    first = other.nodes[0]
+    block_set = set(chain.nodes) | set(other.nodes)
+    return chain.nodes[-1] in _block_predecessors(first, block_set)
 
 
 def _input_name(ph: fx.Node) -> str:
@@ -259,6 +333,17 @@ def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformC
     if not image_chains:
         raise _no_image_chain_error(chains, analysis, config)
     if len(image_chains) > 1:
+        # refiners: chains whose image stream is written into another image chain's input (Lumina2's
+        # noise_refiner feeds the joint `layers`); the chain that no other image chain follows is the main one
+        last = [c for c in image_chains if not any(_feeds(c, o) for o in image_chains)]
+        if len(last) == 1:
+            main = last[0]
+            for c in image_chains:
+                if c is not main:
+                    c.note = (f"a refiner: its image tokens are written into the input of `{main.name}`, the chain "
+                              "that carries them on to the output" + (f"; {c.note}" if c.note else ""))
+            return routed_because(main, "routed: the chain that carries the image tokens to the output (the other "
+                                  "image chains feed it)")
         raise AmbiguousChainError(
             "the model has several chains of repeated blocks carrying image tokens: "
             + "; ".join(f"{c.name!r} ({c.describe()})" for c in image_chains)

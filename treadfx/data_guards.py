@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from .errors import UntraceableForwardError
 
-__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded"]
+__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "LATE_INT"]
 
 
 class ValueGuardFailure(UntraceableForwardError):
@@ -83,18 +83,33 @@ _CONVERT = {
 }
 
 
+#: In an expected structure: an int the graph reads at run time (a late-bound int, see treadfx.tracing.LateInt),
+#: so any int matches here; what the graph needs of it is checked by guards of its own.
+LATE_INT = "<treadfx: late-bound int>"
+
+
+def _matches(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, str) and expected == LATE_INT:
+        return isinstance(actual, int) and not isinstance(actual, bool)
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(actual, (list, tuple)) and len(actual) == len(expected)
+                and all(_matches(a, e) for a, e in zip(actual, expected)))
+    try:
+        return bool(actual == expected)
+    except Exception:  # e.g. comparing tensors elementwise: fall back to identity of the repr
+        return repr(actual) == repr(expected)
+
+
 def data_guard(value: Any, kind: str, expected: Any, where: str) -> None:
-    """Graph node: raise :class:`ValueGuardFailure` unless ``value`` (converted by ``kind``) equals ``expected``.
+    """Graph node: raise :class:`ValueGuardFailure` unless ``value`` (converted by ``kind``) equals ``expected``
+    (where ``expected`` holds :data:`LATE_INT`, any int matches).
 
     A no-op on fake or meta values (shape inference and FLOP counting never check data).
     """
     if _is_fake(value):
         return None
     actual = _CONVERT[kind](value)
-    try:
-        same = bool(actual == expected)
-    except Exception:  # e.g. comparing tensors elementwise: fall back to identity of the repr
-        same = repr(actual) == repr(expected)
+    same = _matches(actual, expected)
     if not same:
         raise ValueGuardFailure(where, expected, actual)
     return None

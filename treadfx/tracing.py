@@ -67,7 +67,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 
 from .errors import UntraceableForwardError
-from .data_guards import data_guard, structure_of
+from .data_guards import LATE_INT, data_guard, structure_of
 from .fake_eval import FakeEvaluator, fake_like, forward_of, no_user_hooks, rng_preserved
 from .outputs import flatten_output, unflatten_output
 
@@ -258,12 +258,16 @@ class ValueProxy(fx.Proxy):
             return _MethodProxy(self, k)
         if _has_tensor(attr):
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
+        if k == "shape":
+            self.tracer.fix_late_shape([self], "a read of `.shape`")
         return attr  # shape, dtype, device, ndim, requires_grad ...: specialised
 
     def __len__(self) -> int:
+        self.tracer.fix_late_shape([self], "len()")
         return len(self.node.meta["val"])
 
     def __iter__(self):
+        self.tracer.fix_late_shape([self], "iteration")
         return iter([self[i] for i in range(len(self.node.meta["val"]))])
 
     def __bool__(self) -> bool:
@@ -344,6 +348,133 @@ class _NoRealValue(Exception):
     """Internal: a real value was needed but the traced call has no real inputs."""
 
 
+class LateInt:
+    """An int that a module run live computed from tensor data (Lumina2's caption lengths), read by the graph at
+    run time instead of being frozen into it.
+
+    Where the forward uses it as an index or slice bound of a tensor (``x[i, :n]``, ``buf[i, a:b] = v``), the
+    graph reads the live value at every call; arithmetic and ``max``/``min`` of late ints give late ints (graph
+    nodes); a comparison, ``bool``, a set of late ints, or any other use whose result Python keeps (a shape, a
+    ``range``, a hash, a format) adds a guard on what it saw: the outcome of the comparison, the equality pattern
+    of the set, or the exact value.  A guard that fails retraces (:mod:`treadfx.data_guards`), so the graph
+    is right for every value, and one graph serves every value that only moves slice bounds.
+    """
+
+    __slots__ = ("value", "node", "tracer", "fixed")
+
+    def __init__(self, value: int, node: fx.Node, tracer: "SpecializingTracer"):
+        self.value, self.node, self.tracer, self.fixed = int(value), node, tracer, False
+
+    def specialise(self, why: str) -> int:
+        """The value, with a guard that it stays the same (the graph now depends on it)."""
+        if not self.fixed:
+            self.fixed = True
+            self.tracer._guard(self.node, "index", self.value, f"{why} at {_user_location()}")
+        return self.value
+
+    def __index__(self) -> int:
+        return self.specialise("an int use")
+
+    __int__ = __index__
+
+    def __float__(self) -> float:
+        return float(self.specialise("a float use"))
+
+    def __hash__(self) -> int:
+        if self.tracer.free_hash:
+            return hash(self.value)
+        return hash(self.specialise("a hash (dict key or set member)"))
+
+    def __bool__(self) -> bool:
+        return self.tracer.late_compare(operator.ne, self, 0)
+
+    def __repr__(self) -> str:
+        return repr(self.specialise("a repr"))
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return format(self.specialise("a format"), spec)
+
+    def __neg__(self):
+        return self.tracer.late_op(operator.neg, self)
+
+    def __abs__(self):
+        return self.tracer.late_op(operator.abs, self)
+
+
+def _late_binary(op, reflected: bool = False):
+    def method(self, other):
+        if isinstance(other, bool) or not isinstance(other, (int, LateInt)):
+            return NotImplemented
+        return self.tracer.late_op(op, other, self) if reflected else self.tracer.late_op(op, self, other)
+
+    return method
+
+
+def _late_compare(op):
+    def method(self, other):
+        if isinstance(other, bool) or not isinstance(other, (int, LateInt)):
+            return NotImplemented
+        return self.tracer.late_compare(op, self, other)
+
+    return method
+
+
+for _name, _op in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                   ("floordiv", operator.floordiv), ("mod", operator.mod)):
+    setattr(LateInt, f"__{_name}__", _late_binary(_op))
+    setattr(LateInt, f"__r{_name}__", _late_binary(_op, reflected=True))
+for _name, _op in (("eq", operator.eq), ("ne", operator.ne), ("lt", operator.lt), ("le", operator.le),
+                   ("gt", operator.gt), ("ge", operator.ge)):
+    setattr(LateInt, f"__{_name}__", _late_compare(_op))
+
+
+class _Bound:
+    """A late int in an index of a tensor: the graph node that reads it (the late int's value for evaluation)."""
+
+    __slots__ = ("late",)
+
+    def __init__(self, late: LateInt):
+        self.late = late
+
+    @property
+    def value(self) -> int:
+        return self.late.value
+
+
+def _plain(x: Any) -> Any:
+    """``x`` with late ints replaced by their values (for evaluation)."""
+    if isinstance(x, LateInt):
+        return x.value
+    if isinstance(x, slice):
+        return slice(_plain(x.start), _plain(x.stop), _plain(x.step))
+    if isinstance(x, (list, tuple)) and any(isinstance(e, (LateInt, slice, list, tuple)) for e in x):
+        return type(x)(_plain(e) for e in x) if not hasattr(x, "_fields") else type(x)(*(_plain(e) for e in x))
+    return x
+
+
+def equality_pattern(values: Sequence[int]) -> tuple[int, ...]:
+    """For each value, the position of the first equal one: what a set of them depends on."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(int(v), k) for k, v in enumerate(values))
+
+
+_INDEX_TARGETS = (operator.getitem, operator.setitem)
+#: methods whose result shape is given by their int arguments (a view of a slice with late bounds has a fixed shape)
+_STATIC_SHAPE_METHODS = frozenset({"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"})
+
+
+def _int_items(value: Any) -> bool:
+    """An int, or a flat list/tuple of ints (not bools)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, (list, tuple)) and not hasattr(value, "_fields") and len(value) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 _RANDOM = {
     "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_",
     "multinomial", "normal", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
@@ -378,6 +509,9 @@ class SpecializingTracer(fx.Tracer):
         self.specialised: set[int] = set()  # float inputs whose value the graph depends on
         self.real_inputs: dict[int, Any] | None = None  # placeholder position -> real value (None: none known)
         self._real_env: dict[fx.Node, Any] = {}
+        self.free_hash = 0  # > 0 while a set of late ints is built (its equality pattern is guarded instead)
+        self.late_items: dict[fx.Node, set[int]] = {}  # live-leaf call -> output items read as late ints
+        self.live_values: dict[fx.Node, Any] = {}  # live-leaf call -> its value on the traced call
 
     def _foreign(self) -> bool:
         """True in a thread other than the tracing one (fx's patches are process-wide)."""
@@ -461,6 +595,11 @@ class SpecializingTracer(fx.Tracer):
             grad = any(p.requires_grad for p in m.parameters()) or any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves(self._values((args, kwargs))))
             value = pytree.tree_map(lambda x: self._fake_of_real(x, grad) if isinstance(x, torch.Tensor) else x, out)
+            # analyses that fake-run the graph (validation, FLOP counts) see this call's output structure, not
+            # that of random data
+            remember = getattr(self.evaluator, "remember", None)
+            if remember is not None:
+                remember(m, *self._values((args, kwargs)), value)
         else:  # no real inputs (shape-only analysis): fake evaluation, or random data where it needs data
             a, k = self._values((args, kwargs))
             value = self.evaluator.call_module(m, a, k)
@@ -474,7 +613,105 @@ class SpecializingTracer(fx.Tracer):
             self._real_env[proxy.node] = out
         where = f"the output of `{path.removeprefix('m.')}`"
         self._guard(proxy.node, "structure", structure_of(value), where)
+        self.live_values[proxy.node] = value
         return proxy
+
+    # -- late-bound ints (ints a live module computed from data) -------------------------------------------
+    def late_op(self, op: Callable, *operands: Any) -> LateInt:
+        """``op`` of late ints (and ints) as a graph node: a late int."""
+        result = op(*[_plain(o) for o in operands])
+        node = fx.Tracer.create_node(self, "call_function", op, tuple(self._late_arg(o) for o in operands), {})
+        node.meta["val"] = result
+        node.meta["treadfx_scope"] = tuple(self.call_stack)
+        return LateInt(result, node, self)
+
+    def late_compare(self, op: Callable, a: Any, b: Any) -> bool:
+        """The outcome of comparing late ints, guarded (a new outcome retraces)."""
+        result = bool(op(_plain(a), _plain(b)))
+        node = fx.Tracer.create_node(self, "call_function", op, (self._late_arg(a), self._late_arg(b)), {})
+        node.meta["val"] = result
+        node.meta["treadfx_scope"] = tuple(self.call_stack)
+        self._guard(node, "bool", result, f"a comparison of ints computed from tensor data at {_user_location()}")
+        return result
+
+    def _late_arg(self, x: Any) -> Any:
+        if isinstance(x, LateInt):
+            return x.node
+        if isinstance(x, (list, tuple)):
+            return [self._late_arg(e) for e in x]
+        return x
+
+    def _late_key(self, key: Any, deps: list) -> Any:
+        """An index with its late ints as graph nodes (read at run time); ``deps`` gets those in slices."""
+        if isinstance(key, LateInt):
+            return _Bound(key)  # an integer index: the result's shape does not depend on it
+        if isinstance(key, slice):
+            parts = [key.start, key.stop, key.step]
+            deps.extend(p for p in parts if isinstance(p, LateInt))
+            return slice(*[_Bound(p) if isinstance(p, LateInt) else p for p in parts])
+        if isinstance(key, tuple):
+            return tuple(self._late_key(k, deps) for k in key)
+        return key
+
+    def _lateify(self, src: fx.Proxy, index: Any, value: Any, kind, target, args, kwargs) -> Any:
+        """Items of a live module's output read as ints: late ints backed by graph nodes."""
+        leaf = src.node
+        node = fx.Tracer.create_proxy(self, kind, target, args, kwargs).node
+        node.meta["val"] = value
+        self.late_items.setdefault(leaf, set()).add(index)
+        if isinstance(value, int):
+            return LateInt(value, node, self)
+        out = []
+        for j, v in enumerate(value):
+            el = fx.Tracer.create_node(self, "call_function", operator.getitem, (node, j), {})
+            el.meta["val"] = v
+            el.meta["treadfx_scope"] = tuple(self.call_stack)
+            out.append(LateInt(v, el, self))
+        return type(value)(out)
+
+    def late_reduce(self, fn: Callable, items: list) -> LateInt:
+        """``max``/``min`` of late ints: a late int (which item it is stays free)."""
+        result = fn([_plain(i) for i in items])
+        node = fx.Tracer.create_node(self, "call_function", fn, ([self._late_arg(i) for i in items],), {})
+        node.meta["val"] = result
+        node.meta["treadfx_scope"] = tuple(self.call_stack)
+        return LateInt(result, node, self)
+
+    def late_set(self, ctor: Callable, items: list) -> Any:
+        """``set``/``frozenset`` of late ints: guarded on which items are equal; its members stay late ints."""
+        pattern = equality_pattern([_plain(i) for i in items])
+        node = fx.Tracer.create_node(self, "call_function", equality_pattern, ([self._late_arg(i) for i in items],),
+                                     {})
+        node.meta["val"] = pattern
+        node.meta["treadfx_scope"] = tuple(self.call_stack)
+        self._guard(node, "value", pattern, f"a set of ints computed from tensor data at {_user_location()}")
+        reps = [items[k] for k, p in enumerate(pattern) if p == k]
+        self.free_hash += 1
+        try:
+            return ctor(reps)
+        finally:
+            self.free_hash -= 1
+
+    def fix_late_shape(self, proxies: Iterable[Any], why: str) -> None:
+        """Python reads the shape of these values: the late ints their shapes depend on are specialised."""
+        for p in proxies:
+            if isinstance(p, fx.Proxy):
+                for li in p.node.meta.get("treadfx_late_deps", ()):
+                    li.specialise(why)
+
+    def finish_late(self) -> None:
+        """After the trace: a live module's output guard accepts any value of the items read as late ints."""
+        for leaf, items in self.late_items.items():
+            value = self.live_values.get(leaf)
+            if not isinstance(value, (tuple, list)):
+                continue
+            marked = list(value)
+            for i in items:
+                v = marked[i]
+                marked[i] = LATE_INT if isinstance(v, int) else type(v)(LATE_INT for _ in v)
+            for u in list(leaf.users):
+                if u.op == "call_function" and u.target is data_guard and u.args[1] == "structure":
+                    u.args = (u.args[0], "structure", structure_of(type(value)(marked)), u.args[3])
 
     def _guard(self, node: fx.Node, kind: str, expected: Any, where: str) -> None:
         guard = self.create_node("call_function", data_guard, (node, kind, expected, where), {})
@@ -563,6 +800,8 @@ class SpecializingTracer(fx.Tracer):
             return None
 
         def conv(x):
+            if isinstance(x, (LateInt, _Bound)):
+                return x.value
             if isinstance(x, fx.Proxy):
                 return self._constant_value(x.node) if consts else self._real_value(x.node)
             if isinstance(x, slice):
@@ -760,6 +999,8 @@ class SpecializingTracer(fx.Tracer):
 
     def _values(self, tree: Any) -> Any:
         def conv(x):
+            if isinstance(x, (LateInt, _Bound)):
+                return x.value
             if isinstance(x, fx.Proxy):
                 return x.node.meta["val"]
             if isinstance(x, slice):
@@ -806,6 +1047,13 @@ class SpecializingTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         if kind in ("placeholder", "output"):
             return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        late_deps: list = []
+        if (kind == "call_function" and target in _INDEX_TARGETS and len(args) >= 2 and isinstance(args[0], fx.Proxy)
+                and isinstance(args[0].node.meta.get("val"), torch.Tensor)):
+            # x[i, :n] / buf[i, a:b] = v with late ints: the graph reads them at run time
+            args = (args[0], self._late_key(args[1], late_deps)) + tuple(args[2:])
+        if kind == "call_module":
+            self.fix_late_shape(pytree.tree_leaves((args, kwargs)), f"a call of module `{target}`")
         try:
             value = self._evaluate(kind, target, args, kwargs)
         except _DATA_DEPENDENT as e:
@@ -825,10 +1073,22 @@ class SpecializingTracer(fx.Tracer):
             node.meta["val"] = None
             return None
         if not _has_tensor(value):
+            if (kind == "call_function" and target is operator.getitem and isinstance(args[0], fx.Proxy)
+                    and args[0].node in self.live_values and isinstance(args[1], int) and _int_items(value)):
+                return self._lateify(args[0], args[1], value, kind, target, args, kwargs)
             self.note_specialised(pytree.tree_leaves((args, kwargs)))
+            self.fix_late_shape(pytree.tree_leaves((args, kwargs)), f"a Python value of `{getattr(target, '__name__', target)}`")
             return value  # specialised to a Python value; no node
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         proxy.node.meta["val"] = value
+        deps = list(late_deps)
+        if not (kind == "call_method" and target in _STATIC_SHAPE_METHODS and all(
+                isinstance(a, int) for a in pytree.tree_leaves((args[1:], kwargs)) if not isinstance(a, torch.dtype))):
+            for a in pytree.tree_leaves((args, kwargs)):
+                if isinstance(a, fx.Proxy):
+                    deps.extend(d for d in a.node.meta.get("treadfx_late_deps", ()) if d not in deps)
+        if deps:
+            proxy.node.meta["treadfx_late_deps"] = deps
         return proxy
 
     def note_specialised(self, leaves: Iterable[Any]) -> None:
@@ -863,6 +1123,10 @@ class SpecializingTracer(fx.Tracer):
         return obj.node.meta["val"].keys()
 
     def create_arg(self, a: Any):
+        if isinstance(a, _Bound):
+            return a.late.node  # read at run time
+        if isinstance(a, LateInt):
+            return a.specialise("an argument of a graph operation")
         if type(a).__module__ == "numpy" and hasattr(a, "item") and getattr(a, "ndim", 1) == 0:
             return a.item()  # a numpy scalar the forward computed: the equal Python number in the code
         if isinstance(a, FakeTensor):
@@ -1044,6 +1308,7 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
         result = forward(root_self.m, *call_args, **call_kwargs)
         out_leaves, out_spec = flatten_output(result)
         template, tensor_outs, positions = [], [], []
+        tracer.fix_late_shape(out_leaves, "an output of the forward")
         for i, leaf in enumerate(out_leaves):
             if isinstance(leaf, fx.Proxy) and isinstance(leaf.node.meta.get("val"), torch.Tensor):
                 template.append(None)
@@ -1075,8 +1340,9 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
         return traced, [root] + placeholders
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
-    with tracer.recorder, tracer.checkpoint_interception(), autowrap_guard():
+    with tracer.recorder, tracer.checkpoint_interception(), autowrap_guard(), _late_builtins(tracer, forward, model):
         graph = tracer.trace(root)
+    tracer.finish_late()
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{type(model).__name__}")
     live = [(str(n.target).removeprefix("m."), n.meta["treadfx_live_leaf"]) for n in graph.nodes
             if "treadfx_live_leaf" in n.meta]
@@ -1138,6 +1404,58 @@ def _note_specialised(model: nn.Module, wheres: list[str]) -> None:
             "live; the routed graph is specialised on the value of this call and re-checks it at every call "
             "(a new value is traced anew; a few variants are kept). If the value changes often, move that code "
             "into a submodule that does not call the blocks: treadfx runs such modules live.", stacklevel=6)
+
+
+@contextlib.contextmanager
+def _late_builtins(tracer: SpecializingTracer, forward: Callable, model: nn.Module):
+    """While tracing, ``max``, ``min``, ``set`` and ``frozenset`` called by the traced forward's own module on late
+    ints keep them late (see :class:`LateInt`); every other call (other threads, no late int) is the builtin's.
+
+    The names are shadowed in the globals of the modules that define the traced forward and the model's
+    ``forward`` (never in ``builtins``, so ``isinstance(x, set)`` elsewhere is untouched)."""
+    import builtins
+
+    def wrap(name: str):
+        orig = getattr(builtins, name)
+
+        def call(*args, **kwargs):
+            if threading.get_ident() == tracer.thread and not kwargs and args:
+                items = list(args[0]) if len(args) == 1 else list(args)
+                if any(isinstance(x, LateInt) for x in items) and all(
+                        isinstance(x, (int, LateInt)) and not isinstance(x, bool) for x in items):
+                    if name in ("max", "min"):
+                        return tracer.late_reduce(orig, items)
+                    return tracer.late_set(orig, items)
+                return orig(items, **kwargs) if len(args) == 1 else orig(*args, **kwargs)
+            return orig(*args, **kwargs)
+
+        call.__wrapped__ = orig  # type: ignore[attr-defined]
+        return call
+
+    spaces = []
+    for fn in (forward, getattr(type(model), "forward", None)):
+        g = getattr(inspect_unwrap(fn), "__globals__", None)
+        if isinstance(g, dict) and all(g is not s for s in spaces):
+            spaces.append(g)
+    patched = []
+    for g in spaces:
+        for name in ("max", "min", "set", "frozenset"):
+            if name not in g:
+                g[name] = wrap(name)
+                patched.append((g, name))
+    try:
+        yield
+    finally:
+        for g, name in patched:
+            g.pop(name, None)
+
+
+def inspect_unwrap(fn: Any) -> Any:
+    """``fn`` without decorators that kept ``__wrapped__`` (functools.wraps)."""
+    seen = 0
+    while hasattr(fn, "__wrapped__") and seen < 16:
+        fn, seen = fn.__wrapped__, seen + 1
+    return fn
 
 
 _LRU_WRAPPERS: dict[str, Any] = {"modules": -1, "wrappers": []}

@@ -1,0 +1,194 @@
+"""Lumina2 (Lumina-Image 2.0, diffusers' ``Lumina2Transformer2DModel``) trains routed.
+
+Its main blocks (``layers``) run on a joint sequence that the forward assembles sample by sample:
+``joint[i, :c_i] = caption[i, :c_i]; joint[i, c_i:c_i + N] = image[i]``, the rest padding, with the caption
+lengths ``c_i`` read from the mask by ``.tolist()`` in the RoPE embedder.  Checked here against a hand-written
+forward-hook reference: with the same kept image indices, each sample keeps its caption and padding and K of
+its N image tokens at its own offset; the rotary rows and the joint attention mask are gathered at the same
+positions; a new caption length does not retrace (the offsets are read at every call), only a new padded length
+or a change between equal and unequal lengths (a new shape, or the mask appearing) does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import treadfx
+import treadfx.tracing
+from treadfx.transformed import state_of
+
+pytest.importorskip("diffusers")
+
+N = 16  # image tokens: 8x8 latent, patch 2
+WIDTH = 8  # caption tokens before masking
+
+
+def _model(layers: int = 5):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=layers, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
+        cap_feat_dim=16)
+
+
+def _inputs(lengths, g):
+    b = len(lengths)
+    mask = torch.arange(WIDTH)[None, :] < torch.tensor(lengths)[:, None]
+    return (torch.randn(b, 4, 8, 8, generator=g), torch.rand(b, generator=g), torch.randn(b, WIDTH, 16, generator=g),
+            mask)
+
+
+def _positions(kept: torch.Tensor, caps: list[int], length: int) -> list[torch.Tensor]:
+    """Joint positions a route keeps in each sample: the caption, the kept image tokens at the sample's offset,
+    the padding (written out by hand, independently of treadfx)."""
+    return [torch.cat([torch.arange(c), c + kept[i], torch.arange(c + N, length)]) for i, c in enumerate(caps)]
+
+
+def _reference(m, args, kept: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The original model with forward hooks on ``layers``: route-out before ``start`` (stream, mask and rotary
+    rows gathered per sample), mask and rotary rows gathered for the later routed blocks, route-in after ``end``."""
+    caps = args[3].sum(dim=1).tolist()
+    saved = {}
+
+    def take(x, pos):
+        return None if x is None else torch.stack([x[i, p] for i, p in enumerate(pos)])
+
+    def route_out(mod, a):
+        h, mask, rope, temb = a
+        pos = _positions(kept, caps, h.shape[1])
+        saved.update(h=h, pos=pos)
+        return take(h, pos), take(mask, pos), take(rope, pos), temb
+
+    def side(mod, a):
+        h, mask, rope, temb = a
+        return h, take(mask, saved["pos"]), take(rope, saved["pos"]), temb
+
+    def route_in(mod, a, out):
+        full = saved["h"].clone()
+        for i, p in enumerate(saved["pos"]):
+            full[i, p] = out[i]
+        return full
+
+    hooks = [m.layers[start].register_forward_pre_hook(route_out)]
+    hooks += [m.layers[k].register_forward_pre_hook(side) for k in range(start + 1, end + 1)]
+    hooks.append(m.layers[end].register_forward_hook(route_in))
+    try:
+        return m(*args).sample
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Counts the traces of a transformed model's forward (not the per-block analyses)."""
+    count = [0]
+    original = treadfx.tracing.trace
+
+    def counting(model, *a, **k):
+        if treadfx.is_transformed(model):
+            count[0] += 1
+        return original(model, *a, **k)
+
+    monkeypatch.setattr(treadfx.tracing, "trace", counting)
+    return count
+
+
+def test_inspect_routes_the_joint_layers_and_says_what_is_gathered_and_why():
+    m = _model()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    r = treadfx.inspect(tm, *_inputs([5, 7], torch.Generator().manual_seed(0)))
+    chains = {c.name: c for c in r.chains}
+    assert [(c.name, c.length) for c in r.chains if c.selected] == [("layers", 5)]
+    assert "carries the image tokens to the output" in chains["layers"].note
+    assert "refiner" in chains["noise_refiner"].note and "written into the input of `layers`" in chains["noise_refiner"].note
+    assert "receive no image tokens" in chains["context_refiner"].note  # its caption rotary rows do not count
+    (route,) = r.routes
+    assert (route.start, route.end, route.num_tokens, route.num_keep, route.selection) == (1, 3, N, N // 2, "per_sample")
+    assert "per-sample offsets [" in route.selection_reason and "keeps its caption and padding" in route.selection_reason
+    decisions = {(t.action, t.role) for t in route.tensors}
+    assert decisions >= {("gather", "token stream"), ("scatter", "token stream"), ("pass", "conditioning")}
+    gathered = [t.name for t in route.tensors if t.action == "gather"]
+    assert any("rope_embedder" in name for name in gathered)  # the joint rotary rows
+    assert any("new_zeros" in name for name in gathered)  # the joint attention mask
+    assert all("joint positions" in t.reason for t in route.tensors if t.action in ("gather", "scatter"))
+    assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+    text = str(r)
+    assert "keep 8 of 16 image tokens" in text and "`layers`" in text
+
+
+def test_routed_training_equals_the_hook_reference_for_every_caption_length(traces):
+    m = _model()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    g = torch.Generator().manual_seed(1)
+    programs = set()
+    for lengths in ([5, 8], [3, 8], [8, 1], [8, 8], [2, 8], [8, 3]):
+        args = _inputs(lengths, g)
+        out = tm(*args).sample
+        (rec,) = treadfx.last_routes(tm)
+        assert rec.kept.shape == (2, N // 2) and rec.num_tokens == N and int(rec.kept.max()) < N
+        assert torch.equal(out, _reference(m, args, rec.kept, 1, 3))
+        out.square().mean().backward()
+        programs.add(id(state_of(tm).current))
+    # one graph per padded length (16 + 8 here) and equal/unequal caption lengths (the joint mask is passed or
+    # not), never one per tuple of caption lengths
+    assert traces[0] == len(programs) == 2
+
+
+def test_fixed_image_indices_keep_caption_and_padding_at_each_sample_offset():
+    m = _model()
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    args = _inputs([3, 6], torch.Generator().manual_seed(2))
+    kept = torch.stack([torch.arange(N - 1, -1, -2), torch.arange(0, N, 2)])  # [B, K] image-token indices
+    seen = {}
+    h0 = tm.layers[0].register_forward_hook(lambda mod, a, out: seen.update(full=out))
+    h1 = tm.layers[1].register_forward_pre_hook(lambda mod, a: seen.update(routed=a[0], mask=a[1], rope=a[2]))
+    try:
+        with treadfx.fixed_routes(tm, [kept]):
+            out = tm(*args).sample
+    finally:
+        h0.remove()
+        h1.remove()
+    length = 6 + N
+    pos = _positions(kept, [3, 6], length)
+    assert seen["routed"].shape == (2, length - N + N // 2, 32)
+    for i, p in enumerate(pos):
+        assert torch.equal(seen["routed"][i], seen["full"][i, p])
+        # every caption and padding position is there, in order, and exactly K image tokens
+        assert p[:[3, 6][i]].tolist() == list(range([3, 6][i])) and p[-(length - N - [3, 6][i]) or len(p):].tolist() \
+            == list(range([3, 6][i] + N, length))
+    assert seen["mask"].shape == (2, length - N + N // 2) and seen["rope"].shape[1] == length - N + N // 2
+    assert torch.equal(seen["mask"][0], torch.tensor([True] * (3 + N // 2) + [False] * 3))  # padding stays masked
+    assert torch.equal(out, _reference(m, args, kept, 1, 2))
+
+
+def test_eval_is_the_original_forward_bit_for_bit():
+    m = _model()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    g = torch.Generator().manual_seed(3)
+    tm(*_inputs([4, 8], g)).sample.mean().backward()  # a routed training step first
+    tm.eval()
+    m.eval()
+    with torch.no_grad():
+        for lengths in ([4, 8], [2, 5], [6, 6]):
+            args = _inputs(lengths, g)
+            assert torch.equal(tm(*args).sample, m(*args).sample)
+
+
+def test_a_new_padded_length_traces_once_and_a_new_caption_length_not_at_all(traces):
+    m = _model(layers=4)
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    g = torch.Generator().manual_seed(4)
+    for lengths in ([2, 8], [5, 8], [8, 1], [8, 6]):
+        tm(*_inputs(lengths, g))
+    assert traces[0] == 1
+    prog = state_of(tm).current
+    args = _inputs([3, 7], g)  # a shorter padded length: a new shape
+    out = tm(*args).sample
+    assert traces[0] == 2
+    assert torch.equal(out, _reference(m, args, treadfx.last_routes(tm)[0].kept, 1, 2))
+    tm(*_inputs([8, 4], g))  # back to the first graph, no trace
+    assert traces[0] == 2 and state_of(tm).current is prog

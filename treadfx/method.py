@@ -3,7 +3,10 @@
 ``treadfx.apply(model, config)`` looks up the :class:`Method` registered for
 the config's class and runs its template (:meth:`Method.apply`)::
 
-    check_model -> config.validate -> plan -> copy (unless inplace) -> rewrite -> finish
+    check_model -> config.validate -> plan -> copy (unless inplace) -> rewrite -> record -> finish
+
+(*record*: the method is appended to the result's ``_treadfx_methods``, which
+:func:`methods_of` and :func:`treadfx.inspect` read.)
 
 A new method subclasses :class:`Method` and overrides the named points, as a
 peft tuner overrides ``BaseTuner``'s:
@@ -131,8 +134,8 @@ class Method(abc.ABC):
     # ---------------------------------------------------------------- template
     def apply(self, model: nn.Module, *, inplace: bool = False, example_inputs: tuple | None = None,
               example_kwargs: dict | None = None) -> nn.Module:
-        """Check, validate, plan, copy (unless ``inplace``), rewrite, finish; nothing is changed when a step
-        before the rewrite raises."""
+        """Check, validate, plan, copy (unless ``inplace``), rewrite, record the method on the result, finish;
+        nothing is changed when a step before the rewrite raises."""
         self.check_model(model)
         self.config.validate()
         plan = self.plan(model, example_inputs, example_kwargs)

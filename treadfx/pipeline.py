@@ -29,6 +29,14 @@ Each stage is a function from one artefact to the next:
 ``"treadfx"`` logger (level DEBUG), and marks an error with the stage it came
 from: the exception keeps its class and message, gets a ``stage`` attribute
 and a note (shown in its traceback) naming the stage.
+
+Only ``plan_routes`` and ``rewrite`` depend on the method: they call the
+hooks of the method the request carries (``BuildRequest.method``, the
+transformed model's own), so a new graph method subclasses
+:class:`treadfx.TreadMethod` and overrides ``plan_graph(laid) -> Planned``
+and ``rewrite_graph(planned) -> Rewritten`` (usually calling TREAD's and
+changing the result) without editing this module; the graph it leaves must
+stay runnable by :class:`treadfx.transformed.RoutedProgram`.
 """
 
 from __future__ import annotations

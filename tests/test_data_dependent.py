@@ -382,6 +382,69 @@ def test_python_values_from_a_live_module_are_guarded(trace_count):
     assert trace_count[0] == 2  # one graph per longest caption (the shape depends on it), then served from the cache
 
 
+class LateUses(nn.Module):
+    """Ints a live module computes, used every way a forward may: as slice bounds (read at run time), in a shape
+    read (specialised), in arithmetic whose result the graph needs (specialised), in max() and a set()."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lengths = LengthsOut()
+        self.embed = nn.Linear(4, d)
+        self.table = nn.Parameter(torch.randn(16, d) * 0.1)
+        self.cond = nn.Linear(1, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(4)])
+
+    def forward(self, x, t, mask):
+        return run_late_uses(self, x, t, mask, self.lengths(mask))
+
+
+def run_late_uses(m, x, t, mask, lens):
+    h = m.embed(x)
+    scaled = torch.zeros_like(h)
+    for i, n in enumerate(lens):
+        scaled[i, :n] = h[i, :n] * 2  # late slice bounds
+    h = h + scaled
+    k = h[:, : lens[0]].shape[1]  # a shape read
+    h = h + m.table[k] + m.table[max(lens)] * (len(set(lens)) + sum(lens) % 3)
+    c = m.cond(t[:, None])
+    for blk in m.blocks:
+        h = blk(h, c)
+    return h
+
+
+def test_late_ints_are_read_at_run_time_and_guarded_where_the_graph_needs_them(trace_count):
+    torch.manual_seed(0)
+    m = LateUses()
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    g = torch.Generator().manual_seed(7)
+    expected_traces = 0
+    seen = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lengths in ([3, 5], [3, 2], [3, 8], [3, 5], [4, 4], [3, 11], [2, 2]):
+            # the graph depends on lens[0] (a shape), the equality pattern (a set) and the multiplier (a tensor
+            # operand); max(lens) only indexes a table, so it is read at run time like lens[1]
+            key = (lengths[0], len(set(lengths)), len(set(lengths)) + sum(lengths) % 3)
+            expected_traces += key not in seen
+            seen.add(key)
+            x, t = torch.randn(2, 8, 4, generator=g), torch.rand(2, generator=g)
+            mask = _mask(lengths, 12)
+            out = tm(x, t, mask)
+            lens = mask.sum(dim=1).tolist()
+
+            # hand-written: the same arithmetic on plain ints, then routed blocks on the kept tokens
+            h = m.embed(x)
+            scaled = torch.zeros_like(h)
+            for i, n in enumerate(lens):
+                scaled[i, :n] = h[i, :n] * 2
+            h = h + scaled
+            h = h + m.table[lens[0]] + m.table[max(lens)] * (len(set(lens)) + sum(lens) % 3)
+            ref = routed_reference((h, m.cond(t[:, None])), m.blocks, lambda v: v, kept_of(tm), 1, 2)
+            assert torch.equal(out, ref), lengths
+            assert trace_count[0] == expected_traces, lengths
+    assert expected_traces == 3  # [3, 2], [3, 8], [3, 5] again, [3, 11] (lens[1] and max alone change): no trace
+
+
 # ----------------------------------------------------------------------------- nothing leaks, constants
 
 

@@ -362,6 +362,10 @@ class LateInt:
 
     __slots__ = ("value", "node", "tracer", "fixed")
 
+    # ``isinstance(x, int)`` holds as for the int it stands for, while C code that consumes ints (``range``,
+    # list indices, torch's argument parser) still goes through ``__index__`` and so specialises it
+    __class__ = property(lambda self: int)  # type: ignore[assignment]
+
     def __init__(self, value: int, node: fx.Node, tracer: "SpecializingTracer"):
         self.value, self.node, self.tracer, self.fixed = int(value), node, tracer, False
 
@@ -405,6 +409,9 @@ class LateInt:
 
 def _late_binary(op, reflected: bool = False):
     def method(self, other):
+        if isinstance(other, float):  # leaves the ints: specialised
+            v = self.specialise("arithmetic with a float")
+            return op(other, v) if reflected else op(v, other)
         if isinstance(other, bool) or not isinstance(other, (int, LateInt)):
             return NotImplemented
         return self.tracer.late_op(op, other, self) if reflected else self.tracer.late_op(op, self, other)
@@ -414,6 +421,8 @@ def _late_binary(op, reflected: bool = False):
 
 def _late_compare(op):
     def method(self, other):
+        if isinstance(other, float):
+            return op(self.specialise("a comparison with a float"), other)
         if isinstance(other, bool) or not isinstance(other, (int, LateInt)):
             return NotImplemented
         return self.tracer.late_compare(op, self, other)
@@ -587,6 +596,7 @@ class SpecializingTracer(fx.Tracer):
     def _live_leaf(self, m: nn.Module, path: str, args: tuple, kwargs: dict, ckpt: dict | None,
                    use: "_DataUse") -> Any:
         """One ``call_module`` node for ``m``: it runs live; its outputs' metadata come from a real evaluation."""
+        self.fix_late_shape(pytree.tree_leaves((args, kwargs)), f"a call of module `{path}`")
         real = self._real_args((args, kwargs))
         if real is not None:
             a, k = real

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import treadfx
+from treadfx.planning import end_relative
 
 pytest.importorskip("diffusers")
 
@@ -164,6 +167,13 @@ def test_route_equals_the_hand_loop_and_flops_drop_as_predicted(start, end):
     # the RoPE table is gathered on its token axis: image rows by the kept indices, every text row kept
     text = str(r)
     assert "side input [image 16 | text 15] axis 1" in text
+    # the single-stream loop's slice back to image + text (after every single-stream block but the last) counts
+    # from the end when it is inside the route
+    from treadfx.transformed import state_of
+
+    plan = state_of(tm).current.plans[0]
+    lines = [(layout, axis, why.split(": ")[0]) for _, layout, axis, why in plan.slice_lines(str)]
+    assert lines == ([("[image 16 | text 15]", 1, "[:26] -> [:-5]")] if start == 2 else [])
     out.square().mean().backward()
     _eval_is_the_original(tm, m, args, kwargs)
 
@@ -244,3 +254,35 @@ def test_an_output_whose_shape_depends_on_the_data_is_not_accepted_symbolically(
     ev = FakeEvaluator(FakeTensorMode(allow_non_fake_inputs=True))
     with pytest.raises(RuntimeError, match="depends on the data"):
         ev._symbolic_call(Positive(), (ev.to_fake(torch.randn(4, 3)),), {})
+
+
+# ------------------------------------------------------------------ slices of the joint stream inside a route
+@st.composite
+def _sliced_layouts(draw):
+    """A token axis [extra a | image n | text t], the image tokens a route keeps, and a slice of the axis whose
+    bounds are not strictly inside the image tokens (those have no meaning on a subset of them)."""
+    a, n, t = draw(st.integers(0, 3)), draw(st.integers(1, 6)), draw(st.integers(0, 6))
+    total = a + n + t
+    kept = sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n)))
+
+    def outside(b):
+        pos = min(max(b + total if b < 0 else b, 0), total)
+        return not a < pos < a + n
+
+    bound = st.one_of(st.none(), st.sampled_from([b for b in range(-total - 2, total + 3) if outside(b)]))
+    return a, n, t, kept, slice(draw(bound), draw(bound), draw(st.sampled_from([None, 1])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_sliced_layouts())
+def test_an_end_relative_slice_selects_the_same_tokens_dense_and_routed(case):
+    """Positions as values: on the dense axis the rewritten slice selects what the original selects; on the axis a
+    route leaves (the kept image tokens between the same extra and text tokens) it selects exactly the surviving
+    part of what the original selected on the dense axis."""
+    a, n, t, kept, e = case
+    dense = torch.arange(a + n + t)
+    routed = torch.cat([dense[:a], dense[a:a + n][torch.tensor(kept)], dense[a + n:]])
+    new = end_relative(e, a, n, len(dense))
+    assert torch.equal(dense[new], dense[e])
+    survivors = set(routed.tolist())
+    assert routed[new].tolist() == [v for v in dense[e].tolist() if v in survivors]

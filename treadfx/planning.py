@@ -41,7 +41,7 @@ from .side_exits import find_side_exits
 from .tracing import TracedProgram
 
 __all__ = ["ValueDecision", "RoutePlan", "RouteScope", "plan_route", "region_of", "find_stream", "initial_decisions",
-           "end_relative_slices",
+           "end_relative_slices", "end_relative",
            "settle_side_inputs", "leaving_decisions", "choose_selection", "choose_order"]
 
 
@@ -84,6 +84,17 @@ class RoutePlan:
     leaving: list[ValueDecision]
     side_exits: list = dataclasses.field(default_factory=list)  # treadfx.side_exits.SideExit of this route
     grid: Any = None  # treadfx.structured.GridSpec of a structured route (blocks get the kept sub-grid's size)
+    # constant token-axis slices inside the region rewritten to count from the end: (node, axis, layout, old, new)
+    slices: list = dataclasses.field(default_factory=list)
+
+    def slice_lines(self, name_of) -> list[tuple[str, str, int, str]]:
+        """(name of the sliced tensor, layout, axis, reason) per slice of a token axis that :func:`end_relative_slices` rewrote."""
+        def show(e: slice) -> str:
+            return f"[{'' if e.start is None else e.start}:{'' if e.stop is None else e.stop}]"
+
+        return [(name_of(n), layout_str(lay), axis, f"{show(a)} -> {show(b)}: its bound after the image tokens counts from "
+                 "the end, so it drops the same trailing text tokens when fewer image tokens are left")
+                for n, axis, lay, a, b in self.slices]
 
     @property
     def num_keep(self) -> int:
@@ -286,7 +297,7 @@ def plan_route(
     extended = extend_through_residuals(prog.gm, r.region, nxt, _token_count(stream, stream_info))
     if len(extended) > len(r.region):  # h = h + block(h) outside the blocks: the stream leaves at the last add
         r = dataclasses.replace(r, region=extended, stream_end=extended[-1])
-    end_relative_slices(r, n_img)
+    slices = end_relative_slices(r, n_img)
     from . import structured
 
     found, why = None, None  # structured selection (blocks that need the token grid), see treadfx.structured
@@ -309,17 +320,39 @@ def plan_route(
         order, order_reason = choose_order(r, order_probe, list(entering.values()), stream)
     return RoutePlan(index, route, start, end, chain, r.region, stream, stream_info, n_img, selection, sel_reason,
                      order, order_reason, [entering[n] for n in order_in], leaving, exits,
-                     found.grid if found is not None else None)
+                     found.grid if found is not None else None, slices)
 
 
-def end_relative_slices(r: RouteScope, n_img: int) -> list[fx.Node]:
+def end_relative(e: slice, offset: int, length: int, total: int) -> slice:
+    """``e`` (a slice of a token axis of ``total`` positions whose image tokens are ``offset .. offset+length``)
+    rewritten so that it selects the same positions on the dense axis and, on an axis where only some image tokens
+    are left (the same tokens before and after them), the same non-image tokens and every image token left of
+    those it selected: a bound at or before the image tokens stays absolute, one at or after them counts from the
+    end.  A bound strictly inside the image tokens is kept as written (it has no such meaning)."""
+
+    def moved(b, is_stop: bool):
+        if not isinstance(b, int) or isinstance(b, bool):
+            return b
+        a = min(max(b + total if b < 0 else b, 0), total)
+        if a <= offset:
+            return a
+        if a >= offset + length:
+            if a == total:
+                return None if is_stop else b  # to the end (a start at the end selects nothing either way)
+            return a - total
+        return b
+
+    return slice(moved(e.start, False), moved(e.stop, True), e.step)
+
+
+def end_relative_slices(r: RouteScope, n_img: int) -> list[tuple[fx.Node, int, Layout, slice, slice]]:
     """Rewrite, in place, constant slices of token axes inside the region so they mean the same with fewer image
     tokens: a bound at or after the image segment counts from the end (``x[:, :26]`` of ``[image 16 | text 15]``
     becomes ``x[:, :-5]``, which drops the same 5 text tokens when only K image tokens are left), a bound at or
     before it stays absolute.  On the dense shapes the rewritten slice selects exactly what the original did, so
     the graph's dense meaning is unchanged.  A bound strictly inside the image tokens is left alone (the probe
     then reports the node).  Returns the rewritten nodes (HiDream's single-stream loop slices the joint stream
-    back to image + text after every block)."""
+    back to image + text after every block), each as (node, token axis, the sliced layout, old slice, new slice)."""
     out = []
     for node in r.region:
         if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
@@ -342,27 +375,12 @@ def end_relative_slices(r: RouteScope, n_img: int) -> list[fx.Node]:
         e = entries[info.axis]
         if not isinstance(e, slice) or e.step not in (None, 1):
             continue
-        total = info.length
-
-        def moved(b, is_stop: bool):
-            if not isinstance(b, int) or isinstance(b, bool):
-                return b
-            a = b + total if b < 0 else b
-            a = min(max(a, 0), total)
-            if a <= off:
-                return a
-            if a >= off + n:
-                if a == total:
-                    return None if is_stop else b  # to the end (a start at the end selects nothing either way)
-                return a - total
-            return b  # inside the image tokens: no fixed meaning with fewer of them
-
-        new = slice(moved(e.start, False), moved(e.stop, True), e.step)
+        new = end_relative(e, off, n, info.length)
         if new == e:
             continue
         entries = entries[: info.axis] + (new,) + entries[info.axis + 1:]
         node.args = (node.args[0], entries if isinstance(idx, tuple) else entries[0])
-        out.append(node)
+        out.append((node, info.axis, info.layout, e, new))
     return out
 
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import UnroutableRegionError
-from .layout import LayoutAnalysis, TokenInfo, image_span, layout_str
+from .layout import LayoutAnalysis, Segment, TokenInfo, image_span
 
 __all__ = ["Window", "WindowIndex", "find_windows", "window_of", "window_plans", "rewire"]
 
@@ -229,6 +229,9 @@ def window_plans(gm: fx.GraphModule, analysis: LayoutAnalysis, plans: Sequence[A
                              f"each sample's offset")
         plan.window = w
         plan.num_tokens = w.num_image
+        # what the route draws from: the N image tokens of each sample (keep_tokens, route_loss and the pixel ->
+        # token map speak these), wherever the sample has them
+        plan.stream_info = TokenInfo(plan.stream_info.axis, (Segment("image", w.num_image),), plan.stream_info.batched)
         plan.selection_reason += (f"; {w.describe()}: each sample keeps its caption and padding and K of the "
                                   f"{w.num_image} image tokens")
 

@@ -445,6 +445,65 @@ def test_late_ints_are_read_at_run_time_and_guarded_where_the_graph_needs_them(t
     assert expected_traces == 3  # [3, 2], [3, 8], [3, 5] again, [3, 11] (lens[1] and max alone change): no trace
 
 
+class JointByWrites(nn.Module):
+    """Not Lumina2: any forward that writes each sample's caption and image tokens into a fresh buffer at offsets
+    computed from data (a live module's ``.tolist()``) gets its image tokens routed at those offsets."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.lengths = LengthsOut()
+        self.embed = nn.Linear(4, d)
+        self.cap = nn.Linear(3, d)
+        self.cond = nn.Linear(1, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(4)])
+
+    def forward(self, x, t, cap, mask):
+        lens = self.lengths(mask)
+        img, txt = self.embed(x), self.cap(cap)
+        n = img.shape[1]
+        joint = img.new_zeros(img.shape[0], max(lens) + n, img.shape[2])
+        for i, c in enumerate(lens):
+            joint[i, :c] = txt[i, :c]
+            joint[i, c:c + n] = img[i]
+        c = self.cond(t[:, None])
+        for blk in self.blocks:
+            joint = blk(joint, c)
+        return torch.stack([joint[i, k:k + n] for i, k in enumerate(lens)])
+
+
+def test_image_tokens_written_at_per_sample_offsets_are_routed_there(trace_count):
+    torch.manual_seed(0)
+    m = JointByWrites()
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    g = torch.Generator().manual_seed(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lengths in ([2, 5], [5, 0], [5, 1], [3, 5]):
+            x, t, cap = torch.randn(2, 8, 4, generator=g), torch.rand(2, generator=g), torch.randn(2, 6, 3, generator=g)
+            out = tm(x, t, cap, _mask(lengths, 6))
+            kept = kept_of(tm)  # [B, K] indices of image tokens
+            assert kept.shape == (2, 4) and int(kept.max()) < 8
+            img, txt = m.embed(x), m.cap(cap)
+            joint = torch.zeros(2, 5 + 8, 16)
+            pos = []
+            for i, c in enumerate(lengths):  # caption, kept image tokens at the sample's offset, padding
+                joint[i, :c], joint[i, c:c + 8] = txt[i, :c], img[i]
+                pos.append(torch.cat([torch.arange(c), c + kept[i], torch.arange(c + 8, 13)]))
+            h, cond = joint, m.cond(t[:, None])
+            for k, blk in enumerate(m.blocks):
+                if k == 1:
+                    saved, h = h, torch.stack([h[i, p] for i, p in enumerate(pos)])
+                h = blk(h, cond)
+                if k == 2:
+                    full = saved.clone()
+                    for i, p in enumerate(pos):
+                        full[i, p] = h[i]
+                    h = full
+            ref = torch.stack([h[i, c:c + 8] for i, c in enumerate(lengths)])
+            assert torch.equal(out, ref), lengths
+    assert trace_count[0] == 1  # the longest caption is 5 every time; the offsets are read at every call
+
+
 # ----------------------------------------------------------------------------- nothing leaks, constants
 
 

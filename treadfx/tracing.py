@@ -360,7 +360,7 @@ class LateInt:
     is right for every value, and one graph serves every value that only moves slice bounds.
     """
 
-    __slots__ = ("value", "node", "tracer", "fixed")
+    __slots__ = ("value", "node", "tracer", "fixed", "base", "offset")
 
     # ``isinstance(x, int)`` holds as for the int it stands for, while C code that consumes ints (``range``,
     # list indices, torch's argument parser) still goes through ``__index__`` and so specialises it
@@ -368,6 +368,7 @@ class LateInt:
 
     def __init__(self, value: int, node: fx.Node, tracer: "SpecializingTracer"):
         self.value, self.node, self.tracer, self.fixed = int(value), node, tracer, False
+        self.base, self.offset = self, 0  # this value is base + offset (offset a plain int): c and c + n share c
 
     def specialise(self, why: str) -> int:
         """The value, with a guard that it stays the same (the graph now depends on it)."""
@@ -633,7 +634,14 @@ class SpecializingTracer(fx.Tracer):
         node = fx.Tracer.create_node(self, "call_function", op, tuple(self._late_arg(o) for o in operands), {})
         node.meta["val"] = result
         node.meta["treadfx_scope"] = tuple(self.call_stack)
-        return LateInt(result, node, self)
+        out = LateInt(result, node, self)
+        if op in (operator.add, operator.sub) and len(operands) == 2:
+            a, b = operands
+            if isinstance(a, LateInt) and not isinstance(b, LateInt):
+                out.base, out.offset = a.base, a.offset + (b if op is operator.add else -b)
+            elif isinstance(b, LateInt) and not isinstance(a, LateInt) and op is operator.add:
+                out.base, out.offset = b.base, b.offset + a
+        return out
 
     def late_compare(self, op: Callable, a: Any, b: Any) -> bool:
         """The outcome of comparing late ints, guarded (a new outcome retraces)."""
@@ -651,16 +659,26 @@ class SpecializingTracer(fx.Tracer):
             return [self._late_arg(e) for e in x]
         return x
 
-    def _late_key(self, key: Any, deps: list) -> Any:
-        """An index with its late ints as graph nodes (read at run time); ``deps`` gets those in slices."""
+    def _late_key(self, key: Any, deps: list, size: int | None = None) -> Any:
+        """An index with its late ints as graph nodes (read at run time); ``deps`` gets those in slices whose
+        length depends on them.  ``x[c:c + n]`` has length n for every c: its shape does not depend on c as long
+        as the slice stays inside the axis (``size``), which is guarded."""
         if isinstance(key, LateInt):
             return _Bound(key)  # an integer index: the result's shape does not depend on it
         if isinstance(key, slice):
             parts = [key.start, key.stop, key.step]
-            deps.extend(p for p in parts if isinstance(p, LateInt))
+            a, b = key.start, key.stop
+            fixed_length = (isinstance(a, LateInt) and isinstance(b, LateInt) and a.base is b.base
+                            and key.step in (None, 1) and size is not None and 0 <= a.value <= b.value <= size)
+            if fixed_length:
+                self.late_compare(operator.ge, a, 0)
+                self.late_compare(operator.le, b, size)
+            else:
+                deps.extend(p for p in parts if isinstance(p, LateInt))
             return slice(*[_Bound(p) if isinstance(p, LateInt) else p for p in parts])
         if isinstance(key, tuple):
-            return tuple(self._late_key(k, deps) for k in key)
+            simple = all(isinstance(k, (int, slice, LateInt)) for k in key)
+            return tuple(self._late_key(k, deps, self._axis_size(j) if simple else None) for j, k in enumerate(key))
         return key
 
     def _lateify(self, src: fx.Proxy, index: Any, value: Any, kind, target, args, kwargs) -> Any:
@@ -1061,7 +1079,9 @@ class SpecializingTracer(fx.Tracer):
         if (kind == "call_function" and target in _INDEX_TARGETS and len(args) >= 2 and isinstance(args[0], fx.Proxy)
                 and isinstance(args[0].node.meta.get("val"), torch.Tensor)):
             # x[i, :n] / buf[i, a:b] = v with late ints: the graph reads them at run time
-            args = (args[0], self._late_key(args[1], late_deps)) + tuple(args[2:])
+            shape = tuple(args[0].node.meta["val"].shape)
+            self._axis_size = lambda j, shape=shape: int(shape[j]) if j < len(shape) else None
+            args = (args[0], self._late_key(args[1], late_deps, shape[0] if shape else None)) + tuple(args[2:])
         if kind == "call_module":
             self.fix_late_shape(pytree.tree_leaves((args, kwargs)), f"a call of module `{target}`")
         try:

@@ -37,7 +37,7 @@ import torch.nn as nn
 from .errors import UnroutableRegionError
 from .layout import LayoutAnalysis, Segment, TokenInfo, image_span
 
-__all__ = ["Window", "WindowIndex", "find_windows", "window_of", "window_plans", "rewire"]
+__all__ = ["Window", "WindowIndex", "find_windows", "window_of", "window_plans", "rewire", "window_overwritten"]
 
 
 @dataclasses.dataclass
@@ -49,6 +49,7 @@ class Window:
     starts: list  # per sample: an int, or an fx.Node giving the int at run time
     num_image: int
     length: int  # L: the buffer's token count
+    later: list = dataclasses.field(default_factory=list)  # (sample, start, stop) of writes after its image write
 
     def describe(self) -> str:
         def show(s: Any) -> str:
@@ -120,6 +121,7 @@ def find_windows(gm: fx.GraphModule, analysis: LayoutAnalysis) -> dict[fx.Node, 
         found: dict[int, tuple[int, Any, fx.Node]] = {}  # sample -> (write position, start, source)
         ok = True
         spans: list[tuple[int, int, int, int]] = []  # (write position, sample, start, stop) on traced values
+        bounds: list[tuple[Any, Any]] = []  # the same writes' bounds as written (ints or graph nodes)
         length = int(val.shape[1])
         for k, w in enumerate(writes):
             parsed = _parse_key(w.args[1])
@@ -134,6 +136,7 @@ def find_windows(gm: fx.GraphModule, analysis: LayoutAnalysis) -> dict[fx.Node, 
                 ok = False
                 break
             spans.append((k, i, ca, cb))
+            bounds.append((0 if a is None else a, length if b is None else b))
             sample = _sample_of(w.args[2], analysis)
             if sample is not None and sample[1] == i:
                 src, _ = sample
@@ -150,7 +153,8 @@ def find_windows(gm: fx.GraphModule, analysis: LayoutAnalysis) -> dict[fx.Node, 
                           for k, i, a, b in spans)
         if overwritten or n >= length:
             continue
-        out[buf] = Window(buf, src, [found[i][1] for i in range(batch)], n, length)
+        later = [(i, *bounds[k]) for k, i, _, _ in spans if k > found[i][0]]
+        out[buf] = Window(buf, src, [found[i][1] for i in range(batch)], n, length, later)
     return out
 
 
@@ -225,8 +229,8 @@ def window_plans(gm: fx.GraphModule, analysis: LayoutAnalysis, plans: Sequence[A
                     f"joint sequence ({w.length}) nor its image tokens ({w.num_image}); {w.describe()}. Fix: end "
                     "the route before the operation that builds it.")
             if any(t == w.length for t in totals):
-                d.reason += (f"; joint positions: every caption and padding position, and the kept image tokens at "
-                             f"each sample's offset")
+                d.reason += ("; joint positions: every caption and padding position, and the kept image tokens at "
+                             "each sample's offset")
         plan.window = w
         plan.num_tokens = w.num_image
         # what the route draws from: the N image tokens of each sample (keep_tokens, route_loss and the pixel ->
@@ -283,7 +287,20 @@ def rewire(gm: fx.GraphModule, plans: Sequence[Any]) -> None:
         for key in ("treadfx_scope", "stack_trace"):
             if key in sel.meta:
                 jidx.meta[key] = sel.meta[key]
-        from .fake_eval import FakeEvaluator  # noqa: F401,PLC0415 - (fake mode comes from the values)
+        if any(isinstance(v, fx.Node) for _, a, b in w.later for v in (a, b)):
+            # writes after a sample's image write were clear of its window on the traced call; their bounds are read
+            # at run time, so check again at every call (a clash retraces, and the new trace sees it)
+            from .data_guards import data_guard  # noqa: PLC0415
+
+            with graph.inserting_before(sel):
+                clash = graph.call_function(window_overwritten, (list(w.starts), w.num_image, [list(t) for t in w.later]))
+                clash.meta["val"] = False
+                guard = graph.call_function(data_guard, (clash, "bool", False, f"the image window of `{w.buffer.name}`"))
+                guard.meta["val"] = None
+                guard.meta["treadfx_data_guard"] = f"the image window of `{w.buffer.name}`"
+            for key in ("treadfx_scope",):
+                if key in sel.meta:
+                    clash.meta[key] = guard.meta[key] = sel.meta[key]
         idx_val = sel.meta.get("val")
         if isinstance(idx_val, torch.Tensor):
             with _mode_of(idx_val):
@@ -298,10 +315,13 @@ def rewire(gm: fx.GraphModule, plans: Sequence[Any]) -> None:
                     with _mode_of(user.meta["val"]):
                         src = user.args[0]
                         user.meta["val"] = mod(src.meta["val"], jidx.meta["val"])
-        if not any(u is not jidx and u.target != "output" for u in jidx.users):
-            pass
     graph.lint()
     gm.recompile()
+
+
+def window_overwritten(starts: Sequence[int], num_image: int, later: Sequence[Sequence[int]]) -> bool:
+    """Whether a write ``(sample, start, stop)`` made after the image writes overlaps that sample's window."""
+    return any(a < int(starts[i]) + num_image and b > int(starts[i]) for i, a, b in later)
 
 
 def _joint_axes(mod: nn.Module, w: Window) -> bool:

@@ -1245,8 +1245,8 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
 def _holds_trace_value(value: Any, depth: int = 0) -> bool:
-    """A proxy or a fake tensor somewhere in this (nested) container."""
-    if isinstance(value, (fx.Proxy, FakeTensor)):
+    """A proxy, a fake tensor or a late-bound int somewhere in this (nested) container."""
+    if isinstance(value, (fx.Proxy, FakeTensor, LateInt)):
         return True
     if depth > 4:
         return False

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import treadfx
 import treadfx.tracing
 from treadfx.transformed import state_of
+from treadfx.windows import WindowIndex
 
 pytest.importorskip("diffusers")
 
@@ -192,3 +194,27 @@ def test_a_new_padded_length_traces_once_and_a_new_caption_length_not_at_all(tra
     assert torch.equal(out, _reference(m, args, treadfx.last_routes(tm)[0].kept, 1, 2))
     tm(*_inputs([8, 4], g))  # back to the first graph, no trace
     assert traces[0] == 2 and state_of(tm).current is prog
+
+
+@st.composite
+def _windows(draw):
+    b = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 12))
+    k = draw(st.integers(1, n))
+    pad = draw(st.integers(0, 6))  # L = N + longest caption + extra padding
+    caps = draw(st.lists(st.integers(0, 6), min_size=b, max_size=b))
+    length = n + max(caps) + pad
+    kept = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(draw(st.integers(0, 999))))[:k]
+                        for _ in range(b)])
+    return n, length, caps, kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(_windows())
+def test_window_index_keeps_caption_and_padding_and_shifts_kept_image_tokens(case):
+    n, length, caps, kept = case
+    got = WindowIndex(n, length)(kept, *caps)
+    want = torch.stack([torch.cat([torch.arange(c), c + kept[i], torch.arange(c + n, length)])
+                        for i, c in enumerate(caps)])
+    assert torch.equal(got, want)
+    assert WindowIndex(n, length)(None, *caps) is None

@@ -14,7 +14,11 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import re
+from typing import Callable
 
 import pytest
 import torch
@@ -302,31 +306,271 @@ def _hunyuan_image_inputs():
         "encoder_attention_mask": torch.ones(B, 5)}
 
 
-# name: (model, inputs, the routed chain, its length)
+def _wan_vace():
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32, vace_layers=[0, 2],
+        vace_in_channels=6))
+
+
+def _wan_vace_inputs():
+    g = _gen(6)
+    return (torch.randn(B, 4, 2, 8, 8, generator=g),), {
+        "timestep": torch.tensor([10.0, 20.0]), "encoder_hidden_states": torch.randn(B, 5, 16, generator=g),
+        "control_hidden_states": torch.randn(B, 6, 2, 8, 8, generator=g)}
+
+
+def _skyreels_v2():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32))
+
+
+def _cogvideox(rope: bool = False, cls: str = "CogVideoXTransformer3DModel"):
+    import diffusers
+
+    torch.manual_seed(0)
+    extra = {"use_rotary_positional_embeddings": rope} if cls == "CogVideoXTransformer3DModel" else {}
+    return _randomize_zero_linears(getattr(diffusers, cls)(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=4, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=5, **extra))
+
+
+def _cogvideox_inputs(rope: bool = False):
+    g = _gen(7)
+    kwargs = {"encoder_hidden_states": torch.randn(B, 5, 16, generator=g), "timestep": torch.tensor([10, 20])}
+    if rope:  # the pipeline passes the 3D RoPE (cos, sin) tables, [F*H*W, head_dim] (2 frames of 4x4 tokens)
+        kwargs["image_rotary_emb"] = (torch.randn(2 * 4 * 4, 8, generator=g), torch.randn(2 * 4 * 4, 8, generator=g))
+    return (torch.randn(B, 2, 4, 8, 8, generator=g),), kwargs
+
+
+def _ltx_video():
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=4, caption_channels=12))
+
+
+def _ltx_video_inputs():
+    g = _gen(8)  # packed latents: 2 frames of 4x4 tokens
+    return (torch.randn(B, 2 * 4 * 4, 4, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "timestep": torch.tensor([10, 20]),
+        "encoder_attention_mask": torch.ones(B, 5), "num_frames": 2, "height": 4, "width": 4}
+
+
+def _flux_ids(axes: int, h: int = 4, w: int = 4) -> torch.Tensor:
+    ids = torch.zeros(h * w, axes)
+    ids[:, -2] = torch.arange(h).repeat_interleave(w).float()
+    ids[:, -1] = torch.arange(w).repeat(h).float()
+    return ids
+
+
+def _flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=12, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4)))
+
+
+def _flux2_inputs():
+    g = _gen(10)
+    return (torch.randn(B, 16, 8, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "timestep": torch.tensor([0.1, 0.2]),
+        "img_ids": _flux_ids(4), "txt_ids": torch.zeros(5, 4), "guidance": torch.tensor([3.0, 3.0])}
+
+
+def _chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(ChromaTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1))
+
+
+def _chroma_inputs():
+    g = _gen(11)
+    return (torch.randn(B, 16, 8, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "timestep": torch.tensor([0.1, 0.2]),
+        "img_ids": _flux_ids(3), "txt_ids": torch.zeros(5, 3)}
+
+
+def _cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=12, time_embed_dim=8, condition_dim=4, pos_embed_max_size=8, sample_size=8))
+
+
+def _cogview3plus_inputs():
+    g = _gen(12)
+    return (torch.randn(B, 4, 8, 8, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 12, generator=g), "timestep": torch.tensor([10, 20]),
+        "original_size": torch.tensor([[64.0, 64.0]] * B), "target_size": torch.tensor([[64.0, 64.0]] * B),
+        "crop_coords": torch.zeros(B, 2)}
+
+
+def _sana():
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
+        sample_size=8, patch_size=1))
+
+
+def _sana_inputs():
+    g = _gen(14)
+    return (torch.randn(B, 4, 8, 8, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 8, generator=g), "timestep": torch.tensor([10.0, 20.0])}
+
+
+def _sana_video():
+    from diffusers import SanaVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=8,
+        sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32))
+
+
+def _sana_video_inputs():
+    g = _gen(15)
+    return (torch.randn(B, 4, 2, 8, 8, generator=g),), {
+        "encoder_hidden_states": torch.randn(B, 5, 8, generator=g), "timestep": torch.tensor([10.0, 20.0])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Zoo:
+    """A zoo model with example inputs, and what ``inspect`` must report for ``transform(start=1, end=-2,
+    ratio=0.5, **options)``, written from the architecture: the routed chain and its length, the token stream's
+    layout, the selection, and the route's decisions as a multiset of (action, role)."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple[tuple, dict]]
+    chain: str
+    length: int
+    layout: str
+    selection: str
+    decisions: dict
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+JOINT = "transformer_blocks+single_transformer_blocks"
+G, P, S = "gather", "pass", "scatter"
+TOK, TXT, SIDE, COND = (G, "token stream"), (P, "text stream"), (G, "side input"), (P, "conditioning")
+OUT = (S, "token stream")
+# What each route must gather, pass and scatter, read off each architecture (route = blocks 1..2 of 4; the stream
+# holds image tokens only, so nothing is kept whole in it; N = 2 frames x 4 x 4 or 4 x 4 or 8 x 8 tokens).
+# Modulation tensors shaped [B, k, D] (k chunks of the conditioning) are passed whole; inspect labels them by
+# their shape ("text stream" or "extra tokens"), which the comments say where it happens.
+WAN_LIKE = {TOK: 1,  # the block input; text [B, 5, D] and timestep_proj [B, 6, D] (labelled "text stream") pass
+            TXT: 2, SIDE: 2, OUT: 1}  # the 3D RoPE (cos, sin) [1, N, 1, d] rows are gathered
+COGVIDEO_LIKE = {TOK: 1, TXT: 2, COND: 1, OUT: 1}  # (hidden, text) in and out, temb; positions added before
+HUNYUAN_LIKE = {TOK: 1, TXT: 2, COND: 1, OUT: 1,
+                SIDE: 3}  # the joint mask [B, 1, 1, N + T] (image part) and RoPE (cos, sin) [N, d]
 ZOO = {
-    "qwen_image": (_qwen_image, _qwen_image_inputs, "transformer_blocks", 4),
-    "hidream": (_hidream, _hidream_inputs, "double_stream_blocks+single_stream_blocks", 4),
-    "wan": (_wan, _wan_inputs, "blocks", 4),
-    "hunyuan_video": (_hunyuan_video, _hunyuan_video_inputs, "transformer_blocks+single_transformer_blocks", 4),
-    "hunyuan_image": (_hunyuan_image, _hunyuan_image_inputs, "transformer_blocks+single_transformer_blocks", 4),
+    # joint blocks (text, image) out; image RoPE [N, d/2] complex gathered, the text rows (a slice of a buffer) pass;
+    # temb and the [B, T] text padding mask pass (the mask is labelled "conditioning": it has no feature axis)
+    "qwen_image": Zoo(_qwen_image, _qwen_image_inputs, "transformer_blocks", 4, "[image 16]", "shared",
+                      {TOK: 1, TXT: 2, COND: 2, SIDE: 1, (P, "constant"): 1, OUT: 1}),
+    # double.1 gets [t5 | llama] + its llama layer (text 15), single.0 its llama layer (text 5); the joint RoPE
+    # over [image | text] is gathered on its image part; the single block's output [image | text 15] is scattered
+    "hidream": Zoo(_hidream, _hidream_inputs, "double_stream_blocks+single_stream_blocks", 4, "[image 16]", "shared",
+                   {TOK: 1, TXT: 2, COND: 1, SIDE: 1, OUT: 1}),
+    "wan": Zoo(_wan, _wan_inputs, "blocks", 4, "[image 32]", "shared", WAN_LIKE),
+    # the VACE hints are added after blocks 0 and 2, outside the route: the route is Wan's (the stream is the sum)
+    "wan_vace": Zoo(_wan_vace, _wan_vace_inputs, "blocks", 4, "[image 32]", "shared", WAN_LIKE,
+                    options={"chain": "blocks"}),
+    "skyreels_v2": Zoo(_skyreels_v2, lambda: _wan_inputs(seed=9), "blocks", 4, "[image 32]", "shared", WAN_LIKE),
+    "cogvideox": Zoo(_cogvideox, _cogvideox_inputs, "transformer_blocks", 4, "[image 32]", "per_sample",
+                     COGVIDEO_LIKE),
+    # the pipeline's RoPE (cos, sin) [N, d] tables: no batch dim, so one subset serves the batch
+    "cogvideox_rope": Zoo(lambda: _cogvideox(rope=True), lambda: _cogvideox_inputs(rope=True), "transformer_blocks",
+                          4, "[image 32]", "shared", {**COGVIDEO_LIKE, SIDE: 2}),
+    "consisid": Zoo(lambda: _cogvideox(cls="ConsisIDTransformer3DModel"), _cogvideox_inputs, "transformer_blocks", 4,
+                    "[image 32]", "per_sample", COGVIDEO_LIKE),
+    # temb [B, 1, 6D] and the text mask bias [B, 1, T] pass (labelled "extra tokens [extra 1]"); RoPE (cos, sin)
+    # [1, N, d] gathered
+    "ltx_video": Zoo(_ltx_video, _ltx_video_inputs, "transformer_blocks", 4, "[image 32]", "shared",
+                     {TOK: 1, TXT: 1, (P, "extra tokens"): 2, SIDE: 2, OUT: 1}),
+    "hunyuan_video": Zoo(_hunyuan_video, _hunyuan_video_inputs, JOINT, 4, "[image 32]", "shared", HUNYUAN_LIKE),
+    "hunyuan_image": Zoo(_hunyuan_image, _hunyuan_image_inputs, JOINT, 4, "[image 16]", "shared", HUNYUAN_LIKE),
+    # double blocks (text, image) out, image and text modulations, then [text | image] in the single block with its
+    # own modulation; RoPE (cos, sin) [T + N, d] gathered on the image rows; single.0's [text | image] scattered
+    "flux2": Zoo(_flux2, _flux2_inputs, JOINT, 4, "[image 16]", "shared",
+                 {TOK: 1, TXT: 1, COND: 3, SIDE: 2, OUT: 1}),
+    # as Flux, with Chroma's per-block slices of one modulation table: [B, 12, D] for double.1, [B, 3, D] for
+    # single.0 (labelled "extra tokens")
+    "chroma": Zoo(_chroma, _chroma_inputs, JOINT, 4, "[image 16]", "shared",
+                  {TOK: 1, TXT: 1, (P, "extra tokens"): 2, SIDE: 2, OUT: 1}),
+    "cogview3plus": Zoo(_cogview3plus, _cogview3plus_inputs, "transformer_blocks", 4, "[image 16]", "per_sample",
+                        COGVIDEO_LIKE),
+    # structured selection (2x1 cells): the grid sizes are ints rewritten for the routed blocks, not tensors
+    "sana": Zoo(_sana, _sana_inputs, "transformer_blocks", 4, "[image 64]", "per_sample",
+                {TOK: 1, TXT: 1, COND: 1, OUT: 1}),
+    # + the RoPE (cos, sin) rows of the sub-grid; timestep [B, 1, 6D] passes (labelled "extra tokens")
+    "sana_video": Zoo(_sana_video, _sana_video_inputs, "transformer_blocks", 4, "[image 32]", "per_sample",
+                      {TOK: 1, TXT: 1, (P, "extra tokens"): 1, SIDE: 2, OUT: 1}),
 }
+N_TOKENS = {"qwen_image": 16, "hidream": 16, "hunyuan_image": 16, "flux2": 16, "chroma": 16, "cogview3plus": 16,
+            "sana": 64}  # the others: 2 frames of 4 x 4 tokens
+
+
+@functools.cache
+def zoo_case(name: str):
+    """``(model, transform, args, kwargs, inspect report)`` of a zoo model, built once per test process: the model
+    after a dense validation call (which fills diffusers' lru-cached RoPE helpers), a fresh transform, and its
+    report taken before any routed call."""
+    z = ZOO[name]
+    m = z.build()
+    args, kwargs = z.inputs()
+    m.eval()
+    with torch.no_grad():
+        sample_of(m(*args, **kwargs))
+    m.train()
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5, **z.options)
+    return m, tm, args, kwargs, treadfx.inspect(tm, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_inspect_lists_what_is_routed_kept_gathered_and_scattered(name):
+    z = ZOO[name]
+    r = zoo_case(name)[-1]
+    assert [(c.name, c.length) for c in r.chains if c.selected] == [(z.chain, z.length)]
+    assert r.stream_layout == z.layout
+    (route,) = r.routes
+    n = N_TOKENS.get(name, 32)
+    assert (route.start, route.end, route.num_tokens, route.num_keep) == (1, z.length - 2, n, n // 2)
+    assert route.selection == z.selection
+    assert dict(collections.Counter((t.action, t.role) for t in route.tensors)) == z.decisions
+    assert all(t.reason for t in route.tensors)  # every decision says why
+    text = str(r)
+    for t in route.tensors:
+        assert f"{t.action:<7} {t.name}: {t.role}" in text
 
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_model_trains_routed_and_eval_is_the_original(name):
-    build, inputs, chain_name, length = ZOO[name]
-    m = build()
-    args, kwargs = inputs()
-    m.eval()
-    with torch.no_grad():
-        sample_of(m(*args, **kwargs))  # a validation call first: fills diffusers' lru-cached RoPE helpers
-    m.train()
-    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
-    r = treadfx.inspect(tm, *args, **kwargs)  # on the fresh transform, before any routed call
-    assert [(c.name, c.length) for c in r.chains if c.selected] == [(chain_name, length)]
+    m, tm, args, kwargs, r = zoo_case(name)
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
     route = r.routes[0]
-    assert (route.start, route.end, route.num_keep) == (1, length - 2, route.num_tokens // 2)
 
     sample_of(tm(*args, **kwargs))  # warm-up
     with torch.no_grad():

@@ -99,10 +99,21 @@ def traces(monkeypatch):
     return count
 
 
+def _step_flops(fn) -> int:
+    """FLOPs of a forward and backward (torch's FlopCounterMode on real tensors), counted on a second call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn().sample.sum().backward()
+    with FlopCounterMode(display=False) as counter:
+        fn().sample.sum().backward()
+    return counter.get_total_flops()
+
+
 def test_inspect_routes_the_joint_layers_and_says_what_is_gathered_and_why():
     m = _model()
     tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
-    r = treadfx.inspect(tm, *_inputs([5, 7], torch.Generator().manual_seed(0)))
+    args = _inputs([5, 7], torch.Generator().manual_seed(0))
+    r = treadfx.inspect(tm, *args)
     chains = {c.name: c for c in r.chains}
     assert [(c.name, c.length) for c in r.chains if c.selected] == [("layers", 5)]
     assert "carries the image tokens to the output" in chains["layers"].note
@@ -118,6 +129,8 @@ def test_inspect_routes_the_joint_layers_and_says_what_is_gathered_and_why():
     assert any("new_zeros" in name for name in gathered)  # the joint attention mask
     assert all("joint positions" in t.reason for t in route.tensors if t.action in ("gather", "scatter"))
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+    # a real training call costs what inspect predicts, and the original model what it counts as dense
+    assert _step_flops(lambda: tm(*args)) == r.routed_flops and _step_flops(lambda: m(*args)) == r.dense_flops
     text = str(r)
     assert "keep 8 of 16 image tokens" in text and "`layers`" in text
 

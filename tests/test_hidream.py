@@ -202,6 +202,12 @@ def test_routed_experts_train_routed_like_the_hand_loop(no_synthetic_data, start
     r = treadfx.inspect(tm, *args, **kwargs)
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
     assert [(c.name, c.length) for c in r.chains if c.selected] == [("double_stream_blocks+single_stream_blocks", 4)]
+    # the FLOP counts leave out only the insides of the MoE feed-forwards, and inspect says so
+    from treadfx.fake_eval import data_dependent_summary
+
+    assert data_dependent_summary(m).startswith(
+        "inside 4 x MOEFeedForwardSwiGLU (`double_stream_blocks.0.block.ff_i`, `double_stream_blocks.1.block.ff_i`, "
+        "... `single_stream_blocks.1.block.ff_i`): sizes there depend on the data")
     kept = _kept(16, 8, seed=3 + start)
     with treadfx.fixed_routes(tm, [kept]):
         out = tm(*args, **kwargs).sample
@@ -286,3 +292,22 @@ def test_an_end_relative_slice_selects_the_same_tokens_dense_and_routed(case):
     assert torch.equal(dense[new], dense[e])
     survivors = set(routed.tolist())
     assert routed[new].tolist() == [v for v in dense[e].tolist() if v in survivors]
+
+
+def test_per_sample_selection_names_the_rope_table_and_the_fix():
+    """The joint RoPE table is built from Python ints (``repeat(batch_size, ...)``), so treadfx sees no batch
+    dimension in it: the default route shares one kept subset across the batch (above).  Asking for per-sample
+    selection fails at planning with an error that names the table, says that it does line up with the image
+    tokens, why the block still fails, and the fix."""
+    import re
+
+    m = _hidream()
+    args, kwargs = _inputs()
+    tm = treadfx.transform(m, start=2, end=3, ratio=0.5, selection="per_sample")
+    with pytest.raises(treadfx.UnroutableRegionError) as e:
+        treadfx.inspect(tm, *args, **kwargs)
+    msg = str(e.value)
+    assert re.search(r"block `single_stream_blocks.0` cannot run on the kept tokens \(\d+ of 16 in the probe\); "
+                     r"the problem is `\w+` \(shape \[2, 31, 1, 4, 2, 2\]\): it lines up with the image tokens "
+                     r"\(\[image 16 \| text 15\] on axis 1\)", msg), msg
+    assert "treadfx sees no batch dimension in it" in msg and "Use selection='shared'" in msg

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs", "forward_of", "no_user_hooks",
-    "rng_preserved",
+    "rng_preserved", "data_dependent_summary",
 ]
 
 
@@ -525,6 +525,27 @@ class FakeEvaluator:
                 continue
             env[node] = self.run_node(gm, node, args, kwargs)
         return env
+
+
+def data_dependent_summary(model: nn.Module) -> str:
+    """"" or one line naming the submodules of ``model`` that fake evaluation found data-dependent (their sizes
+    depend on tensor values: a mixture of experts' boolean-mask dispatch).  FLOP counts on fake tensors skip their
+    insides (the same way in the dense, routed and predicted counts), so ``inspect`` says so with this line."""
+    if not _DATA_DEPENDENT_MODULES:
+        return ""
+    ev = FakeEvaluator(FakeTensorMode(allow_non_fake_inputs=True))
+    found: dict[str, list[str]] = {}
+    for path, sub in model.named_modules():
+        if ev.is_data_dependent(sub):
+            found.setdefault(type(sub).__name__, []).append(path)
+    if not found:
+        return ""
+    parts = []
+    for cls, paths in found.items():
+        shown = ", ".join(f"`{p}`" for p in paths[:2]) + (f", ... `{paths[-1]}`" if len(paths) > 2 else "")
+        parts.append(f"{len(paths)} x {cls} ({shown})")
+    return ("inside " + "; ".join(parts) + ": sizes there depend on the data (shapes found with unbacked sizes), so "
+            "dense, routed and predicted counts all leave them out; they run live on the kept tokens")
 
 
 def rng_state(tensors: Any = ()) -> tuple:

@@ -295,7 +295,8 @@ class LiveGuard:
         self.entries = []
         for path, m in modules:
             d = m.__dict__
-            attrs = tuple((k, v) for k, v in d.items() if k not in _SKIP)
+            # treadfx's own state on the model (``_treadfx``, ``_treadfx_methods``) is not the user's
+            attrs = tuple((k, v) for k, v in d.items() if k not in _SKIP and not k.startswith("_treadfx"))
             struct = tuple(tuple(d[s].values()) if s in d else () for s in _STRUCT)
             hooks = tuple(len(d.get(h) or ()) for h in _HOOK_DICTS)
             self.entries.append((path, m, d, len(d), attrs, struct, hooks))
@@ -308,7 +309,10 @@ class LiveGuard:
                 return f"`{path or 'model'}` gained or lost an attribute"
             for k, v in attrs:
                 cur = d.get(k, _MISSING)
-                if cur is not v and not (type(v) in _SIMPLE and type(cur) is type(v) and cur == v):
+                if _plain(v):  # compared by value (also what torch.compile can trace: no `is` on tuples)
+                    if type(cur) is not type(v) or cur != v:
+                        return f"`{path or 'model'}.{k}` changed"
+                elif cur is not v:
                     return f"`{path or 'model'}.{k}` changed"
             for s, saved in zip(_STRUCT, struct):
                 cur = d.get(s)
@@ -322,6 +326,11 @@ class LiveGuard:
 
 
 _MISSING = object()
+
+
+def _plain(v: Any) -> bool:
+    """A Python constant compared by value: a simple scalar or string, or a tuple of them."""
+    return type(v) in _SIMPLE or (type(v) is tuple and all(type(e) in _SIMPLE for e in v))
 
 
 def check_inlined_hooks(modules: list[tuple[str, nn.Module]]) -> None:

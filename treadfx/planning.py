@@ -541,12 +541,29 @@ def _misaligned_input(r: RouteScope, entering, failed: fx.Node, n_img: int) -> s
         if isinstance(info, TokenInfo):
             others += [s.length for s in info.layout if s.kind != "image"]
     found = []
+    known = [lay for lay in _known_layouts(r.prog.gm, r.analysis)
+             if sum(s.length for s in lay if s.kind == "image") == n_img]
+    known += [lay for lay in block_joint_layouts(r.prog.gm, r.analysis, failed, n_img,
+                                                 lambda n: _node_value(r.prog.gm, n)) if lay not in known]
     for i in _inputs_of(failed):
         d = entering.get(i)
         if d is None or d.action != "pass":
             continue
         v = _node_value(r.prog.gm, i)
         batched = isinstance(v, torch.Tensor) and r.analysis.is_batched_value(i, v)
+        readings = [c for c in _side_decisions(r, i, failed, n_img, known) if c.parts is None]
+        if readings:  # it does line up: gathering it was tried, and the block still failed
+            c = readings[0]
+            why = ""
+            if not c.batched and r.route.selection in ("per_sample", "structured") and isinstance(v, torch.Tensor):
+                why = (f": treadfx sees no batch dimension in it (it is not derived from the image input's batch), so "
+                       f"with selection='{r.route.selection}' each sample gets a copy with its own kept rows in front "
+                       f"of its shape ([B, {', '.join(str(x) for x in v.shape[: c.axis])}, K, ...]), which the block "
+                       "cannot use. Use selection='shared' (one kept subset for the whole batch), or build it from "
+                       "the image input's batch")
+            return (f"; the problem is {r.name_of(i)} (shape {list(_shape(v))}): it lines up with the image tokens "
+                    f"({layout_str(c.layout)} on axis {c.axis}), but {_node_label(r.prog, failed)} fails with it "
+                    f"gathered too{why}")
         axes = token_sized_axes(v, n_img, others, batched)
         if axes:
             where = ", ".join(f"{p + ' ' if p else ''}axis {a} ({size} positions)" for p, a, size in axes[:3])

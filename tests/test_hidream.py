@@ -202,6 +202,10 @@ def test_routed_experts_train_routed_like_the_hand_loop(no_synthetic_data, start
     r = treadfx.inspect(tm, *args, **kwargs)
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
     assert [(c.name, c.length) for c in r.chains if c.selected] == [("double_stream_blocks+single_stream_blocks", 4)]
+    # which chain is routed and why: the caption projections are chains of their own that carry no image tokens
+    text = str(r)
+    assert "*chain 0 `double_stream_blocks+single_stream_blocks`: 4 blocks -- routed: " in text
+    assert "chain 1 `caption_projection`: 1 blocks -- not routed: " in text and "receive no image tokens" in text
     # the FLOP counts leave out only the insides of the MoE feed-forwards, and inspect says so
     from treadfx.fake_eval import data_dependent_summary
 

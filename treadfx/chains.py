@@ -161,19 +161,26 @@ def resolve_index(index: int, length: int, what: str) -> int:
     return resolved
 
 
-def _image_inputs_of(node: fx.Node, analysis: LayoutAnalysis) -> list[fx.Node]:
-    """Tensor inputs of the block call ``node`` whose token axis holds image tokens.
-
-    When the block's outputs are known to carry some of its inputs (the streams it updates, found by
-    ``analysis.block_carry``), only those count: a side input such as a RoPE table computed next to the image
-    patches (Lumina2's caption rotary rows) does not make a text refiner an image block."""
+def _stream_inputs(node: fx.Node, analysis: LayoutAnalysis) -> list[fx.Node]:
+    """The tensor inputs of block call ``node`` that its outputs carry (the streams it updates, found by
+    ``analysis.block_carry``) when some of them have a token axis, else all its tensor inputs."""
     inputs = tensor_input_nodes(node)
     try:
         carried = [n for n in (analysis.block_carry(node) or {}).values() if isinstance(n, fx.Node)]
     except Exception:  # noqa: BLE001 - no carry information: every input counts
         carried = []
     if any(isinstance(analysis.token_info(n), TokenInfo) for n in carried):
-        inputs = [n for n in inputs if n in carried]
+        return [n for n in inputs if n in carried]
+    return inputs
+
+
+def _image_inputs_of(node: fx.Node, analysis: LayoutAnalysis) -> list[fx.Node]:
+    """Tensor inputs of the block call ``node`` whose token axis holds image tokens.
+
+    Only the streams the block carries count when they are known (:func:`_stream_inputs`): a side input such
+    as a RoPE table computed next to the image patches (Lumina2's caption rotary rows) does not make a text
+    refiner an image block."""
+    inputs = _stream_inputs(node, analysis)
     out = []
     for inp in inputs:
         info = analysis.token_info(inp)
@@ -203,7 +210,7 @@ def _shape(node: fx.Node) -> str:
 def _receives(node: fx.Node, analysis: LayoutAnalysis) -> str:
     """What the block call ``node`` gets along token axes, e.g. ``[text 5] from `encoder_hidden_states```."""
     seen: list[str] = []
-    for inp in tensor_input_nodes(node):
+    for inp in _stream_inputs(node, analysis):
         info = analysis.token_info(inp)
         if not isinstance(info, TokenInfo):
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -133,9 +134,16 @@ def test_route_loss_matches_the_formula(case):
     assert math.isclose(out.total.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
 
 
+@functools.cache
+def keep_mask_model(ratio: float):
+    """The transformed model of the keep-mask property, one per ratio: examples only read it (their batch sizes
+    are traced once each), and ``keep_tokens`` restores its state on exit."""
+    return treadfx.transform(tiny_dit(size=8), routes=[(0, 1, ratio), (2, 3, ratio)])  # 16 tokens, keeps 12 or 8
+
+
 @given(st.integers(1, 3), st.sampled_from([0.25, 0.5]), st.data())
 def test_keep_mask_in_pixel_space_is_never_routed(batch, ratio, data):
-    tm = treadfx.transform(tiny_dit(size=8), routes=[(0, 1, ratio), (2, 3, ratio)])  # 16 tokens, keeps 12 or 8
+    tm = keep_mask_model(ratio)
     # at most 6 marked pixels per sample, so at most 6 marked tokens: every route can keep them all
     pixels = data.draw(st.lists(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), max_size=6),
                                 min_size=batch, max_size=batch))

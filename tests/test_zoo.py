@@ -5,8 +5,12 @@
   in route indices, and ``inspect`` says why (a hand-written model with the same structure, checked
   against a hand-written hook reference, and the diffusers models).
 * ``NoBlocksFoundError`` says what the blocks receive and gives only the advice that applies.
-* Each zoo model (tiny random diffusers configs): ``transform(start=1, end=-2, ratio=0.5)``, a warm-up
-  call, one training step, eval equal to the original bit for bit, and fewer FLOPs than dense.
+* Each zoo model (tiny random diffusers configs: Qwen-Image, HiDream, Wan, WanVACE, SkyReels-V2, CogVideoX
+  with and without RoPE, ConsisID, LTX-Video, HunyuanVideo, HunyuanImage, Flux2, Chroma, CogView3Plus, Sana,
+  Sana-Video): ``inspect`` names the routed chain, the stream layout, the selection and what the route
+  gathers, passes and scatters (expected values written from each architecture); then
+  ``transform(start=1, end=-2, ratio=0.5)``, a warm-up call, one training step, eval equal to the original
+  bit for bit, and fewer FLOPs than dense, as ``inspect`` predicts.
 * Video (Wan): single-frame inputs, frame counts and resolutions that change between batches (one
   trace per input signature, none per step), and the 3D RoPE table gathered with the kept indices
   (equal to a forward-hook reference).
@@ -550,9 +554,11 @@ def zoo_case(name: str):
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-def test_zoo_model_inspect_lists_what_is_routed_kept_gathered_and_scattered(name):
+def test_zoo_model_inspect_lists_what_is_routed_then_training_routes_and_eval_is_the_original(name):
+    """One test per model (each model is built and inspected once, on whichever xdist worker runs it)."""
     z = ZOO[name]
-    r = zoo_case(name)[-1]
+    m, tm, args, kwargs, r = zoo_case(name)
+    # inspect: what is routed (chain, blocks, tokens kept), gathered, passed and scattered
     assert [(c.name, c.length) for c in r.chains if c.selected] == [(z.chain, z.length)]
     assert r.stream_layout == z.layout
     (route,) = r.routes
@@ -564,14 +570,9 @@ def test_zoo_model_inspect_lists_what_is_routed_kept_gathered_and_scattered(name
     text = str(r)
     for t in route.tensors:
         assert f"{t.action:<7} {t.name}: {t.role}" in text
-
-
-@pytest.mark.parametrize("name", list(ZOO))
-def test_zoo_model_trains_routed_and_eval_is_the_original(name):
-    m, tm, args, kwargs, r = zoo_case(name)
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
-    route = r.routes[0]
 
+    # training routes (a warm-up call, then one SGD step), and eval is the original model bit for bit
     sample_of(tm(*args, **kwargs))  # warm-up
     with torch.no_grad():
         dense_train = sample_of(m(*args, **kwargs))  # the original forward in training mode (HiDream's differs)
@@ -626,10 +627,10 @@ def _wan_by_hooks(m, kept: torch.Tensor, args, kwargs, start: int = 1, end: int 
 
 @pytest.mark.parametrize("frames", [1, 2], ids=["single_frame", "two_frames"])
 def test_wan_3d_rope_is_gathered_like_a_hook_reference_and_eval_is_the_original(frames):
-    m = _wan()
-    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    m, tm, _args, _kwargs, r = zoo_case("wan")  # the shared Wan; its report is of the two-frame inputs
     args, kwargs = _wan_inputs(frames=frames)
-    r = treadfx.inspect(tm, *args, **kwargs)
+    if frames != 2:
+        r = treadfx.inspect(tm, *args, **kwargs)
     assert r.routes[0].num_tokens == frames * 4 * 4
     kept = kept_for(r.routes[0], seed=7 + frames)
     with treadfx.fixed_routes(tm, [kept]):

@@ -2,13 +2,24 @@
 
 Each test draws a DiT (depth, width, heads, patch, grid, batch) and a set of
 valid routes (single-block routes included, at least one route dropping
-tokens), transforms it, and checks one invariant of the routed graph.
+tokens), transforms it, and checks one invariant of the routed graph; the
+per-route invariants are checked on every route that drops tokens.
+
+Speed: tracing and planning a drawn model is most of a property's cost. Under a
+derandomized profile (CI) every property below draws the same case stream
+(``shared_cases``) and takes its transformed, prepared model from a cache
+(``built``), so each drawn case is traced once per module instead of once per
+property. The tests only read the cached models (a test that switches a model
+to eval switches it back), so a property sees exactly what a fresh build gives.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, seed, settings, strategies as st
 
 import treadfx
 from treadfx.transformed import state_of
@@ -25,12 +36,50 @@ def cases(draw, max_depth: int = 6):
     return cfg, routes, seed
 
 
+def shared_cases(test):
+    """Under a derandomized profile, give ``test`` the case stream every property of this module draws (one seed
+    for all), so that the cached builds are shared; otherwise leave hypothesis' own randomness alone."""
+    return seed(20261203)(test) if settings().derandomize else test
+
+
+_BUILT: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_built_cases():
+    """The cache lives for this module only (its models are of no use to other modules)."""
+    yield
+    _BUILT.clear()
+
+
+def _key(cfg, routes, seed):
+    return tuple(sorted(cfg.items())), tuple(tuple(r) for r in routes), seed
+
+
 def build(cfg, routes, seed):
+    """(original, transformed, args) of a drawn case, built afresh."""
     batch = cfg["batch"]
     m = random_dit(**{k: v for k, v in cfg.items() if k != "batch"}, seed=seed)
     tm = treadfx.transform(m, routes=routes)
     args = dit_inputs(m, batch, seed=seed + 1)
     return m, tm, args
+
+
+@contextlib.contextmanager
+def built(case):
+    """(original, transformed, args, routed program) of a drawn case, in training mode, traced and prepared once per
+    module; both models are put back in training mode when the block ends."""
+    cfg, routes, seed = case
+    key = _key(cfg, routes, seed)
+    if key not in _BUILT:
+        m, tm, args = build(cfg, routes, seed)
+        _BUILT[key] = (m, tm, args, routed_program(tm, args))
+    m, tm, args, prog = _BUILT[key]
+    try:
+        yield m, tm, args, prog
+    finally:
+        m.train()
+        tm.train()
 
 
 def routed_program(tm, args):
@@ -44,59 +93,60 @@ def fixed_all(prog, batch: int, seed: int):
             for p in prog.plans]
 
 
-def live_route(case, data):
-    """Build a drawn case and prepare its routed program: (original, transformed, args, program, the plan of a
-    route that drops tokens, drawn from ``data``)."""
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
+def live_plans(prog):
+    """The plans of the routes that drop tokens (``cases()`` draws at least one)."""
     live = [p for p in prog.plans if p.num_keep < p.num_tokens]
     assert live, "cases() draws at least one route that drops tokens"
-    return m, tm, args, prog, data.draw(st.sampled_from(live))
+    return live
 
 
-def probe_route(case, data):
-    """Run one routed forward of a drawn case and read one live route's values: (model, args, plan,
-    kept indices, stream at route-out, stream after route-in)."""
-    m, _, args, prog, plan = live_route(case, data)
-    nodes = route_nodes(prog.gm, plan.index)
+def probe_routes(prog, args):
+    """Run one routed forward and read every live route's values: [(plan, kept indices, stream at route-out,
+    stream after route-in)]."""
     probe = GraphProbe(prog.gm)
     probe.run(*args)
-    select = nodes["select"][0]
-    return (m, args, plan, probe.values[select.name], probe.values[select.args[0].name],
-            probe.values[nodes["scatter"][0].name])
+    out = []
+    for plan in live_plans(prog):
+        nodes = route_nodes(prog.gm, plan.index)
+        select = nodes["select"][0]
+        out.append((plan, probe.values[select.name], probe.values[select.args[0].name],
+                    probe.values[nodes["scatter"][0].name]))
+    return out
 
 
-def with_fixed_route(case, data):
-    """Fixed kept indices for every live route of a drawn case: (transformed model, args, program, probed plan, its
-    route nodes, the kept indices of all routes, the probed route's skipped-token mask)."""
-    _, tm, args, prog, plan = live_route(case, data)
+def fixed_routes_of(prog, case):
+    """Fixed kept indices for every route of a drawn case, and for each live route: (plan, its route nodes, its
+    skipped-token mask)."""
     cfg, _, seed = case
     all_kept = fixed_all(prog, cfg["batch"], seed)
-    fixed = all_kept[plan.index]
-    skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
-    return tm, args, prog, plan, route_nodes(prog.gm, plan.index), all_kept, skipped
+    per_route = []
+    for plan in live_plans(prog):
+        fixed = all_kept[plan.index]
+        skipped = torch.ones(fixed.shape[0], plan.num_tokens, dtype=torch.bool).scatter(1, fixed, False)
+        per_route.append((plan, route_nodes(prog.gm, plan.index), skipped))
+    return all_kept, per_route
 
 
+@shared_cases
 @given(cases())
 def test_output_shape_preserved(case):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    out = tm(*args)
-    m.eval()
-    assert out.shape == m(*args).shape
+    with built(case) as (m, tm, args, _):
+        out = tm(*args)
+        m.eval()
+        assert out.shape == m(*args).shape
 
 
+@shared_cases
 @given(cases())
 def test_eval_equals_original_exactly(case):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    tm(*args)  # trace and route once in training
-    tm.eval()
-    m.eval()
-    assert torch.equal(tm(*args), m(*args))
+    with built(case) as (m, tm, args, _):
+        tm(*args)  # trace and route once in training
+        tm.eval()
+        m.eval()
+        assert torch.equal(tm(*args), m(*args))
 
 
+@shared_cases
 @given(cases())
 def test_ratio_zero_is_identity(case):
     cfg, routes, seed = case
@@ -106,105 +156,111 @@ def test_ratio_zero_is_identity(case):
     assert all(r.kept is None for r in treadfx.last_routes(tm)) or treadfx.last_routes(tm) == []
 
 
+@shared_cases
 @given(cases())
 def test_matches_hand_written_tread_exactly(case):
     cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    kept = fixed_all(prog, cfg["batch"], seed)
-    with treadfx.fixed_routes(tm, kept):
-        out = tm(*args)
-    ref = reference_tread(m, *args, routes, kept)
-    assert torch.equal(out, ref)
-    params_t = [p for p in tm.parameters() if p.requires_grad]
-    params_m = [p for p in m.parameters() if p.requires_grad]
-    w = torch.randn_like(out)
-    g_t = torch.autograd.grad((out * w).sum(), params_t, allow_unused=True)
-    g_m = torch.autograd.grad((ref * w).sum(), params_m, allow_unused=True)
-    for a, b in zip(g_t, g_m):
-        assert (a is None and b is None) or torch.equal(a, b)
+    with built(case) as (m, tm, args, prog):
+        kept = fixed_all(prog, cfg["batch"], seed)
+        with treadfx.fixed_routes(tm, kept):
+            out = tm(*args)
+        ref = reference_tread(m, *args, routes, kept)
+        assert torch.equal(out, ref)
+        params_t = [p for p in tm.parameters() if p.requires_grad]
+        params_m = [p for p in m.parameters() if p.requires_grad]
+        w = torch.randn_like(out)
+        g_t = torch.autograd.grad((out * w).sum(), params_t, allow_unused=True)
+        g_m = torch.autograd.grad((ref * w).sum(), params_m, allow_unused=True)
+        for a, b in zip(g_t, g_m):
+            assert (a is None and b is None) or torch.equal(a, b)
 
 
-@given(cases(), st.data())
-def test_skipped_tokens_leave_bit_identical(case, data):
-    probed = probe_route(case, data)
-    _, _, _, kept, stream, restored = probed
-    skipped = torch.ones(stream.shape[:2], dtype=torch.bool).scatter(1, kept, False)
-    assert torch.equal(restored[skipped], stream[skipped])
+@shared_cases
+@given(cases())
+def test_skipped_tokens_leave_bit_identical(case):
+    with built(case) as (_, _, args, prog):
+        for plan, kept, stream, restored in probe_routes(prog, args):
+            skipped = torch.ones(stream.shape[:2], dtype=torch.bool).scatter(1, kept, False)
+            assert torch.equal(restored[skipped], stream[skipped]), plan.index
 
 
-@given(cases(), st.data())
-def test_kept_tokens_equal_blocks_applied_to_kept_subset(case, data):
-    probed = probe_route(case, data)
-    m, args, plan, kept, stream, restored = probed
-    _, t, y = args
-    c = m.t_embedder(t) + m.y_embedder(y, True)
-    h = torch.gather(stream, 1, kept.unsqueeze(-1).expand(-1, -1, stream.shape[-1]))
-    for i in range(plan.start, plan.end + 1):
-        h = m.blocks[i](h, c)
-    assert torch.equal(torch.gather(restored, 1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), h)
+@shared_cases
+@given(cases())
+def test_kept_tokens_equal_blocks_applied_to_kept_subset(case):
+    with built(case) as (m, _, args, prog):
+        _, t, y = args
+        c = m.t_embedder(t) + m.y_embedder(y, True)
+        for plan, kept, stream, restored in probe_routes(prog, args):
+            h = torch.gather(stream, 1, kept.unsqueeze(-1).expand(-1, -1, stream.shape[-1]))
+            for i in range(plan.start, plan.end + 1):
+                h = m.blocks[i](h, c)
+            assert torch.equal(torch.gather(restored, 1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), h), plan.index
 
 
-@given(cases(), st.data())
-def test_kept_tokens_do_not_depend_on_skipped_tokens(case, data):
-    fixed_case = with_fixed_route(case, data)
-    tm, args, prog, plan, nodes, all_kept, skipped = fixed_case
-    select = nodes["select"][0]
-    with treadfx.fixed_routes(tm, all_kept):
-        base = GraphProbe(prog.gm)
-        base.run(*args)
+@shared_cases
+@given(cases())
+def test_kept_tokens_do_not_depend_on_skipped_tokens(case):
+    with built(case) as (_, tm, args, prog):
+        all_kept, per_route = fixed_routes_of(prog, case)
+        for plan, nodes, skipped in per_route:
+            select = nodes["select"][0]
+            with treadfx.fixed_routes(tm, all_kept):
+                base = GraphProbe(prog.gm)
+                base.run(*args)
 
-        def perturb(v):
-            v = v.clone()
-            v[skipped] = v[skipped] * 3.0 + 1.0
-            return v
+                def perturb(v):
+                    v = v.clone()
+                    v[skipped] = v[skipped] * 3.0 + 1.0
+                    return v
 
-        other = GraphProbe(prog.gm, {select.args[0].name: perturb})
-        other.run(*args)
-    scat = nodes["scatter"][0].name
-    a, b = base.values[scat], other.values[scat]
-    assert torch.equal(a[~skipped], b[~skipped])
-    assert torch.equal(b[skipped], other.values[select.args[0].name][skipped])
-
-
-@given(cases(), st.data())
-def test_skipped_tokens_get_no_gradient_through_routed_blocks(case, data):
-    fixed_case = with_fixed_route(case, data)
-    tm, args, prog, plan, nodes, all_kept, skipped = fixed_case
-    select = nodes["select"][0]
-    leaf = {}
-
-    def make_leaf(v):
-        leaf["x"] = v.detach().requires_grad_(True)
-        return leaf["x"]
-
-    with treadfx.fixed_routes(tm, all_kept):
-        probe = GraphProbe(prog.gm, {select.args[0].name: make_leaf})
-        probe.run(*args)
-    restored = probe.values[nodes["scatter"][0].name]
-    w = torch.randn_like(restored)
-    (g_kept,) = torch.autograd.grad((restored * w * (~skipped).unsqueeze(-1)).sum(), leaf["x"], retain_graph=True)
-    assert torch.count_nonzero(g_kept[skipped]) == 0  # nothing flows from kept outputs to skipped inputs
-    (g_skip,) = torch.autograd.grad((restored * w * skipped.unsqueeze(-1)).sum(), leaf["x"])
-    assert torch.equal(g_skip[skipped], w[skipped])  # skipped tokens: identity path only
-    assert torch.count_nonzero(g_skip[~skipped]) == 0
+                other = GraphProbe(prog.gm, {select.args[0].name: perturb})
+                other.run(*args)
+            scat = nodes["scatter"][0].name
+            a, b = base.values[scat], other.values[scat]
+            assert torch.equal(a[~skipped], b[~skipped]), plan.index
+            assert torch.equal(b[skipped], other.values[select.args[0].name][skipped]), plan.index
 
 
+@shared_cases
+@given(cases())
+def test_skipped_tokens_get_no_gradient_through_routed_blocks(case):
+    with built(case) as (_, tm, args, prog):
+        all_kept, per_route = fixed_routes_of(prog, case)
+        for plan, nodes, skipped in per_route:
+            select = nodes["select"][0]
+            leaf = {}
+
+            def make_leaf(v):
+                leaf["x"] = v.detach().requires_grad_(True)
+                return leaf["x"]
+
+            with treadfx.fixed_routes(tm, all_kept):
+                probe = GraphProbe(prog.gm, {select.args[0].name: make_leaf})
+                probe.run(*args)
+            restored = probe.values[nodes["scatter"][0].name]
+            w = torch.randn_like(restored)
+            (g_kept,) = torch.autograd.grad((restored * w * (~skipped).unsqueeze(-1)).sum(), leaf["x"],
+                                            retain_graph=True)
+            assert torch.count_nonzero(g_kept[skipped]) == 0  # nothing flows from kept outputs to skipped inputs
+            (g_skip,) = torch.autograd.grad((restored * w * skipped.unsqueeze(-1)).sum(), leaf["x"])
+            assert torch.equal(g_skip[skipped], w[skipped])  # skipped tokens: identity path only
+            assert torch.count_nonzero(g_skip[~skipped]) == 0
+
+
+@shared_cases
 @given(cases())
 def test_routed_graph_lints_and_every_route_op_reads_its_indices(case):
-    cfg, routes, seed = case
-    m, tm, args = build(cfg, routes, seed)
-    prog = routed_program(tm, args)
-    prog.gm.graph.lint()
-    for plan in prog.plans:
-        nodes = route_nodes(prog.gm, plan.index)
-        assert len(nodes["select"]) == 1
-        for n in nodes["gather"] + nodes["scatter"]:
-            assert n.args[-1] is nodes["select"][0]
-        # the gather precedes block `start` and the scatter follows block `end`
+    with built(case) as (_, _, _, prog):
+        prog.gm.graph.lint()
         order = {n: i for i, n in enumerate(prog.gm.graph.nodes)}
-        assert order[nodes["gather"][0]] < order[plan.chain.nodes[plan.start]]
-        assert order[nodes["scatter"][0]] > order[plan.chain.nodes[plan.end]]
+        for plan in prog.plans:
+            nodes = route_nodes(prog.gm, plan.index)
+            assert len(nodes["select"]) == 1
+            for n in nodes["gather"] + nodes["scatter"]:
+                assert n.args[-1] is nodes["select"][0]
+            # the gather precedes block `start` and the scatter follows block `end`
+            assert order[nodes["gather"][0]] < order[plan.chain.nodes[plan.start]]
+            assert order[nodes["scatter"][0]] > order[plan.chain.nodes[plan.end]]
 
 
 @settings(max_examples=min(25, settings().max_examples))  # each case counts FLOPs of three full runs

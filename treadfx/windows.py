@@ -52,13 +52,13 @@ class Window:
     later: list = dataclasses.field(default_factory=list)  # (sample, start, stop) of writes after its image write
 
     def describe(self) -> str:
-        def show(s: Any) -> str:
-            return f"`{s.name}`" if isinstance(s, fx.Node) else str(s)
-
+        """E.g. "image tokens of `x` written at per-sample offsets [5, 7] (this call's; read at every call) of the
+        23-token joint sequence `joint`"."""
         late = any(isinstance(s, fx.Node) for s in self.starts)
-        return (f"image tokens of `{self.source.name}` written at per-sample offsets "
-                f"[{', '.join(show(s) for s in self.starts)}] of the {self.length}-token joint sequence "
-                f"`{self.buffer.name}`" + (" (offsets read at every call)" if late else ""))
+        offsets = ", ".join(str(_concrete_start(s)) for s in self.starts)
+        return (f"image tokens of `{self.source.name}` written at per-sample offsets [{offsets}]"
+                + (" (this call's; read at every call)" if late else "")
+                + f" of the {self.length}-token joint sequence `{self.buffer.name}`")
 
 
 def _concrete(v: Any) -> int | None:

@@ -676,3 +676,54 @@ def test_wan_frame_count_and_resolution_changing_between_batches_trace_once_per_
         assert [(rec.num_tokens, rec.kept.shape[-1]) for rec in treadfx.last_routes(tm)] == [(n, n // 2)]
     # traced on the first batch of each (frames, height, width) signature only, never again per step
     assert traced == [True, True, True, False, False, False, False]
+
+
+# ============================================================ inspect's FLOP count: the backward derived, not run
+class FlopMix(nn.Module):
+    """Every case the derived backward count must get right: a layer on an input that needs no gradient (only the
+    weight's), a dead branch (its matmul never differentiated), a detached value, a no-grad region, bmm and
+    baddbmm between activations, grouped and transposed convolutions, CPU attention (counted by neither)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.dead, self.after_detach = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.frozen, self.head = nn.Linear(8, 8), nn.Linear(8, 4, bias=False)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.deconv = nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x, img):
+        h = self.inp(x)  # x needs no gradient: only the weight's matmul runs backward
+        self.dead(h)  # never reaches the output
+        with torch.no_grad():
+            z = self.frozen(h)
+        a = torch.bmm(h, h.transpose(1, 2))
+        h = torch.baddbmm(h, a, h) + self.after_detach(h.detach()) + z
+        q = h.view(2, 4, 2, 4).transpose(1, 2)
+        h = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, 4, 8) + h
+        y = self.deconv(self.conv(img))
+        return self.head(h), y
+
+
+def test_flop_count_derives_the_backward_exactly_as_a_real_forward_and_backward_counts_it():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from treadfx.fake_eval import FakeEvaluator
+    from treadfx.flops import fwd_bwd_flops, module_params
+    from treadfx.tracing import make_fake_mode
+
+    torch.manual_seed(0)
+    m = FlopMix()
+    x, img = torch.randn(2, 4, 8), torch.randn(2, 4, 6, 6)
+    with FlopCounterMode(display=False) as real:  # the reference: a real forward and backward
+        out = m(x, img)
+        sum(o.float().sum() for o in out).backward()
+    m.zero_grad(set_to_none=True)
+    counted = fwd_bwd_flops(FakeEvaluator(make_fake_mode()), m, (x, img), {}, module_params(m))
+    assert counted == real.get_total_flops() > 0
+    assert all(p.grad is None for p in m.parameters())  # the count writes no gradient
+    # an input that needs a gradient adds the input-side matmul and convolution of the backward
+    with FlopCounterMode(display=False) as real:
+        out = m(x.requires_grad_(), img.requires_grad_())
+        sum(o.float().sum() for o in out).backward()
+    assert fwd_bwd_flops(FakeEvaluator(make_fake_mode()), m, (x, img), {}, module_params(m)) == \
+        real.get_total_flops() > counted

@@ -5,9 +5,9 @@
     python -m benchmarks.trace_time --profile qwen_image     # + a cProfile of one build of that model
 
 The zoo models are the tiny random configurations ``tests/test_zoo.py`` trains
-(its ``ZOO`` table: the largest tiny configs the tests use, 4 blocks, 16 to 64
-image tokens), plus Lumina2 (a row with the error if it does not route), and the
-reference DiT-XL/2 (``treadfx.models.dit``, 28 blocks of width 1152, 256
+(its ``ZOO`` table, with its transform options: the largest tiny configs the
+tests use, 4 blocks, 16 to 64 image tokens, batch 2; a model that stops routing
+gets a row with its error), and the reference DiT-XL/2 (``treadfx.models.dit``, 28 blocks of width 1152, 256
 tokens at 256 px, route 2..-4).  For each model, after one dense evaluation
 call (diffusers fills its lru-cached RoPE helpers there):
 
@@ -67,22 +67,6 @@ def _test_zoo():
     return importlib.import_module("test_zoo")
 
 
-def _lumina2():
-    from diffusers import Lumina2Transformer2DModel
-
-    torch.manual_seed(0)
-    return Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=4,
-                                     num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
-                                     cap_feat_dim=12, axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32))
-
-
-def _lumina2_inputs():
-    g = torch.Generator().manual_seed(16)
-    return (), dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.rand(2, generator=g),
-                    encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
-                    encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool))
-
-
 def _dit_xl():
     from treadfx.models.dit import dit
 
@@ -96,11 +80,10 @@ def _dit_xl_inputs():
 
 
 def cases() -> dict[str, Case]:
-    """Every model this benchmark knows, by name: the zoo of ``tests/test_zoo.py``, Lumina2, DiT-XL/2."""
+    """Every model this benchmark knows, by name: the zoo of ``tests/test_zoo.py`` and DiT-XL/2."""
     route = dict(start=1, end=-2, ratio=0.5)
     zoo = _test_zoo()
     out = {name: Case(name, z.build, z.inputs, {**route, **z.options}) for name, z in zoo.ZOO.items()}
-    out["lumina2"] = Case("lumina2", _lumina2, _lumina2_inputs, dict(route))
     out["dit_xl_2"] = Case("dit_xl_2", _dit_xl, _dit_xl_inputs, dict(start=2, end=-4, ratio=0.5), dense_call=False)
     return out
 

@@ -7,7 +7,7 @@
 * ``NoBlocksFoundError`` says what the blocks receive and gives only the advice that applies.
 * Each zoo model (tiny random diffusers configs: Qwen-Image, HiDream, Wan, WanVACE, SkyReels-V2, CogVideoX
   with and without RoPE, ConsisID, LTX-Video, HunyuanVideo, HunyuanImage, Flux2, Chroma, CogView3Plus, Sana,
-  Sana-Video): ``inspect`` names the routed chain, the stream layout, the selection and what the route
+  Sana-Video, Lumina2): ``inspect`` names the routed chain, the stream layout, the selection and what the route
   gathers, passes and scatters (expected values written from each architecture); then
   ``transform(start=1, end=-2, ratio=0.5)``, a warm-up call, one training step, eval equal to the original
   bit for bit, and fewer FLOPs than dense, as ``inspect`` predicts.
@@ -460,6 +460,23 @@ def _sana_video_inputs():
         "encoder_hidden_states": torch.randn(B, 5, 8, generator=g), "timestep": torch.tensor([10.0, 20.0])}
 
 
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize_zero_linears(Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=4, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, cap_feat_dim=12, axes_dim_rope=(4, 6, 6),
+        axes_lens=(32, 32, 32)))
+
+
+def _lumina2_inputs():
+    g = _gen(16)
+    return (torch.randn(B, 4, 8, 8, generator=g),), {
+        "timestep": torch.rand(B, generator=g), "encoder_hidden_states": torch.randn(B, 5, 12, generator=g),
+        "encoder_attention_mask": torch.ones(B, 5, dtype=torch.bool)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Zoo:
     """A zoo model with example inputs, and what ``inspect`` must report for ``transform(start=1, end=-2,
@@ -532,9 +549,14 @@ ZOO = {
     # + the RoPE (cos, sin) rows of the sub-grid; timestep [B, 1, 6D] passes (labelled "extra tokens")
     "sana_video": Zoo(_sana_video, _sana_video_inputs, "transformer_blocks", 4, "[image 32]", "per_sample",
                       {TOK: 1, TXT: 1, (P, "extra tokens"): 1, SIDE: 2, OUT: 1}),
+    # the joint [caption | image] sequence per sample: the image tokens at each sample's offset are routed, the
+    # caption kept; the batched RoPE [B, 5 + 16, d/2] is gathered at the same joint positions; temb passes; the
+    # joint attention mask is None (every caption has the same length); the refiners are not routed
+    "lumina2": Zoo(_lumina2, _lumina2_inputs, "layers", 4, "[image 16]", "per_sample",
+                   {TOK: 1, (G, "per-token input"): 1, COND: 1, OUT: 1}),
 }
 N_TOKENS = {"qwen_image": 16, "hidream": 16, "hunyuan_image": 16, "flux2": 16, "chroma": 16, "cogview3plus": 16,
-            "sana": 64}  # the others: 2 frames of 4 x 4 tokens
+            "sana": 64, "lumina2": 16}  # the others: 2 frames of 4 x 4 tokens
 
 
 @functools.cache

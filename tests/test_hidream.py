@@ -53,9 +53,9 @@ def _hidream(experts: int = 0):
         num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1, 0, 1)))
 
 
-def _inputs(seed: int = 4):
+def _inputs(seed: int = 4, h: int = 8, w: int = 8):
     g = _gen(seed)
-    return (torch.randn(B, 4, 8, 8, generator=g),), {
+    return (torch.randn(B, 4, h, w, generator=g),), {
         "timesteps": torch.tensor([10.0, 20.0]), "encoder_hidden_states_t5": torch.randn(B, 5, 8, generator=g),
         "encoder_hidden_states_llama3": torch.randn(2, B, 5, 4, generator=g),
         "pooled_embeds": torch.randn(B, 8, generator=g)}
@@ -67,19 +67,34 @@ def _by_hand(m, args, kwargs, start: int, end: int, kept: torch.Tensor) -> torch
 
     At route-in the image rows ``kept`` of the stream are taken (text rows stay) and every routed block gets the
     RoPE rows ``kept`` followed by all text rows; at route-out the routed image rows are written into the image
-    tokens that entered the route, and the text rows come from the routed output."""
+    tokens that entered the route, and the text rows come from the routed output.  A non-square latent is
+    patchified into the model's fixed-length buffer of ``max_seq`` tokens (padding after the image tokens, a
+    0/1 token mask for the attention keys): padding tokens are never routed, and the mask's image columns are
+    gathered like the RoPE rows."""
     (x,), kw = args, kwargs
     cfg = m.config
     p = cfg.patch_size
     b, c, h, w = x.shape
     ph, pw = h // p, w // p
     n = ph * pw
-    hs = x.reshape(b, c, ph, p, pw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n, p * p * c)
     img_ids = torch.zeros(ph, pw, 3)
     img_ids[..., 1] += torch.arange(ph)[:, None]
     img_ids[..., 2] += torch.arange(pw)[None, :]
-    img_ids = img_ids.reshape(n, 3).unsqueeze(0).repeat(b, 1, 1)
+    img_ids = img_ids.reshape(n, 3)
+    if h == w:
+        hs = x.reshape(b, c, ph, p, pw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n, p * p * c)
+        mask = None
+    else:  # the model's padded layout: [image n | padding max_seq - n]
+        patches = x.reshape(b, c, ph, p, pw, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, n, p * p)
+        buf = torch.zeros(b, c, m.max_seq, p * p)
+        buf[:, :, :n] = patches
+        hs = buf.permute(0, 2, 3, 1).reshape(b, m.max_seq, p * p * c)
+        mask = torch.zeros(b, m.max_seq)
+        mask[:, :n] = 1.0
+        img_ids = torch.cat([img_ids, torch.zeros(m.max_seq - n, 3)])
+    img_ids = img_ids.unsqueeze(0).repeat(b, 1, 1)
     hs = m.x_embedder(hs)
+    n_all = hs.shape[1]  # image tokens and padding
     d = hs.shape[-1]
     temb = m.t_embedder(kw["timesteps"], x.dtype) + m.p_embedder(kw["pooled_embeds"])
     llama = [m.caption_projection[i](kw["encoder_hidden_states_llama3"][k]).view(b, -1, d)
@@ -88,8 +103,7 @@ def _by_hand(m, args, kwargs, start: int, end: int, kept: torch.Tensor) -> torch
     text = torch.cat([t5, llama[-1]], dim=1)  # the text stream of the double-stream blocks
     n_txt = text.shape[1] + llama[0].shape[1]
     rope = m.pe_embedder(torch.cat([img_ids, torch.zeros(b, n_txt, 3)], dim=1))  # [B, N + T, 1, d/2, 2, 2]
-    rows = torch.cat([kept, torch.arange(n, rope.shape[1])])
-    rope_routed = rope[:, rows]
+    rows = torch.cat([kept, torch.arange(n, rope.shape[1])])  # kept image rows, then padding and text rows
     saved = None
 
     def route_in(stream):
@@ -103,27 +117,34 @@ def _by_hand(m, args, kwargs, start: int, end: int, kept: torch.Tensor) -> torch
         return torch.cat([img, stream[:, len(kept):]], dim=1)
 
     blocks = list(m.double_stream_blocks) + list(m.single_stream_blocks)
+    n_double = len(m.double_stream_blocks)
     for i, block in enumerate(blocks):
         routed = start <= i <= end
         if i == start:
             hs = route_in(hs)
-        table = rope_routed if routed else rope
-        if i < len(m.double_stream_blocks):
-            hs, text_out = block(hidden_states=hs, hidden_states_masks=None,
+        table = rope[:, rows] if routed else rope
+        if i < n_double:
+            keys = None if mask is None else (mask[:, rows[: rows.numel() - n_txt]] if routed else mask)
+            hs, text_out = block(hidden_states=hs, hidden_states_masks=keys,
                                  encoder_hidden_states=torch.cat([text, llama[i]], dim=1), temb=temb,
                                  image_rotary_emb=table)
             text = text_out[:, : text.shape[1]]
-            if i == len(m.double_stream_blocks) - 1:
-                hs = torch.cat([hs, text], dim=1)  # the joint stream [image | text]
+            if i == n_double - 1:
+                hs = torch.cat([hs, text], dim=1)  # the joint stream [image | padding | text]
         else:
             joint = hs.shape[1]
-            hs = block(hidden_states=torch.cat([hs, llama[i]], dim=1), hidden_states_masks=None,
+            keys = None
+            if mask is not None:
+                full = torch.cat([mask, torch.ones(b, n_txt)], dim=1)
+                keys = full[:, rows] if routed else full
+            hs = block(hidden_states=torch.cat([hs, llama[i]], dim=1), hidden_states_masks=keys,
                        encoder_hidden_states=None, temb=temb, image_rotary_emb=table)
             hs = hs[:, :joint]  # drop the Llama tokens appended for this block
         if i == end:
             hs = route_out(hs)
-    out = m.final_layer(hs[:, :n], temb)
-    return out.reshape(b, n, p, p, -1).permute(0, 4, 1, 2, 3).reshape(b, -1, n, p * p)  # training unpatchify
+    out = m.final_layer(hs[:, :n_all], temb)
+    s = n_all
+    return out.reshape(b, s, p, p, -1).permute(0, 4, 1, 2, 3).reshape(b, -1, s, p * p)  # training unpatchify
 
 
 def _kept(n: int, k: int, seed: int) -> torch.Tensor:
@@ -141,12 +162,14 @@ def _eval_is_the_original(tm, m, args, kwargs):
         m.train()
 
 
-def test_the_hand_loop_is_the_dense_model():
+@pytest.mark.parametrize("h,w", [(8, 8), (8, 16)], ids=["square", "padded"])
+def test_the_hand_loop_is_the_dense_model(h, w):
     """The reference itself: with every token kept it is HiDream's own training forward, bit for bit."""
     m = _hidream()
-    args, kwargs = _inputs()
+    args, kwargs = _inputs(h=h, w=w)
     with torch.no_grad():
-        assert torch.equal(_by_hand(m, args, kwargs, 1, 2, torch.arange(16)), m(*args, **kwargs).sample)
+        n = (h // 2) * (w // 2)
+        assert torch.equal(_by_hand(m, args, kwargs, 1, 2, torch.arange(n)), m(*args, **kwargs).sample)
 
 
 @pytest.mark.parametrize("start,end", [(2, 3), (0, 1), (1, 2)],
@@ -315,3 +338,28 @@ def test_per_sample_selection_names_the_rope_table_and_the_fix():
                      r"the problem is `\w+` \(shape \[2, 31, 1, 4, 2, 2\]\): it lines up with the image tokens "
                      r"\(\[image 16 \| text 15\] on axis 1\)", msg), msg
     assert "treadfx sees no batch dimension in it" in msg and "Use selection='shared'" in msg
+
+
+# ------------------------------------------------------------------ non-square latents: padded token buffer
+@pytest.mark.parametrize("start,end", [(1, 2), (2, 3)], ids=["across_both", "single_stream_chain"])
+def test_a_non_square_latent_routes_its_image_tokens_and_keeps_the_padding(start, end):
+    """HiDream patchifies a non-square latent into a zero-padded buffer of ``max_seq`` tokens (an in-place write
+    into ``torch.zeros``) with a 0/1 mask over the keys.  The stream is ``[image N | extra padding]``: only the N
+    image tokens are routed, the padding is always kept, and the mask is gathered on its token axis (in the
+    single-stream blocks after its text columns are appended)."""
+    m = _hidream()
+    args, kwargs = _inputs(h=8, w=16)
+    tm = treadfx.transform(m, start=start, end=end, ratio=0.5)
+    r = treadfx.inspect(tm, *args, **kwargs)
+    text = str(r)
+    stream = "[image 32 | extra 224]" if start < 2 else "[image 32 | extra 224 | text 15]"
+    assert f"layout {stream}" in text and f"token stream {stream} axis 1 -- the image tokens this route" in text
+    assert "keep    224 extra token(s) of the stream" in text
+    assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+    assert (r.routes[0].num_tokens, r.routes[0].num_keep) == (32, 16)
+    kept = _kept(32, 16, seed=start)
+    with treadfx.fixed_routes(tm, [kept]):
+        out = tm(*args, **kwargs).sample
+    assert torch.equal(out, _by_hand(m, args, kwargs, start, end, kept))
+    out.square().mean().backward()
+    _eval_is_the_original(tm, m, args, kwargs)

@@ -254,10 +254,47 @@ class LayoutAnalysis:
                 self.batched[node] = self.is_batched_value(node, value)
             try:
                 self.info[node] = self._infer(node, value)
+                if node.op == "call_function" and node.target is operator.setitem:
+                    self._write(node)
             except StreamAnalysisError:
                 raise
             except Exception:  # analysis must never break tracing of odd ops
                 self.info[node] = None
+
+    def _write(self, node: fx.Node) -> None:
+        """``t[idx] = v`` (an in-place write, a node without users): nodes after it that read ``t`` see what was
+        written.  Its provenance and batch-ness join ``t``'s; and when ``t`` had no token axis and ``v`` is written
+        into one contiguous slice ``[s:e]`` of one axis of ``t`` (every other index a full slice), that axis
+        becomes ``t``'s token axis with layout ``[extra s | <v's kind> e-s | extra rest]``: a latent written into
+        a fixed-length, zero-padded token buffer (HiDream's non-square patchify) keeps its padding as extra
+        tokens, which are never routed."""
+        target, idx, val = (list(node.args) + [None, None, None])[:3]
+        if not isinstance(target, fx.Node):
+            return
+        src = self.provenance.get(val, frozenset()) if isinstance(val, fx.Node) else frozenset()
+        if not src:
+            return
+        self.provenance[target] = self.provenance.get(target, frozenset()) | src
+        t, v = _val(target), _val(val)
+        if not (_is_tensor(t) and _is_tensor(v)) or self.info.get(target) is not None:
+            return
+        batched = self.batch is not None and t.ndim > 0 and t.shape[0] == self.batch and bool(self.batched.get(val))
+        if batched:
+            self.batched[target] = True
+        entries = idx if isinstance(idx, tuple) else (idx,)
+        if Ellipsis in entries or len(entries) > t.ndim or not all(isinstance(e, slice) for e in entries):
+            return
+        cut = [(ax, e) for ax, e in enumerate(entries) if e != slice(None)]
+        if len(cut) != 1 or cut[0][1].step not in (None, 1) or not batched:
+            return
+        axis, e = cut[0]
+        start, stop, _ = e.indices(int(t.shape[axis]))
+        if axis == 0 or v.ndim != t.ndim or int(v.shape[axis]) != stop - start:
+            return
+        kind = self._fresh_kind(val)
+        lay = _merge((Segment("extra", start), Segment(kind, stop - start),
+                      Segment("extra", int(t.shape[axis]) - stop)))
+        self.info[target] = TokenInfo(axis, lay, True)
 
     def _infer(self, node: fx.Node, value: Any):
         if node.op == "placeholder":
@@ -419,9 +456,31 @@ def _slice_by_index(info: TokenInfo, src: torch.Tensor, idx: Any, value: torch.T
     return None
 
 
+def _permute_rule(a: LayoutAnalysis, node: fx.Node, value: Any):
+    """``x.permute(dims)`` moves the token axis to where ``dims`` puts it."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or not _is_tensor(value):
+        return DEFAULT
+    info = a.info.get(node.args[0])
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    dims = node.kwargs.get("dims", dims)
+    if not isinstance(info, TokenInfo) or not all(isinstance(d, int) for d in dims) or len(dims) != value.ndim:
+        return DEFAULT
+    dims = [d % value.ndim for d in dims]
+    if info.axis not in dims:
+        return DEFAULT
+    new = dims.index(info.axis)
+    if new == 0:
+        return None
+    return TokenInfo(new, info.layout, info.batched)
+
+
 #: How ops change the token layout of the stream.  Ops not listed inherit the layout of a token-aligned input.
 STREAM_RULES: dict[OpKey, Callable[[LayoutAnalysis, fx.Node, Any], Any]] = {
     operator.getitem: _getitem_rule,
+    "permute": _permute_rule,
+    torch.permute: _permute_rule,
     **{op: _cat_rule for op in CAT_OPS},
     **{op: _split_rule for op in SPLIT_OPS},
 }

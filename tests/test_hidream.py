@@ -197,6 +197,7 @@ def test_route_equals_the_hand_loop_and_flops_drop_as_predicted(start, end):
     plan = state_of(tm).current.plans[0]
     lines = [(layout, axis, why.split(": ")[0]) for _, layout, axis, why in plan.slice_lines(str)]
     assert lines == ([("[image 16 | text 15]", 1, "[:26] -> [:-5]")] if start == 2 else [])
+    assert ("[:26] -> [:-5]" in text) == (start == 2)  # inspect prints the rewritten slice
     out.square().mean().backward()
     _eval_is_the_original(tm, m, args, kwargs)
 
@@ -235,6 +236,7 @@ def test_routed_experts_train_routed_like_the_hand_loop(no_synthetic_data, start
     assert data_dependent_summary(m).startswith(
         "inside 4 x MOEFeedForwardSwiGLU (`double_stream_blocks.0.block.ff_i`, `double_stream_blocks.1.block.ff_i`, "
         "... `single_stream_blocks.1.block.ff_i`): sizes there depend on the data")
+    assert "FLOPs not counted: inside 4 x MOEFeedForwardSwiGLU" in text  # the printed report says so too
     kept = _kept(16, 8, seed=3 + start)
     with treadfx.fixed_routes(tm, [kept]):
         out = tm(*args, **kwargs).sample

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .fake_eval import autocast_cache_off, meta_key, module_structure_key
+from .fake_eval import autocast_cache_off, data_dependent_summary, meta_key, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
 from .moe import diffmoe_layers, diffmoe_stats, static_capacity_check
@@ -297,6 +297,8 @@ def tread_section(insp: Inspection) -> dict[str, Any]:
         for seg in plan.extra_tokens:
             tensors.append(TensorDecision("keep", f"{seg.length} {seg.kind} token(s) of the stream", "extra tokens",
                                           None, None, "never routed: only image tokens are selected"))
+        for name, lay, axis, why in plan.slice_lines(lambda n: _name(prog, n.args[0])):  # end-relative slices
+            tensors.append(TensorDecision("slice", name, "token-axis slice", lay, axis, why))
         routes.append(RouteReport(
             plan.index, plan.start, plan.end, plan.chain.paths[plan.start], plan.chain.paths[plan.end],
             st.ratio_of(plan.index), plan.num_tokens, plan.num_keep, plan.selection, plan.selection_reason,
@@ -368,6 +370,9 @@ def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> 
     for method in methods:
         for key, value in method.report_section(insp).items():
             (fields if key in SECTION_FIELDS else sections)[key] = value
+    not_counted = data_dependent_summary(m)
+    if not_counted:  # MoE feed-forwards (HiDream): FLOPs inside them are not counted
+        sections["FLOPs not counted"] = not_counted
     return Report(
         model=type(m).__name__.removeprefix("Tread"),
         inputs=[f"{n}{list(v.shape)}" for n, v in zip(traced.input_names, traced.fake_inputs or [])],

@@ -287,7 +287,7 @@ def settle_structured(r, stream, n_img: int, grids: list[GridSpec] | None = None
         sub = subgrid_shape(grid.sizes, _probe_cell(grid, cell, scope, n_img))
         try:
             entering, order_in = P.initial_decisions(scope, stream, n_img)
-            prober = P._Prober(scope, entering, order_in, n_img)
+            prober = P.Prober(scope, entering, order_in, n_img)
             prober.probe_k = math.prod(sub)
             prober.walk.override = _override_for(grid, sub)
             env = P.settle_side_inputs(scope, entering, order_in, n_img, prober=prober)
@@ -307,7 +307,7 @@ def _probe_cell(grid: GridSpec, cell, r, n_img: int) -> tuple[int, ...]:
     if cell is not None:
         return cell
     cells = list(grid_cells(grid.sizes))
-    sizes = P._all_sizes([n.meta.get("val") for n in r.region])
+    sizes = P.all_sizes([n.meta.get("val") for n in r.region])
     return next((c for c in cells if n_img // (c[-2] * c[-1]) not in sizes), cells[0])
 
 

@@ -231,3 +231,30 @@ def test_window_index_keeps_caption_and_padding_and_shifts_kept_image_tokens(cas
                         for i, c in enumerate(caps)])
     assert torch.equal(got, want)
     assert WindowIndex(n, length)(None, *caps) is None
+
+
+def test_compiled_routed_training_equals_eager_and_new_caption_lengths_stop_recompiling(fresh_dynamo):
+    """torch.compile (aot_eager) of the routed Lumina2: the compiled step equals the eager routed model on the same
+    kept indices, and the caption lengths become dynamic ints: after each sample's length has changed once, new
+    lengths (same padded length) compile nothing.  The graph break is diffusers' own ``.tolist()`` of the mask."""
+    from torch._dynamo.utils import counters
+
+    m = _model(layers=3)
+    tm = treadfx.transform(m, start=1, end=1, ratio=0.5)
+    g = torch.Generator().manual_seed(5)
+    cm = torch.compile(tm, backend="aot_eager")
+    graphs = []
+    for lengths in ([5, 8], [3, 8], [8, 6], [4, 8]):  # padded length 8 + 16 (0 and 1 avoided: dynamo pins them)
+        args = _inputs(lengths, g)
+        out = cm(*args).sample
+        kept = [rec.kept for rec in treadfx.last_routes(tm)]
+        with treadfx.fixed_routes(tm, kept):
+            eager = tm(*args).sample
+        assert torch.equal(out, eager)
+        out.square().mean().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    # dynamo specialises a new int once, then marks it dynamic: sample 0's length changes at the 2nd call, sample
+    # 1's at the 3rd; from then on nothing recompiles (no treadfx guard, int() or hash pins a caption length)
+    assert graphs[2] > graphs[1] > graphs[0] and graphs[3] == graphs[2]
+    breaks = {k.split("\n")[0] for k in counters["graph_break"]}
+    assert breaks <= {"Data dependent operator"}, breaks  # the mask's .tolist() in diffusers' rope embedder only

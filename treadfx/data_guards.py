@@ -49,6 +49,8 @@ class ValueGuardFailure(UntraceableForwardError):
 def _is_fake(value: Any) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if torch.compiler.is_compiling():  # dynamo traces the check on real (symbolic) values: never fake data here
+        return False
     try:  # shape inference or a FLOP count is running: module outputs there are metadata, not this call's data
         if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
             return True

@@ -35,9 +35,12 @@ class OutputSpec:
 
 def _interesting(value: Any, depth: int = 0) -> bool:
     """True if the value holds a tensor or a proxy somewhere we can rebuild."""
+    # plain values first: under torch.compile an int may be symbolic, and asking whether it is a Proxy pins it
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return False
     if isinstance(value, (torch.Tensor, fx.Proxy)):
         return True
-    if depth > 8 or isinstance(value, (str, bytes, int, float, bool, type(None), nn.Module)):
+    if depth > 8 or isinstance(value, nn.Module):
         return False
     if isinstance(value, (tuple, list)):
         return any(_interesting(v, depth + 1) for v in value)

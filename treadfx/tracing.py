@@ -466,8 +466,10 @@ def _plain(x: Any) -> Any:
 
 def equality_pattern(values: Sequence[int]) -> tuple[int, ...]:
     """For each value, the position of the first equal one: what a set of them depends on."""
-    first: dict[int, int] = {}
-    return tuple(first.setdefault(int(v), k) for k, v in enumerate(values))
+    # pairwise comparisons, no int() or hashing: under torch.compile the values may be symbolic ints, and a
+    # comparison guards only on equality (one graph per pattern), where int() or a dict key would pin each value
+    values = list(values)
+    return tuple(next(j for j in range(k + 1) if j == k or values[j] == values[k]) for k in range(len(values)))
 
 
 _INDEX_TARGETS = (operator.getitem, operator.setitem)

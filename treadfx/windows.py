@@ -260,7 +260,9 @@ class WindowIndex(nn.Module):
                 f"per-sample image offsets need per-sample kept indices [B, K]; got shape {list(idx.shape)}. "
                 "Fix: pass [B, K] indices to fixed_routes.")
         b, k = idx.shape
-        c = torch.as_tensor([int(s) for s in starts], dtype=idx.dtype, device=idx.device).view(b, 1)
+        # no int() or as_tensor on the offsets: under torch.compile they may be symbolic ints, which those would pin
+        # to this call's values (one graph per caption length); scalar_tensor keeps them symbolic
+        c = torch.stack([torch.scalar_tensor(s, dtype=idx.dtype, device=idx.device) for s in starts]).view(b, 1)
         j = torch.arange(self.length - self.num_image + k, dtype=idx.dtype, device=idx.device).view(1, -1)
         img = c + idx.gather(1, (j - c).clamp(0, k - 1).expand(b, -1))
         return torch.where(j < c, j.expand(b, -1), torch.where(j < c + k, img, j + (self.num_image - k)))
@@ -321,7 +323,7 @@ def rewire(gm: fx.GraphModule, plans: Sequence[Any]) -> None:
 
 def window_overwritten(starts: Sequence[int], num_image: int, later: Sequence[Sequence[int]]) -> bool:
     """Whether a write ``(sample, start, stop)`` made after the image writes overlaps that sample's window."""
-    return any(a < int(starts[i]) + num_image and b > int(starts[i]) for i, a, b in later)
+    return any(a < starts[i] + num_image and b > starts[i] for i, a, b in later)  # no int(): see WindowIndex
 
 
 def _joint_axes(mod: nn.Module, w: Window) -> bool:

@@ -233,6 +233,11 @@ class _Meta:
 #: process-wide, like the memo: (class, module_structure_key) of submodules whose own code needs tensor data for a
 #: size (boolean-mask indexing, nonzero) and whose outputs were proved static by a symbolic evaluation
 _DATA_DEPENDENT_MODULES: set[tuple[type, tuple]] = set()
+#: process-wide: (class, module_structure_key) of modules whose outputs only a run on data could give (their code
+#: reads tensor values even symbolically: ``.tolist()`` of a mask): a module the user names in ``leaf_modules``
+#: lands here when the trace evaluates it. Analyses that run the forward on fakes call them by metadata, as they
+#: call the live modules a trace detects itself.
+_REAL_RUN_MODULES: set[tuple[type, tuple]] = set()
 _OUTPUT_META: dict[tuple, Any] = {}  # process-wide: (module structure, input metadata) -> output metadata
 _OUTPUT_META_LIMIT = 4096
 
@@ -263,7 +268,7 @@ class FakeEvaluator:
         them (their sizes depend on the data).
         """
         ids = {id(m) for m in self.live_modules}
-        if not ids and not _DATA_DEPENDENT_MODULES:
+        if not ids and not _DATA_DEPENDENT_MODULES and not _REAL_RUN_MODULES:
             yield
             return
         previous = nn.Module.__call__
@@ -273,9 +278,9 @@ class FakeEvaluator:
         def call(module, *args, **kwargs):
             if threading.get_ident() == me and id(module) in ids:
                 return evaluator.call_module(module, args, kwargs)
-            if threading.get_ident() == me and evaluator.is_data_dependent(module):
+            if threading.get_ident() == me and (evaluator.is_data_dependent(module) or evaluator.needs_data(module)):
                 # outside the caller's dispatch modes (a FLOP counter): the symbolic evaluation's ops, whose sizes
-                # are unbacked symbols, are not the caller's to count
+                # are unbacked symbols, and a run on random data are not the caller's to count
                 with _disable_current_modes():
                     return evaluator.call_module(module, args, kwargs)
             return previous(module, *args, **kwargs)
@@ -335,7 +340,9 @@ class FakeEvaluator:
 
     def remember(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         """Make ``out`` (fake or real tensors, Python values) what :meth:`call_module` returns for these inputs'
-        metadata: a module run live on a traced call's real data has the output structure of that data."""
+        metadata: a module run live on a traced call's real data has the output structure of that data.  Such a
+        module needs data (see :meth:`needs_data`): analyses on fakes call it by metadata, whoever meets it first."""
+        _REAL_RUN_MODULES.add((type(module), self._structure_of(module)))
         key = (module_structure_key(module), meta_key(self.fakeify((tuple(args), dict(kwargs)))),
                torch.is_grad_enabled(), dtype_state())
         _OUTPUT_META[key] = pytree.tree_map(lambda x: _Meta(x) if isinstance(x, torch.Tensor) else x, out)
@@ -368,6 +375,7 @@ class FakeEvaluator:
                     raise
                 break  # a guard on a data-dependent value inside the symbolic evaluation
         _DATA_DEPENDENT_MODULES.discard((type(module), self._structure_of(module)))
+        _REAL_RUN_MODULES.add((type(module), self._structure_of(module)))
         # sizes or Python values that really depend on the data: one run on random data (see _real_fallback)
         return self._real_fallback(module, a, k)
 
@@ -406,6 +414,13 @@ class FakeEvaluator:
         if not any(t is type(module) for t, _ in _DATA_DEPENDENT_MODULES):
             return False
         return (type(module), self._structure_of(module)) in _DATA_DEPENDENT_MODULES
+
+    def needs_data(self, module: nn.Module) -> bool:
+        """True if ``module`` has the class and structure of a module whose outputs only a run on data could give
+        (neither plain nor symbolic fake evaluation could run its code): analyses on fakes call it by metadata."""
+        if not any(t is type(module) for t, _ in _REAL_RUN_MODULES):
+            return False
+        return (type(module), self._structure_of(module)) in _REAL_RUN_MODULES
 
     def symbolic_mode(self) -> FakeTensorMode:
         """A second fake mode with a ShapeEnv: sizes that depend on tensor data (``x[mask]``, ``nonzero``) become

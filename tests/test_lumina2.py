@@ -124,9 +124,16 @@ def test_inspect_routes_the_joint_layers_and_says_what_is_gathered_and_why():
     assert "per-sample offsets [" in route.selection_reason and "keeps its caption and padding" in route.selection_reason
     decisions = {(t.action, t.role) for t in route.tensors}
     assert decisions >= {("gather", "token stream"), ("scatter", "token stream"), ("pass", "conditioning")}
-    gathered = [t.name for t in route.tensors if t.action == "gather"]
+    gathered = {t.name: t for t in route.tensors if t.action == "gather"}
     assert any("rope_embedder" in name for name in gathered)  # the joint rotary rows
-    assert any("new_zeros" in name for name in gathered)  # the joint attention mask
+    # the joint attention mask is named by what it is (the forward builds it with new_zeros), not by its graph op
+    (mask,) = [t for name, t in gathered.items() if "new_zeros" in name]
+    assert mask.name.startswith("joint attention mask built in forward") and mask.role == "side input"
+    # every tensor on the joint axis shows the caption | image | padding split, not the stream's token count
+    joint = [t for t in route.tensors if t.action in ("gather", "scatter")]
+    assert {t.layout for t in joint} == {f"[caption | image {N} | padding] joint sequence of {N + 7} tokens, image "
+                                         "tokens at per-sample offsets"}
+    assert "[image 23]" not in str(r)
     assert all("joint positions" in t.reason for t in route.tensors if t.action in ("gather", "scatter"))
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
     # a real training call costs what inspect predicts, and the original model what it counts as dense

@@ -28,8 +28,14 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import UntraceableForwardError
+from .fake_eval import rng_state, set_rng_state
+from .outputs import flatten_output
+
+# treadfx.tracing and treadfx.transformed import this module at their top (they build and run the guard nodes), so
+# run_guarded reaches them by function-level imports
 
 __all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "LATE_INT"]
 
@@ -47,8 +53,6 @@ class ValueGuardFailure(UntraceableForwardError):
 
 
 def _is_fake(value: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     if torch.compiler.is_compiling():  # dynamo traces the check on real (symbolic) values: never fake data here
         return False
     try:  # shape inference or a FLOP count is running: module outputs there are metadata, not this call's data
@@ -62,8 +66,6 @@ def _is_fake(value: Any) -> bool:
 
 def structure_of(value: Any) -> Any:
     """What a graph specialises on in a module's result: tensor shapes and dtypes, and every other leaf's value."""
-    from .outputs import flatten_output
-
     leaves, _ = flatten_output(value)
     out = []
     for leaf in leaves:
@@ -141,8 +143,6 @@ def run_guarded(model: Any, st: Any, prog: Any, args: tuple, kwargs: dict) -> An
     """
     if not getattr(prog.traced, "data_guards", None):
         return prog.run(st, args, kwargs)
-    from .fake_eval import rng_state, set_rng_state
-
     state = rng_state((args, kwargs))
     tried: list = []
     built = None  # the variant traced during this call
@@ -156,7 +156,7 @@ def run_guarded(model: Any, st: Any, prog: Any, args: tuple, kwargs: dict) -> An
             progs = _variants(st, current)
             nxt = None
             if progs is not None:
-                from .tracing import flatten_call
+                from .tracing import flatten_call  # noqa: PLC0415 - tracing imports this module
 
                 leaves, _ = flatten_call(args, kwargs)
                 for p in progs:
@@ -176,7 +176,7 @@ def run_guarded(model: Any, st: Any, prog: Any, args: tuple, kwargs: dict) -> An
                     ) from failure
                 nxt = built = _build_variant(model, st, args, kwargs, tried, failure)
             current = nxt
-            (getattr(st, "sync", None) or st._sync)(current)
+            st.sync(current)
             continue
         progs = _variants(st, current)
         if progs is not None and progs and progs[0] is not current:
@@ -187,7 +187,7 @@ def run_guarded(model: Any, st: Any, prog: Any, args: tuple, kwargs: dict) -> An
 
 
 def _build_variant(model: Any, st: Any, args: tuple, kwargs: dict, tried: list, failure: ValueGuardFailure) -> Any:
-    from . import transformed as tr
+    from . import transformed as tr  # noqa: PLC0415 - transformed imports this module
 
     progs = _variants(st, tried[0])
     hidden = []
@@ -195,15 +195,14 @@ def _build_variant(model: Any, st: Any, args: tuple, kwargs: dict, tried: list, 
         hidden = [p for p in progs if any(p is t for t in tried)]
         for p in hidden:
             progs.remove(p)
-    lookup = getattr(tr, "program_for", None) or getattr(tr, "_program_for")
-    prog = lookup(model, st, args, kwargs)
+    prog = tr.program_for(model, st, args, kwargs)
     progs = _variants(st, prog)
     if progs is not None:
         for p in hidden:
             progs.insert(0, p)
         progs.remove(prog)
         progs.insert(0, prog)
-        limit = getattr(tr, "MAX_VALUE_VARIANTS", 4)
+        limit = tr.MAX_VALUE_VARIANTS
         while len(progs) > limit:
             progs.pop()
             key = ("data-values", failure.where)

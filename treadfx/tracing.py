@@ -73,7 +73,7 @@ from .outputs import flatten_output, unflatten_output
 
 __all__ = [
     "TracedProgram", "InputSignature", "CallRecord", "trace", "flatten_call", "signature_of", "make_fake_mode",
-    "TRACE_LOCK",
+    "TRACE_LOCK", "traces_run", "reset_notes",
 ]
 
 #: One trace at a time in the process: torch.fx patches ``nn.Module.__call__`` globally while it traces.
@@ -1239,8 +1239,19 @@ def trace(
     on a copy of the real inputs and without gradients. ``args`` may hold real,
     meta or fake tensors.
     """
+    global _TRACES
     with TRACE_LOCK, rng_preserved((args, kwargs)), _attribute_writes_undone(model):
+        _TRACES += 1
         return _trace(model, forward, args, kwargs, leaves, arg_names)
+
+
+_TRACES = 0
+
+
+def traces_run() -> int:
+    """How many forward traces (:func:`trace` calls) this process has started so far; a count that does not grow
+    over a span of calls means nothing was traced (or retraced) in it."""
+    return _TRACES
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
@@ -1404,7 +1415,12 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
     )
 
 
-_NOTED: set = set()
+_NOTED: set = set()  # (model class, module path or source line) of the notes given
+
+
+def reset_notes() -> None:
+    """Forget which one-time notes (live leaves, specialised values) were given: each is given again once."""
+    _NOTED.clear()
 
 
 def _note_live_leaves(model: nn.Module, live: list[tuple[str, str]]) -> None:

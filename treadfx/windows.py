@@ -53,12 +53,12 @@ class Window:
 
     def describe(self) -> str:
         """E.g. "image tokens of `x` written at per-sample offsets [5, 7] (this call's; read at every call) of the
-        23-token joint sequence `joint`"."""
+        23-token joint sequence built in forward (graph node `joint`)"."""
         late = any(isinstance(s, fx.Node) for s in self.starts)
         offsets = ", ".join(str(_concrete_start(s)) for s in self.starts)
         return (f"image tokens of `{self.source.name}` written at per-sample offsets [{offsets}]"
                 + (" (this call's; read at every call)" if late else "")
-                + f" of the {self.length}-token joint sequence `{self.buffer.name}`")
+                + f" of the {self.length}-token joint sequence built in forward (graph node `{self.buffer.name}`)")
 
 
 def _concrete(v: Any) -> int | None:
@@ -231,6 +231,7 @@ def window_plans(gm: fx.GraphModule, analysis: LayoutAnalysis, plans: Sequence[A
             if any(t == w.length for t in totals):
                 d.reason += ("; joint positions: every caption and padding position, and the kept image tokens at "
                              "each sample's offset")
+                _label_joint(d, w)
         plan.window = w
         plan.num_tokens = w.num_image
         # what the route draws from: the N image tokens of each sample (keep_tokens, route_loss and the pixel ->
@@ -238,6 +239,21 @@ def window_plans(gm: fx.GraphModule, analysis: LayoutAnalysis, plans: Sequence[A
         plan.stream_info = TokenInfo(plan.stream_info.axis, (Segment("image", w.num_image),), plan.stream_info.batched)
         plan.selection_reason += (f"; {w.describe()}: each sample keeps its caption and padding and K of the "
                                   f"{w.num_image} image tokens")
+
+
+def _label_joint(d: Any, w: Window) -> None:
+    """What ``inspect`` prints for a decision on the joint sequence: ``layout_text`` (the caption | image | padding
+    split with per-sample offsets, not the stream's "image L") and, for a tensor the forward builds itself (not a
+    module output or an input), ``label`` naming what it is (a bool one is the joint attention mask)."""
+    if getattr(d, "parts", None) is None:
+        d.layout_text = (f"[caption | image {w.num_image} | padding] joint sequence of {w.length} tokens, image "
+                         "tokens at per-sample offsets")
+    node = d.node
+    if node.op in ("call_function", "call_method") and node.target is not operator.getitem:
+        val = node.meta.get("val")
+        what = ("joint attention mask" if isinstance(val, torch.Tensor) and val.dtype == torch.bool
+                else "joint per-token tensor")
+        d.label = f"{what} built in forward (graph node `{node.name}`)"
 
 
 class WindowIndex(nn.Module):

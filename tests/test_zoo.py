@@ -497,20 +497,23 @@ JOINT = "transformer_blocks+single_transformer_blocks"
 G, P, S = "gather", "pass", "scatter"
 TOK, TXT, SIDE, COND = (G, "token stream"), (P, "text stream"), (G, "side input"), (P, "conditioning")
 OUT = (S, "token stream")
+MOD, TMASK = (P, "modulation"), (P, "text mask")
 # What each route must gather, pass and scatter, read off each architecture (route = blocks 1..2 of 4; the stream
 # holds image tokens only, so nothing is kept whole in it; N = 2 frames x 4 x 4 or 4 x 4 or 8 x 8 tokens).
-# Modulation tensors shaped [B, k, D] (k chunks of the conditioning) are passed whole; inspect labels them by
-# their shape ("text stream" or "extra tokens"), which the comments say where it happens.
-WAN_LIKE = {TOK: 1,  # the block input; text [B, 5, D] and timestep_proj [B, 6, D] (labelled "text stream") pass
-            TXT: 2, SIDE: 2, OUT: 1}  # the 3D RoPE (cos, sin) [1, N, 1, d] rows are gathered
+# Modulation tensors shaped [B, k, D] (k chunks of the conditioning, made by reshaping a per-sample vector: the
+# k axis is no token axis) are passed whole as "modulation"; masks over the text tokens pass as "text mask"; a
+# "text stream" is a sequence of text tokens (the blocks' cross-attention context, or a stream they update).
+WAN_LIKE = {TOK: 1,  # the block input; the text [B, 5, D] (cross-attention context) passes
+            TXT: 1, MOD: 1,  # timestep_proj [B, 6, D]: the six shift/scale/gate chunks of the time embedding
+            SIDE: 2, OUT: 1}  # the 3D RoPE (cos, sin) [1, N, 1, d] rows are gathered
 COGVIDEO_LIKE = {TOK: 1, TXT: 2, COND: 1, OUT: 1}  # (hidden, text) in and out, temb; positions added before
 HUNYUAN_LIKE = {TOK: 1, TXT: 2, COND: 1, OUT: 1,
                 SIDE: 3}  # the joint mask [B, 1, 1, N + T] (image part) and RoPE (cos, sin) [N, d]
 ZOO = {
     # joint blocks (text, image) out; image RoPE [N, d/2] complex gathered, the text rows (a slice of a buffer) pass;
-    # temb and the [B, T] text padding mask pass (the mask is labelled "conditioning": it has no feature axis)
+    # temb passes (conditioning), and so does the [B, T] text padding mask (a text mask)
     "qwen_image": Zoo(_qwen_image, _qwen_image_inputs, "transformer_blocks", 4, "[image 16]", "shared",
-                      {TOK: 1, TXT: 2, COND: 2, SIDE: 1, (P, "constant"): 1, OUT: 1}),
+                      {TOK: 1, TXT: 2, COND: 1, TMASK: 1, SIDE: 1, (P, "constant"): 1, OUT: 1}),
     # double.1 gets [t5 | llama] + its llama layer (text 15), single.0 its llama layer (text 5); the joint RoPE
     # over [image | text] is gathered on its image part; the single block's output [image | text 15] is scattered
     "hidream": Zoo(_hidream, _hidream_inputs, "double_stream_blocks+single_stream_blocks", 4, "[image 16]", "shared",
@@ -527,10 +530,10 @@ ZOO = {
                           4, "[image 32]", "shared", {**COGVIDEO_LIKE, SIDE: 2}),
     "consisid": Zoo(lambda: _cogvideox(cls="ConsisIDTransformer3DModel"), _cogvideox_inputs, "transformer_blocks", 4,
                     "[image 32]", "per_sample", COGVIDEO_LIKE),
-    # temb [B, 1, 6D] and the text mask bias [B, 1, T] pass (labelled "extra tokens [extra 1]"); RoPE (cos, sin)
-    # [1, N, d] gathered
+    # the text [B, T, D] (cross-attention context), temb [B, 1, 6D] (modulation) and the text mask bias [B, 1, T]
+    # pass; RoPE (cos, sin) [1, N, d] gathered
     "ltx_video": Zoo(_ltx_video, _ltx_video_inputs, "transformer_blocks", 4, "[image 32]", "shared",
-                     {TOK: 1, TXT: 1, (P, "extra tokens"): 2, SIDE: 2, OUT: 1}),
+                     {TOK: 1, TXT: 1, MOD: 1, TMASK: 1, SIDE: 2, OUT: 1}),
     "hunyuan_video": Zoo(_hunyuan_video, _hunyuan_video_inputs, JOINT, 4, "[image 32]", "shared", HUNYUAN_LIKE),
     "hunyuan_image": Zoo(_hunyuan_image, _hunyuan_image_inputs, JOINT, 4, "[image 16]", "shared", HUNYUAN_LIKE),
     # double blocks (text, image) out, image and text modulations, then [text | image] in the single block with its
@@ -538,17 +541,17 @@ ZOO = {
     "flux2": Zoo(_flux2, _flux2_inputs, JOINT, 4, "[image 16]", "shared",
                  {TOK: 1, TXT: 1, COND: 3, SIDE: 2, OUT: 1}),
     # as Flux, with Chroma's per-block slices of one modulation table: [B, 12, D] for double.1, [B, 3, D] for
-    # single.0 (labelled "extra tokens")
+    # single.0 (both modulation)
     "chroma": Zoo(_chroma, _chroma_inputs, JOINT, 4, "[image 16]", "shared",
-                  {TOK: 1, TXT: 1, (P, "extra tokens"): 2, SIDE: 2, OUT: 1}),
+                  {TOK: 1, TXT: 1, MOD: 2, SIDE: 2, OUT: 1}),
     "cogview3plus": Zoo(_cogview3plus, _cogview3plus_inputs, "transformer_blocks", 4, "[image 16]", "per_sample",
                         COGVIDEO_LIKE),
     # structured selection (2x1 cells): the grid sizes are ints rewritten for the routed blocks, not tensors
     "sana": Zoo(_sana, _sana_inputs, "transformer_blocks", 4, "[image 64]", "per_sample",
                 {TOK: 1, TXT: 1, COND: 1, OUT: 1}),
-    # + the RoPE (cos, sin) rows of the sub-grid; timestep [B, 1, 6D] passes (labelled "extra tokens")
+    # + the RoPE (cos, sin) rows of the sub-grid; timestep [B, 1, 6D] passes (modulation)
     "sana_video": Zoo(_sana_video, _sana_video_inputs, "transformer_blocks", 4, "[image 32]", "per_sample",
-                      {TOK: 1, TXT: 1, (P, "extra tokens"): 1, SIDE: 2, OUT: 1}),
+                      {TOK: 1, TXT: 1, MOD: 1, SIDE: 2, OUT: 1}),
     # the joint [caption | image] sequence per sample: the image tokens at each sample's offset are routed, the
     # caption kept; the batched RoPE [B, 5 + 16, d/2] is gathered at the same joint positions; temb passes; the
     # joint attention mask is None (every caption has the same length); the refiners are not routed

@@ -197,6 +197,7 @@ class LayoutAnalysis:
         self.provenance: dict[fx.Node, frozenset[fx.Node]] = {}
         self.batched: dict[fx.Node, Any] = {}
         self.info: dict[fx.Node, Any] = {}  # TokenInfo | list[TokenInfo|None] | None
+        self.fresh: set[fx.Node] = set()  # nodes whose token axis is new (a reshape of values without one)
         self._run()
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -226,6 +227,36 @@ class LayoutAnalysis:
             return "text"
         return "extra"
 
+    def carries_tokens(self, node: fx.Node) -> bool:
+        """True if the token axis of ``node`` holds tokens of a sequence: followed upstream through values whose
+        token axis has the same length, it reaches the image or a text input, or a block of the chain.  False when
+        the axis was made here from values without one (a per-sample vector reshaped to ``[B, k, D]``: a
+        modulation table whose ``k`` chunks are not tokens).  A ``cat`` along the axis is followed into its parts;
+        an axis first seen on a slice of an unbatched input (``llama_layers[i]`` of ``[L, B, T, D]``) is one
+        that input already had, so it holds tokens."""
+        info = self.token_info(node)
+        if not isinstance(info, TokenInfo):
+            return False
+        seen, todo = {node}, [(node, info.length)]
+        while todo:
+            n, length = todo.pop()
+            if n is self.image_ph or n in self.text_phs or n in self.chain_set:
+                return True
+            if n in self.fresh and any(
+                    _is_tensor(_val(i)) and _val(i).ndim >= 3 and length in tuple(_val(i).shape)[1:]
+                    for i in n.all_input_nodes if i.op == "placeholder"):
+                return True
+            joins = op_key(n) in CAT_OPS
+            for i in n.all_input_nodes:
+                inf = self.info.get(i)
+                infos = inf if isinstance(inf, list) else [inf]
+                for x in infos:
+                    if i not in seen and isinstance(x, TokenInfo) and (
+                            x.length == length or (joins and x.length < length)):
+                        seen.add(i)
+                        todo.append((i, x.length))
+        return False
+
     def token_info(self, node: fx.Node, index: int | None = None) -> TokenInfo | None:
         """The TokenInfo of ``node`` (element ``index`` of a tuple value), or None."""
         info = self.info.get(node)
@@ -238,6 +269,7 @@ class LayoutAnalysis:
 
     def _fresh(self, node: fx.Node, value: torch.Tensor) -> TokenInfo:
         """A new token axis (axis 1) whose kind is where the value comes from."""
+        self.fresh.add(node)
         return TokenInfo(1, (Segment(self._fresh_kind(node), value.shape[1]),), True)
 
     # -- propagation ------------------------------------------------------------------------------------

@@ -680,16 +680,38 @@ def _initial_decision(inp: fx.Node, stream: fx.Node, analysis: LayoutAnalysis, n
             why = ("a block output from before the route, consumed inside it" if from_block
                    else "batched tensor aligned with the image tokens")
             return ValueDecision(inp, "gather", role, why, info.axis, info.layout, info.batched)
+    if _text_mask(inp, val, analysis):
+        return ValueDecision(inp, "pass", "text mask", f"a per-sample mask over the {val.shape[-1]} text tokens, "
+                             "which are never routed: every block sees all of it")
     if isinstance(info, TokenInfo) and not info.has_image():
+        if not analysis.carries_tokens(inp):
+            k = info.length
+            return ValueDecision(inp, "pass", "modulation", f"per-sample table of {k} chunk(s) of the conditioning "
+                                 f"(shape {list(val.shape)}: axis {info.axis} is no token axis), passed whole")
         kinds = {s.kind for s in info.layout}
         role = "text stream" if "text" in kinds else "extra tokens"
-        return ValueDecision(inp, "pass", role, "holds no image tokens, so every block sees all of it",
+        why = ("the text tokens, updated by the blocks" if depends_on(inp, chain_set) and role == "text stream"
+               else "the text tokens the blocks attend to" if role == "text stream" else "tokens that are never routed")
+        return ValueDecision(inp, "pass", role, f"{why}: holds no image tokens, so every block sees all of it",
                              info.axis, info.layout, info.batched)
     if isinstance(val, torch.Tensor) and analysis.is_batched_value(inp, val):
         return ValueDecision(inp, "pass", "conditioning", "per-sample tensor without a token axis")
     if isinstance(val, torch.Tensor):
         return ValueDecision(inp, "pass", "constant", "no batch dimension and usable with the kept tokens")
     return ValueDecision(inp, "pass", "value", "not a tensor")
+
+
+def _text_mask(inp: fx.Node, val: Any, analysis: LayoutAnalysis) -> bool:
+    """True if ``val`` is a per-sample mask (or mask bias) over text tokens: ``[B, T]``, ``[B, 1, T]``,
+    ``[B, 1, 1, T]``, computed from a ``[B, T]`` input, where ``T`` is the token count of a text input."""
+    if not (isinstance(val, torch.Tensor) and val.ndim >= 2 and analysis.is_batched_value(inp, val)
+            and all(d == 1 for d in val.shape[1:-1])):
+        return False
+    t, b = int(val.shape[-1]), int(val.shape[0])
+    if not any(int(p.meta["val"].shape[1]) == t for p in analysis.text_phs):
+        return False
+    return any(p.op == "placeholder" and p is not analysis.image_ph and isinstance(p.meta.get("val"), torch.Tensor)
+               and tuple(p.meta["val"].shape) == (b, t) for p in analysis.provenance.get(inp, ()))
 
 
 def _node_value(gm: fx.GraphModule, n: fx.Node) -> Any:

@@ -243,7 +243,8 @@ def test_window_index_keeps_caption_and_padding_and_shifts_kept_image_tokens(cas
 def test_compiled_routed_training_equals_eager_and_new_caption_lengths_stop_recompiling(fresh_dynamo):
     """torch.compile (aot_eager) of the routed Lumina2: the compiled step equals the eager routed model on the same
     kept indices, and the caption lengths become dynamic ints: after each sample's length has changed once, new
-    lengths (same padded length) compile nothing.  The graph break is diffusers' own ``.tolist()`` of the mask."""
+    lengths (same padded length) compile nothing.  The graph break is diffusers' own ``.tolist()`` of the mask.  A new
+    padded length is refused with advice (the compiled model cannot switch traced variants)."""
     from torch._dynamo.utils import counters
 
     m = _model(layers=3)
@@ -265,3 +266,7 @@ def test_compiled_routed_training_equals_eager_and_new_caption_lengths_stop_reco
     assert graphs[2] > graphs[1] > graphs[0] and graphs[3] == graphs[2]
     breaks = {k.split("\n")[0] for k in counters["graph_break"]}
     assert breaks <= {"Data dependent operator"}, breaks  # the mask's .tolist() in diffusers' rope embedder only
+    # a new padded length needs another traced variant, which a compiled model cannot switch to: a clear error
+    with pytest.raises(treadfx.data_guards.ValueGuardFailure, match="torch.compile'd model keeps the variant") as e:
+        cm(*_inputs([3, 7], g))
+    assert "keep the value fixed while compiled" in str(e.value) and "pad the captions" in str(e.value)

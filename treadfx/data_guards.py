@@ -46,8 +46,10 @@ class ValueGuardFailure(UntraceableForwardError):
     def __init__(self, where: str, expected: Any, actual: Any):
         super().__init__(
             f"the traced graph was specialised on the value {expected!r} computed at {where}, but this call computes "
-            f"{actual!r}. treadfx retraces on such a change in eager mode; under torch.compile it cannot. Fix: call "
-            "treadfx.prepare(model, *inputs) for each variant before compiling, or keep the value fixed."
+            f"{actual!r}. In eager mode treadfx retraces on such a change (this error is caught there); a torch.compile'd "
+            "model keeps the variant it was compiled with, because the value is only known after the compiled code "
+            "has started (preparing other variants does not help). Fix: keep the value fixed while compiled (e.g. "
+            "pad the captions of every batch to one length), or train this model without torch.compile."
         )
         self.where, self.expected, self.actual = where, expected, actual
 

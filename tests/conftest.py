@@ -52,7 +52,7 @@ def _fresh_notes():
     given, so a test that expects a note does not depend on which tests ran before it in the same worker."""
     from treadfx import tracing
 
-    tracing._NOTED.clear()
+    tracing.reset_notes()
     yield
 
 

@@ -242,3 +242,37 @@ def test_lumina2_chains_are_named_and_the_model_is_left_unchanged():
     assert prog.chain.name == "layers" and set(chains) == {"layers", "noise_refiner", "context_refiner"}
     assert chains["noise_refiner"].note.startswith("not routed: a refiner")
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the model is left as it was
+
+
+def test_wan_vace_routes_wan_blocks_by_default_and_refuses_the_vace_side_branch():
+    """WanVACE: `vace_blocks` compute control hints from the image tokens that are added into Wan's `blocks` after
+    blocks 0 and 2; `blocks` carries the image tokens to the output, so it is the default chain (the same route as
+    chain='blocks'), inspect says the VACE chain is a side branch, and naming it is refused: a skipped token has no
+    identity value in a hint, so routing the branch would add wrong hints."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32, vace_layers=[0, 2],
+        vace_in_channels=6)
+    g = torch.Generator().manual_seed(6)
+    kw = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([10.0, 20.0]),
+              encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+              control_hidden_states=torch.randn(2, 6, 2, 8, 8, generator=g))
+    tm = treadfx.transform(m, start=1, end=-2, ratio=0.5)
+    torch.manual_seed(3)
+    out = tm(**kw).sample
+    prog = treadfx.transformed.state_of(tm).current
+    chains = {c.name: c for c in prog.chains}
+    assert prog.chain.name == "blocks" and set(chains) == {"blocks", "vace_blocks"}
+    note = chains["vace_blocks"].note
+    assert note.startswith("not routed: a side branch") and "`blocks.1`, `blocks.3`" in note, note
+    named = treadfx.transform(m, start=1, end=-2, ratio=0.5, chain="blocks")
+    torch.manual_seed(3)
+    assert torch.equal(named(**kw).sample, out)  # the default is chain='blocks', same kept tokens
+    with pytest.raises(treadfx.InvalidRouteError) as e:
+        treadfx.transform(m, start=0, end=0, ratio=0.5, chain="vace_blocks")(**kw)
+    msg = str(e.value)
+    assert msg.startswith("chain='vace_blocks' selects `vace_blocks`, a side branch") and \
+        "Fix: route `blocks` (the default, or chain='blocks')" in msg, msg

@@ -198,6 +198,36 @@ def _feeds(chain: Chain, other: Chain) -> bool:
     return chain.nodes[-1] in _block_predecessors(first, block_set)
 
 
+def _fed_blocks(chain: Chain, other: Chain) -> list[fx.Node]:
+    """The blocks of ``other`` that an output of one of ``chain``'s blocks reaches without passing through another
+    block (directly, through in-place writes, or added into ``other``'s stream between two of its blocks)."""
+    if chain is other:
+        return []
+    block_set = set(chain.nodes) | set(other.nodes)
+    mine = set(chain.nodes)
+    order = {n: k for k, n in enumerate(other.nodes[0].graph.nodes)}
+    return [n for n in other.nodes if _block_predecessors(n, block_set, order) & mine]
+
+
+def _side_branch_of(chain: Chain, image_chains: list[Chain]) -> tuple[Chain, list[fx.Node]] | None:
+    """``(main, fed)`` when ``chain`` is a side branch of the image chain ``main``: its outputs are added into
+    ``main``'s stream at the blocks ``fed`` (WanVACE's control hints, added after some of Wan's blocks) but its last
+    block does not feed ``main``'s first block (a refiner does). None when it is no side branch."""
+    for other in image_chains:
+        fed = _fed_blocks(chain, other)
+        if fed and not _feeds(chain, other):
+            return other, fed
+    return None
+
+
+def _side_branch_note(main: Chain, fed: list[fx.Node]) -> str:
+    where = ", ".join(f"`{main.paths[main.nodes.index(n)]}`" for n in fed)
+    return (f"a side branch: its outputs are added into the image stream of `{main.name}` (into the inputs of "
+            f"{where}), the chain that carries the image tokens to the output; a skipped token would have no "
+            "value of its own to keep in these outputs (they are not its input carried through), so the side branch "
+            "runs on every token")
+
+
 def _input_name(ph: fx.Node) -> str:
     return ph.meta.get("input_name", ph.name)
 
@@ -294,8 +324,9 @@ def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformC
     ``chains`` is first replaced, in place, by :func:`split_at_stream_changes` of itself, so a side-input chain
     (a text refiner) linked to the image blocks is neither routed nor counted in route indices; every chain's
     ``note`` then says why it is or is not the routed one (``inspect`` prints it). Raises AmbiguousChainError for
-    an unknown name/index or several image chains, NoBlocksFoundError when no chain (or the named one) receives
-    the image stream, with advice that fits what was found.
+    an unknown name/index or several image chains none of which the others feed, NoBlocksFoundError when no chain
+    (or the named one) receives the image stream, InvalidRouteError when the named chain is a side branch whose
+    outputs are added into the main chain's stream (WanVACE's `vace_blocks`), with advice that fits what was found.
     """
     chains[:] = split_at_stream_changes(chains, analysis)
     image_chains = [c for c in chains if _image_inputs_of(c.nodes[0], analysis)]
@@ -329,6 +360,13 @@ def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformC
                     f"chain={config.chain!r} names no chain; the model has: "
                     + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
                 )
+        side = _side_branch_of(named, image_chains) if id(named) in carrying else None
+        if side is not None:
+            main, fed = side
+            raise InvalidRouteError(
+                f"chain={config.chain!r} selects `{named.name}`, {_side_branch_note(main, fed)}. Fix: route "
+                f"`{main.name}` (the default, or chain={main.name!r}); its blocks then see the full side-branch "
+                "outputs added to their stream.")
         if id(named) not in carrying:
             others = "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in image_chains) or "none"
             raise NoBlocksFoundError(
@@ -342,13 +380,18 @@ def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformC
     if len(image_chains) > 1:
         # refiners: chains whose image stream is written into another image chain's input (Lumina2's
         # noise_refiner feeds the joint `layers`); the chain that no other image chain follows is the main one
-        last = [c for c in image_chains if not any(_feeds(c, o) for o in image_chains)]
+        # side branches: chains whose outputs are added into another image chain's stream between its blocks
+        # (WanVACE's control hints into Wan's `blocks`); the chain that no other image chain feeds is the main one
+        last = [c for c in image_chains if not any(_feeds(c, o) or _fed_blocks(c, o) for o in image_chains)]
         if len(last) == 1:
             main = last[0]
             for c in image_chains:
                 if c is not main:
-                    c.note = (f"a refiner: its image tokens are written into the input of `{main.name}`, the chain "
-                              "that carries them on to the output" + (f"; {c.note}" if c.note else ""))
+                    fed = _fed_blocks(c, main)
+                    why = (f"a refiner: its image tokens are written into the input of `{main.name}`, the chain "
+                           "that carries them on to the output") if _feeds(c, main) or not fed else \
+                        _side_branch_note(main, fed)
+                    c.note = why + (f"; {c.note}" if c.note else "")
             return routed_because(main, "routed: the chain that carries the image tokens to the output (the other "
                                   "image chains feed it)")
         raise AmbiguousChainError(

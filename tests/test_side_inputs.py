@@ -410,3 +410,52 @@ def test_hunyuan_video_joint_mask_and_rope_are_gathered():
     routed.eval()
     with torch.no_grad():
         assert torch.equal(routed(**kwargs)[0], model(**kwargs)[0])
+
+
+# ------------------------------------------------------------ which side inputs to gather: the search
+from itertools import combinations  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from treadfx.planning import first_working_subset  # noqa: E402
+
+
+@st.composite
+def _upward_closed_families(draw):
+    """n candidate inputs (one reading each) and the minimal sets of a family of working sets closed under
+    adding inputs (gathering one more token-aligned input never breaks a block that runs)."""
+    n = draw(st.integers(1, 6))
+    minimal = draw(st.lists(st.sets(st.integers(0, n - 1), min_size=1), max_size=3))
+    return n, [frozenset(m) for m in minimal]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_upward_closed_families())
+def test_first_working_subset_is_the_smallest_first_choice_in_at_most_n_plus_2_runs_when_unique(case):
+    """The subset chosen equals the first working one of a plain smallest-first enumeration (written out here),
+    each distinct subset is run at most once, and when one set of two or more inputs is the only minimal one the
+    search takes at most n + 2 runs (n + 1 when all n inputs are needed; the enumeration takes 2^n - 1)."""
+    n, minimal = case
+    side = [(f"in{i}", f"reading{i}") for i in range(n)]
+    calls: list[frozenset] = []
+
+    def works(subset) -> bool:
+        idx = frozenset(int(inp[2:]) for inp, _ in subset)
+        calls.append(idx)
+        return any(m <= idx for m in minimal)
+
+    expected = None
+    for r in range(1, n + 1):
+        for combo in combinations(range(n), r):
+            if any(m <= set(combo) for m in minimal):
+                expected = tuple(side[i] for i in combo)
+                break
+        if expected is not None:
+            break
+    got = first_working_subset(side, works)
+    assert (tuple(got) if got is not None else None) == expected
+    assert len(calls) == len(set(calls))
+    if len(set(minimal)) == 1 and len(minimal[0]) >= 2:
+        assert len(calls) <= n + 2
+        if len(minimal[0]) == n:  # every input needed (HunyuanVideo's mask, cos, sin): 2^n - 1 runs before
+            assert len(calls) == n + 1

@@ -790,17 +790,46 @@ def block_joint_layouts(gm: fx.GraphModule, analysis: "LayoutAnalysis", node: fx
         pos += 1
     if image is None or not text:
         return []
-    from .fake_eval import forward_of
+    # a joint layout only matters for an input with an axis of image + text tokens (a joint mask): without one,
+    # no retrace of the block
+    text_lengths = [analysis.token_info(leaves[i]).length for i in _tensor_leaf_indices(values, text)]
+    joint = {num_image + t for t in text_lengths} | {num_image + sum(text_lengths)}
+    if not any(isinstance(v, torch.Tensor) and joint & set(int(d) for d in v.shape) for v in values):
+        return []
+    from .fake_eval import forward_of, meta_key, module_structure_key
     from .tracing import trace
 
     args, kwargs = pytree.tree_unflatten(values, pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))[1])
     module = gm.get_submodule(str(node.target))
-    try:
-        inner = trace(module, lambda m, *a, **k: forward_of(m)(*a, **k), tuple(args), dict(kwargs), leaves=[])
-    except Exception:  # noqa: BLE001 - no layouts: the probe reports the input it could not align
-        return []
-    cache[node] = joint_layouts(inner.gm, image, text, num_image)
+    key = (module_structure_key(module), meta_key((tuple(args), dict(kwargs))), image, tuple(text), num_image)
+    hit = _JOINT_LAYOUTS.get(key)
+    if hit is None:
+        try:
+            inner = trace(module, lambda m, *a, **k: forward_of(m)(*a, **k), tuple(args), dict(kwargs), leaves=[])
+        except Exception:  # noqa: BLE001 - no layouts: the probe reports the input it could not align
+            return []
+        if len(_JOINT_LAYOUTS) >= 256:
+            _JOINT_LAYOUTS.clear()
+        hit = _JOINT_LAYOUTS[key] = joint_layouts(inner.gm, image, text, num_image)
+    cache[node] = list(hit)
     return cache[node]
+
+
+#: process-wide: (block structure, input metadata, image and text positions, image tokens) -> its joint layouts
+_JOINT_LAYOUTS: dict[tuple, list] = {}
+
+
+def _tensor_leaf_indices(values: list, positions: list[int]) -> list[int]:
+    """Indices into ``values`` (all leaves) of the tensor positions ``positions`` (counted over tensors and
+    floats, as :func:`block_joint_layouts` counts them)."""
+    out, pos = [], 0
+    for i, v in enumerate(values):
+        if not (isinstance(v, torch.Tensor) or type(v) is float):
+            continue
+        if pos in positions:
+            out.append(i)
+        pos += 1
+    return out
 
 
 def token_sized_axes(value: Any, num_image: int, others: Sequence[int], batched: bool) -> list[tuple[str, int, int]]:

@@ -17,7 +17,9 @@ The tracer specialises on shapes.  When a forward uses tensor data in Python
 A guard that fails raises :class:`ValueGuardFailure` inside the graph;
 :func:`run_guarded` then restores the RNG state, tries the other cached
 variants of the program and traces a new one when none fits (bounded: at most
-``MAX_VALUE_VARIANTS`` variants per input signature, with a warning).
+``MAX_VALUE_VARIANTS`` variants per input signature, with a warning).  Under
+``torch.compile`` :func:`run_guarded_compiled` does the same from a frame dynamo
+skips: each variant runs as its own compiled graph, a new one is traced eagerly.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .outputs import flatten_output
 # treadfx.tracing and treadfx.transformed import this module at their top (they build and run the guard nodes), so
 # run_guarded reaches them by function-level imports
 
-__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "LATE_INT"]
+__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "run_guarded_compiled", "LATE_INT"]
 
 
 class ValueGuardFailure(UntraceableForwardError):
@@ -46,10 +48,9 @@ class ValueGuardFailure(UntraceableForwardError):
     def __init__(self, where: str, expected: Any, actual: Any):
         super().__init__(
             f"the traced graph was specialised on the value {expected!r} computed at {where}, but this call computes "
-            f"{actual!r}. In eager mode treadfx retraces on such a change (this error is caught there); a torch.compile'd "
-            "model keeps the variant it was compiled with, because the value is only known after the compiled code "
-            "has started (preparing other variants does not help). Fix: keep the value fixed while compiled (e.g. "
-            "pad the captions of every batch to one length), or train this model without torch.compile."
+            f"{actual!r}. The transformed model catches this and runs (or traces) the variant that fits, eagerly and "
+            "under torch.compile; it reaches you only when a traced graph was run outside the model's forward. Fix: "
+            "call the transformed model (or its torch.compile'd wrapper) instead of a graph it traced."
         )
         self.where, self.expected, self.actual = where, expected, actual
 
@@ -147,45 +148,117 @@ def run_guarded(model: Any, st: Any, prog: Any, args: tuple, kwargs: dict) -> An
         return prog.run(st, args, kwargs)
     state = rng_state((args, kwargs))
     tried: list = []
-    built = None  # the variant traced during this call
+    built: list = []  # the variant traced during this call
     current = prog
     while True:
         try:
             out = current.run(st, args, kwargs)
         except ValueGuardFailure as failure:
-            tried.append(current)
-            set_rng_state(state)
-            progs = _variants(st, current)
-            nxt = None
-            if progs is not None:
-                from .tracing import flatten_call  # noqa: PLC0415 - tracing imports this module
-
-                leaves, _ = flatten_call(args, kwargs)
-                for p in progs:
-                    if any(p is t for t in tried) or not p.values_match(leaves):
-                        continue
-                    if p.guard is not None and p.guard.check() is not None:
-                        continue
-                    nxt = p
-                    break
-            if nxt is None:
-                if current is built:
-                    raise UntraceableForwardError(
-                        f"a value the forward computes from tensor data at {failure.where} differs between two "
-                        f"evaluations on the same inputs ({failure.expected!r}, then {failure.actual!r}): it depends "
-                        "on random numbers. treadfx cannot specialise on it. Fix: compute it inside a submodule that "
-                        "does not call the blocks (treadfx runs such modules live), or express it with tensor ops."
-                    ) from failure
-                nxt = built = _build_variant(model, st, args, kwargs, tried, failure)
-            current = nxt
-            st.sync(current)
+            current = _next_variant(model, st, current, args, kwargs, tried, built, state, failure)
             continue
-        progs = _variants(st, current)
-        if progs is not None and progs and progs[0] is not current:
-            progs.remove(current)
-            progs.insert(0, current)
-        st.current = current
+        _promote(st, current)
         return out
+
+
+def _next_variant(model: Any, st: Any, current: Any, args: tuple, kwargs: dict, tried: list, built: list,
+                  state: Any, failure: ValueGuardFailure) -> Any:
+    """After ``current`` failed a data guard: restore the caller's RNG state and return the cached variant that
+    fits this call, or trace a new one (appended to ``built``); raises UntraceableForwardError when the variant
+    traced during this call fails its own guard (the value depends on random numbers)."""
+    tried.append(current)
+    set_rng_state(state)
+    progs = _variants(st, current)
+    nxt = None
+    if progs is not None:
+        from .tracing import flatten_call  # noqa: PLC0415 - tracing imports this module
+
+        leaves, _ = flatten_call(args, kwargs)
+        for p in progs:
+            if any(p is t for t in tried) or not p.values_match(leaves):
+                continue
+            if p.guard is not None and p.guard.check() is not None:
+                continue
+            nxt = p
+            break
+    if nxt is None:
+        if built and current is built[-1]:
+            raise UntraceableForwardError(
+                f"a value the forward computes from tensor data at {failure.where} differs between two "
+                f"evaluations on the same inputs ({failure.expected!r}, then {failure.actual!r}): it depends "
+                "on random numbers. treadfx cannot specialise on it. Fix: compute it inside a submodule that "
+                "does not call the blocks (treadfx runs such modules live), or express it with tensor ops."
+            ) from failure
+        nxt = _build_variant(model, st, args, kwargs, tried, failure)
+        built.append(nxt)
+    st.sync(nxt)
+    return nxt
+
+
+def _promote(st: Any, current: Any) -> None:
+    """The variant that ran becomes the first one tried next time, and the model's current program."""
+    progs = _variants(st, current)
+    if progs is not None and progs and progs[0] is not current:
+        progs.remove(current)
+        progs.insert(0, current)
+    st.current = current
+
+
+# ------------------------------------------------------------------------------------------ under torch.compile
+#
+# A compiled model cannot catch a guard failure inside its graph and switch graphs there, so the dispatch among
+# the variants runs in a frame dynamo skips (_compiled_dispatch, recursive=False: the frames it calls are still
+# compiled), and each variant's program runs in its own compiled frame (_run_variant: dynamo guards on the
+# program, so every variant gets its own graph, compiled once).  What is not the program itself (finding,
+# tracing and syncing variants, RNG state) runs eagerly (torch.compiler.disable).  A guard failure raised by a
+# compiled variant propagates out of its frame into the dispatcher, which restores the RNG state and tries the
+# next variant, exactly as run_guarded does eagerly.
+
+
+def _run_variant(prog: Any, st: Any, args: tuple, kwargs: dict) -> Any:
+    return prog.run(st, args, kwargs)
+
+
+def _eager_first(model: Any, st: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    from . import transformed as tr  # noqa: PLC0415 - transformed imports this module
+
+    prog = tr.program_for(model, st, args, kwargs)
+    st.current = prog
+    st.sync(prog)
+    return prog, rng_state((args, kwargs))
+
+
+_eager_first_d = torch.compiler.disable(_eager_first)
+_next_variant_d = torch.compiler.disable(_next_variant)
+_promote_d = torch.compiler.disable(_promote)
+
+
+def _compiled_dispatch(model: Any, st: Any, args: tuple, kwargs: dict) -> Any:
+    prog, state = _eager_first_d(model, st, args, kwargs)
+    tried: list = []
+    built: list = []
+    current = prog
+    while True:
+        try:
+            out = _run_variant(current, st, args, kwargs)
+        except ValueGuardFailure as failure:
+            current = _next_variant_d(model, st, current, args, kwargs, tried, built, state, failure)
+            continue
+        _promote_d(st, current)
+        return out
+
+
+_compiled_dispatch_d = torch.compiler.disable(_compiled_dispatch, recursive=False)
+
+
+def run_guarded_compiled(model: Any, st: Any, args: tuple, kwargs: dict) -> Any:
+    """:func:`run_guarded` for a model called under ``torch.compile``: the program whose data guards hold is run,
+    each variant compiled as its own graph, a new variant traced eagerly when none fits.
+
+    Guarantees: the result equals the eager model's on the same kept indices; the dispatch is one graph break
+    (the call into this function), and each variant compiles once per input signature it meets (at most
+    ``MAX_VALUE_VARIANTS`` variants are kept per signature).
+    """
+    return _compiled_dispatch_d(model, st, args, kwargs)
 
 
 def _build_variant(model: Any, st: Any, args: tuple, kwargs: dict, tried: list, failure: ValueGuardFailure) -> Any:

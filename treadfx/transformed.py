@@ -16,7 +16,11 @@ working.  Its ``forward``
 (``_initialize_hook`` / ``_infer_parameters``), which ``torch.compile`` calls
 eagerly before it traces ``forward`` (with real inputs at the top level, with
 fake ones when the model is called inside a compiled parent), so tracing never
-happens inside a compiled region and there are no graph breaks.
+happens inside a compiled region and there are no graph breaks.  A program
+specialised on tensor data (:mod:`treadfx.data_guards`: Lumina2's padded caption
+length) is the exception: its variants are dispatched from a frame dynamo skips
+(one graph break), each variant compiled as its own graph, a new one traced
+eagerly there.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .patch_map import TokenMap, derive_token_map
 from .pipeline import BuildRequest, Built, build, forward_arg_names
 from .planning import RoutePlan
 from .side_exits import record_outputs, warn_side_exits
-from .data_guards import run_guarded
+from .data_guards import run_guarded, run_guarded_compiled
 from .tracing import argument_leaf_names, readable_argument, flatten_call, signature_of
 
 __all__ = [
@@ -405,6 +409,8 @@ class TreadModule(LazyModuleMixin):
                     "Fix: compile the transformed model itself (torch.compile(model)), or call "
                     "treadfx.prepare(model, *example_inputs) before compiling a module that contains it."
                 )
+            if getattr(prog.traced, "data_guards", None):  # variants by tensor data: dispatch outside the graph
+                return run_guarded_compiled(self, st, args, kwargs)
             return prog.run(st, args, kwargs)
         prog = program_for(self, st, args, kwargs)
         st.current = prog

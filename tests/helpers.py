@@ -38,6 +38,22 @@ def dit_inputs(m: DiT, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return x, t, y
 
 
+def tiny_dit(depth: int = 5, seed: int = 0, dropout: float = 0.0) -> DiT:
+    """The small DiT several test files share: 8x8 latents, 2x2 patches (16 tokens), width 32, 2 heads, 10 classes,
+    random (not zero) adaLN and final layers."""
+    torch.manual_seed(seed)
+    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_classes=10,
+               class_dropout_prob=dropout, zero_init=False)
+
+
+def tiny_dit_inputs(batch: int = 3, seed: int = 3, t_scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """``(x, t, y)`` for :func:`tiny_dit` from one seeded generator, drawn in that order; ``t`` in ``[0, t_scale)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.rand(batch, generator=g) * t_scale if t_scale != 1.0 else torch.rand(batch, generator=g)
+    return x, t, torch.randint(0, 10, (batch,), generator=g)
+
+
 @st.composite
 def dit_configs(draw, max_depth: int = 6):
     heads = draw(st.integers(1, 3))

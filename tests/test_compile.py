@@ -16,16 +16,15 @@ from torch._dynamo.utils import counters
 import treadfx
 from treadfx.models.dit import DiT
 
+from helpers import tiny_dit, tiny_dit_inputs
+
 
 def small_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=5, num_heads=2, num_classes=10,
-               class_dropout_prob=0.1, zero_init=False)
+    return tiny_dit(depth=5, seed=seed, dropout=0.1)
 
 
 def inputs(batch: int = 3):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return tiny_dit_inputs(batch, seed=3)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

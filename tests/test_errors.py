@@ -11,11 +11,11 @@ import torch.nn as nn
 import treadfx
 from treadfx.models.dit import DiT
 
+from helpers import tiny_dit
+
 
 def small_dit(depth: int = 6) -> DiT:
-    torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_classes=10,
-               class_dropout_prob=0.0, zero_init=False)
+    return tiny_dit(depth=depth)
 
 
 def inputs(batch: int = 2):

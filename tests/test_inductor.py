@@ -22,18 +22,15 @@ from torch._dynamo.utils import counters
 import treadfx
 from treadfx.models.dit import DiT
 
+from helpers import tiny_dit, tiny_dit_inputs
+
 
 def small_dit() -> DiT:
-    torch.manual_seed(0)
-    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=5, num_heads=2, num_classes=10,
-            class_dropout_prob=0.0, zero_init=False)
-    return m
+    return tiny_dit(depth=5)
 
 
 def inputs(batch: int = 3):
-    g = torch.Generator().manual_seed(3)
-    return (torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g) * 1000,
-            torch.randint(0, 10, (batch,), generator=g))
+    return tiny_dit_inputs(batch, seed=3, t_scale=1000)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

@@ -17,16 +17,15 @@ from treadfx.models.dit import DiT
 from treadfx.tracing import signature_of, trace
 from treadfx.transformed import state_of
 
+from helpers import tiny_dit, tiny_dit_inputs
+
 
 def small_dit(dropout: float = 0.0) -> DiT:
-    torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10,
-               class_dropout_prob=dropout, zero_init=False)
+    return tiny_dit(depth=4, dropout=dropout)
 
 
 def inputs(batch: int = 3):
-    g = torch.Generator().manual_seed(5)
-    return torch.randn(batch, 4, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return tiny_dit_inputs(batch, seed=5)
 
 
 def test_plain_symbolic_trace_fails_on_dit_but_treadfx_traces_it():

@@ -57,6 +57,8 @@ class ValueDecision:
     layout: Layout | None = None
     batched: bool = True
     parts: tuple | None = None  # treadfx.layout.SidePart per tensor: several token axes, or a module's tables
+    label: str | None = None  # what inspect calls the tensor when its graph name says nothing (windows.py)
+    layout_text: str | None = None  # inspect's layout text when Layout cannot say it (per-sample offsets)
 
     def describe(self, name: str) -> str:
         lay = f" {layout_str(self.layout)} on axis {self.axis}" if self.layout else ""

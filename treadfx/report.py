@@ -292,8 +292,8 @@ def tread_section(insp: Inspection) -> dict[str, Any]:
     for plan in prog.plans:
         tensors = []
         for d in plan.entering + plan.leaving:
-            tensors.append(TensorDecision(d.action, getattr(d, "label", None) or _name(prog, d.node), d.role,
-                                          getattr(d, "layout_text", None) or (layout_str(d.layout) if d.layout else None),
+            tensors.append(TensorDecision(d.action, d.label or _name(prog, d.node), d.role,
+                                          d.layout_text or (layout_str(d.layout) if d.layout else None),
                                           d.axis, d.reason))
         for seg in plan.extra_tokens:
             tensors.append(TensorDecision("keep", f"{seg.length} {seg.kind} token(s) of the stream", "extra tokens",

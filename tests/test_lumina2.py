@@ -289,3 +289,14 @@ def test_compiled_routed_training_equals_eager_and_new_caption_lengths_stop_reco
     # (its message formats the value seen, which dynamo does not trace: the exception is raised eagerly)
     assert breaks <= {"Data dependent operator", "Skip inlining `torch.compiler.disable()`d function",
                       "repr_impl not implemented"}, breaks
+
+
+def test_the_padded_length_note_names_the_line_and_advice_a_library_user_can_follow():
+    """The padded length (``max(seq_lengths)``, a shape) is specialised with a guard: the one-time note names the
+    diffusers line and, since a user cannot move diffusers' code into a submodule, says to pad to a few lengths."""
+    tm = treadfx.transform(_model(layers=3), start=1, end=1, ratio=0.5)
+    with pytest.warns(UserWarning) as record:
+        tm(*_inputs([5, 8], torch.Generator().manual_seed(0)))
+    notes = [str(w.message) for w in record if "max_seq_len" in str(w.message)]
+    assert len(notes) == 1 and "transformer_lumina2.py" in notes[0]
+    assert "pad to a few fixed lengths" in notes[0] and "re-checks it at every call" in notes[0]

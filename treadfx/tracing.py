@@ -1451,7 +1451,9 @@ def _note_specialised(model: nn.Module, wheres: list[str]) -> None:
             f"treadfx: the forward uses tensor data in Python at {where}, outside any submodule treadfx could run "
             "live; the routed graph is specialised on the value of this call and re-checks it at every call "
             "(a new value is traced anew; a few variants are kept). If the value changes often, move that code "
-            "into a submodule that does not call the blocks: treadfx runs such modules live.", stacklevel=6)
+            "into a submodule that does not call the blocks: treadfx runs such modules live; if it is a library's code "
+            "you cannot change, keep the value to a few settings (for a padded length: pad to a few fixed "
+            "lengths).", stacklevel=6)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["positive_int", "positive_float", "ratio", "resolve_device", "name_list"]
+__all__ = ["positive_int", "positive_float", "ratio", "resolve_device", "name_list", "write_json"]
 
 
 def positive_int(flag: str) -> Callable[[str], int]:
@@ -71,3 +71,13 @@ def name_list(p: argparse.ArgumentParser, flag: str, value: str, choices: "list[
     if bad or not names:
         p.error(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(choices)}")
     return names
+
+
+def write_json(res: dict, path: "str | None") -> None:
+    """Write a benchmark's result to ``path`` as indented JSON (values JSON cannot hold as their ``str``); nothing
+    when ``path`` is None."""
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2, default=str)

@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Entry point of ``python -m benchmarks.route_ops``; prints the table (or JSON) and returns the result."""
     args = parse_args(argv)
     res = run(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+    flags.write_json(res, args.out)
     print(json.dumps(res, indent=2, default=str) if args.json else format_table(res))
     return res
 

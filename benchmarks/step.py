@@ -452,9 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Entry point of ``python -m benchmarks.step``; prints the table (or JSON) and returns the result."""
     args = parse_args(argv)
     res = run(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+    flags.write_json(res, args.out)
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     elif args.transform_only:

@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n".join(cases()))
         return {}
     res = run(args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+    flags.write_json(res, args.out)
     print(json.dumps(res, indent=2, default=str) if args.json else format_table(res))
     return res
 

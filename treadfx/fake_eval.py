@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -42,6 +42,18 @@ def forward_of(m: nn.Module):
 
 
 _HOOKLESS = threading.local()
+
+
+@contextlib.contextmanager
+def _module_calls_through(make_call: Callable[[Callable], Callable]) -> Iterator[None]:
+    """While active, ``nn.Module.__call__`` is ``make_call(previous)`` (which falls back to ``previous``); the
+    previous one is put back on exit."""
+    previous = nn.Module.__call__
+    nn.Module.__call__ = make_call(previous)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = previous  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -271,25 +283,24 @@ class FakeEvaluator:
         if not ids and not _DATA_DEPENDENT_MODULES and not _REAL_RUN_MODULES:
             yield
             return
-        previous = nn.Module.__call__
         me = threading.get_ident()
         evaluator = self
 
-        def call(module, *args, **kwargs):
-            if threading.get_ident() == me and id(module) in ids:
-                return evaluator.call_module(module, args, kwargs)
-            if threading.get_ident() == me and (evaluator.is_data_dependent(module) or evaluator.needs_data(module)):
-                # outside the caller's dispatch modes (a FLOP counter): the symbolic evaluation's ops, whose sizes
-                # are unbacked symbols, and a run on random data are not the caller's to count
-                with _disable_current_modes():
+        def make_call(previous):
+            def call(module, *args, **kwargs):
+                if threading.get_ident() == me and id(module) in ids:
                     return evaluator.call_module(module, args, kwargs)
-            return previous(module, *args, **kwargs)
+                if threading.get_ident() == me and (evaluator.is_data_dependent(module)
+                                                    or evaluator.needs_data(module)):
+                    # outside the caller's dispatch modes (a FLOP counter): the symbolic evaluation's ops, whose
+                    # sizes are unbacked symbols, and a run on random data are not the caller's to count
+                    with _disable_current_modes():
+                        return evaluator.call_module(module, args, kwargs)
+                return previous(module, *args, **kwargs)
+            return call
 
-        nn.Module.__call__ = call  # type: ignore[method-assign]
-        try:
+        with _module_calls_through(make_call):
             yield
-        finally:
-            nn.Module.__call__ = previous  # type: ignore[method-assign]
 
     def to_fake(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, FakeTensor):
@@ -392,21 +403,19 @@ class FakeEvaluator:
         if not _DATA_DEPENDENT_MODULES:
             yield
             return
-        previous = nn.Module.__call__
         me = threading.get_ident()
         evaluator = self
 
-        def call(module, *args, **kwargs):
-            if threading.get_ident() == me and evaluator.is_data_dependent(module):
-                with _disable_current_modes():  # call_module enters the fake mode it needs itself
-                    return evaluator.call_module(module, args, kwargs)
-            return previous(module, *args, **kwargs)
+        def make_call(previous):
+            def call(module, *args, **kwargs):
+                if threading.get_ident() == me and evaluator.is_data_dependent(module):
+                    with _disable_current_modes():  # call_module enters the fake mode it needs itself
+                        return evaluator.call_module(module, args, kwargs)
+                return previous(module, *args, **kwargs)
+            return call
 
-        nn.Module.__call__ = call  # type: ignore[method-assign]
-        try:
+        with _module_calls_through(make_call):
             yield
-        finally:
-            nn.Module.__call__ = previous  # type: ignore[method-assign]
 
     def is_data_dependent(self, module: nn.Module) -> bool:
         """True if ``module`` has the class and structure of a submodule whose code was found to need tensor data

@@ -54,6 +54,21 @@ def tiny_dit_inputs(batch: int = 3, seed: int = 3, t_scale: float = 1.0) -> tupl
     return x, t, torch.randint(0, 10, (batch,), generator=g)
 
 
+class TracesSince:
+    """``[0]``: forward traces treadfx started since this object was made (every new input signature or traced
+    variant starts with one)."""
+
+    def __init__(self):
+        from treadfx import tracing
+
+        self._tracing = tracing
+        self.start = tracing.traces_run()
+
+    def __getitem__(self, i: int) -> int:
+        assert i == 0
+        return self._tracing.traces_run() - self.start
+
+
 @st.composite
 def dit_configs(draw, max_depth: int = 6):
     heads = draw(st.integers(1, 3))

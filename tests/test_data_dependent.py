@@ -30,30 +30,19 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 import treadfx
-from treadfx import tracing
 from treadfx.transformed import state_of
 
 from backbone_refs import put, take
+from helpers import TracesSince
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-class _TracesSince:
-    """``[0]``: forward traces started since this object was made (every build starts with one trace)."""
-
-    def __init__(self):
-        self.start = tracing.traces_run()
-
-    def __getitem__(self, i: int) -> int:
-        assert i == 0
-        return tracing.traces_run() - self.start
-
-
 @pytest.fixture
 def trace_count():
     """How many times the model was traced in this test."""
-    return _TracesSince()
+    return TracesSince()
 
 
 class Block(nn.Module):

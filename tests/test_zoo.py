@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import treadfx
-from treadfx import tracing
 
 from backbone_refs import kept_for, put, routed_by_hooks, sample_of, take
+from helpers import TracesSince
 
 B = 2
 
@@ -672,22 +672,10 @@ def test_wan_3d_rope_is_gathered_like_a_hook_reference_and_eval_is_the_original(
         m.train()
 
 
-class _TraceCount:
-    """``count[0]``: how many forward traces this process started since the fixture was made (every new input
-    signature starts with one)."""
-
-    def __init__(self):
-        self.base = tracing.traces_run()
-
-    def __getitem__(self, i: int) -> int:
-        assert i == 0
-        return tracing.traces_run() - self.base
-
-
 @pytest.fixture
 def trace_count():
     """How many times a model was traced (every new input signature starts with one trace)."""
-    return _TraceCount()
+    return TracesSince()
 
 
 def test_wan_frame_count_and_resolution_changing_between_batches_trace_once_per_signature(trace_count):

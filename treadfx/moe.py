@@ -837,6 +837,61 @@ def _inference_flops(m: DiffMoELayer, S: int, expert_tokens: int) -> int:
     return expert_tokens * m.ffn_flops_per_token + shared + S * 2 * D * E + S * (2 * D * D + 2 * D * E)
 
 
+@contextlib.contextmanager
+def _inference_state_restored(model: nn.Module, layers: list[tuple[str, DiffMoELayer]]) -> Iterator[None]:
+    """Eval mode for the block; afterwards every module's training flag and each layer's ``static_capacity`` and
+    record of its last forward are what they were before."""
+    flags = [(mod, mod.training) for mod in model.modules()]
+    saved = [(lay, lay.static_capacity, lay._last) for _, lay in layers]
+    try:
+        model.eval()
+        yield
+    finally:
+        for lay, f, last in saved:
+            lay.static_capacity = f
+            lay._last = last
+        for mod, fl in flags:
+            mod.training = fl
+
+
+@contextlib.contextmanager
+def _dynamic_calls_recorded(layers: list[tuple[str, DiffMoELayer]], calls: list) -> Iterator[None]:
+    """While active, every layer runs in the dynamic mode and each of its calls is appended to ``calls`` as
+    ``(path, layer, x, args, kwargs, output, tokens per expert)``."""
+    def hook(path):
+        def record(mod, a, k, out):
+            if mod.static_capacity is None and a and isinstance(a[0], torch.Tensor):
+                calls.append((path, mod, a[0], tuple(a[1:]), dict(k), out, mod._last["counts"].clone()))
+        return record
+
+    handles = []
+    try:
+        for path, lay in layers:
+            lay.static_capacity = None
+            handles.append(lay.register_forward_hook(hook(path), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_check(path: str, lay: DiffMoELayer, factor: float, x: torch.Tensor, a: tuple, k: dict,
+                 out: torch.Tensor, counts: torch.Tensor) -> StaticLayerCheck:
+    """One layer call re-run in the static mode (``lay.static_capacity`` already set) on the exact input the
+    dynamic mode saw, compared with the dynamic output."""
+    y = lay(x, *a, **k)
+    S = x.numel() // x.shape[-1]
+    C = int(lay._last["slots"])
+    ke = [int(c) for c in counts.tolist()]
+    return StaticLayerCheck(
+        path=path, pool_tokens=S, factor=factor, slots=C, tokens_per_expert=ke,
+        dropped=sum(max(c - C, 0) for c in ke),
+        dynamic_flops=_inference_flops(lay, S, sum(ke)),
+        static_flops=_inference_flops(lay, S, lay.num_experts * C),
+        masked_flops=_inference_flops(lay, S, lay.num_experts * S),
+        max_abs_diff=float((y.float() - out.float()).abs().max()) if y.numel() else 0.0)
+
+
 def static_capacity_check(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
                           factor: float | None = None, forward: Any = None) -> StaticCapacityCheck | None:
     """Run ``model`` at inference (eval, no grad) on ``args``/``kwargs`` in the dynamic mode and in the
@@ -859,55 +914,20 @@ def static_capacity_check(model: nn.Module, args: tuple = (), kwargs: dict | Non
     if not layers or any(isinstance(t, torch.Tensor) and _is_fake(t) for t in pytree.tree_leaves((args, kwargs))):
         return None
     run = forward if forward is not None else model
-    flags = [(mod, mod.training) for mod in model.modules()]
-    saved = [(lay, lay.static_capacity, lay._last) for _, lay in layers]
     factors = {id(lay): float(factor if factor is not None else (
         lay.static_capacity if lay.static_capacity is not None else DEFAULT_STATIC_CAPACITY)) for _, lay in layers}
-    calls: list[tuple[str, DiffMoELayer, torch.Tensor, tuple, dict, torch.Tensor, torch.Tensor]] = []
-    handles = []
-
-    def hook(path):
-        def record(mod, a, k, out):
-            if mod.static_capacity is None and a and isinstance(a[0], torch.Tensor):
-                calls.append((path, mod, a[0], tuple(a[1:]), dict(k), out, mod._last["counts"].clone()))
-        return record
-
-    try:
-        model.eval()
-        for path, lay in layers:
-            lay.static_capacity = None
-            handles.append(lay.register_forward_hook(hook(path), with_kwargs=True))
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    calls: list = []
+    checks: list[StaticLayerCheck] = []
+    with _inference_state_restored(model, layers), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with _dynamic_calls_recorded(layers, calls):
             dynamic = run(*args, **kwargs)
-            for h in handles:
-                h.remove()
-            handles = []
-            for _, lay in layers:
-                lay.static_capacity = factors[id(lay)]
-            static = run(*args, **kwargs)
-            checks = []
-            seen: dict[str, int] = {}
-            for path, lay, x, a, k, out, counts in calls:
-                n = seen[path] = seen.get(path, 0) + 1
-                y = lay(x, *a, **k)
-                S = x.numel() // x.shape[-1]
-                C = int(lay._last["slots"])
-                ke = [int(c) for c in counts.tolist()]
-                checks.append(StaticLayerCheck(
-                    path=path if n == 1 else f"{path} (call {n})", pool_tokens=S, factor=factors[id(lay)], slots=C,
-                    tokens_per_expert=ke, dropped=sum(max(c - C, 0) for c in ke),
-                    dynamic_flops=_inference_flops(lay, S, sum(ke)),
-                    static_flops=_inference_flops(lay, S, lay.num_experts * C),
-                    masked_flops=_inference_flops(lay, S, lay.num_experts * S),
-                    max_abs_diff=float((y.float() - out.float()).abs().max()) if y.numel() else 0.0))
-    finally:
-        for h in handles:
-            h.remove()
-        for lay, f, last in saved:
-            lay.static_capacity = f
-            lay._last = last
-        for mod, fl in flags:
-            mod.training = fl
+        for _, lay in layers:
+            lay.static_capacity = factors[id(lay)]
+        static = run(*args, **kwargs)
+        seen: dict[str, int] = {}
+        for path, lay, *call in calls:
+            n = seen[path] = seen.get(path, 0) + 1
+            checks.append(_layer_check(path if n == 1 else f"{path} (call {n})", lay, factors[id(lay)], *call))
     dl, sl = _float_leaves(dynamic), _float_leaves(static)
     diff = None
     if dl and len(dl) == len(sl):

@@ -23,6 +23,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from .errors import TokenCountError
+from .layout import image_span
 from .structured import cell_for_count, cells_by_count, subgrid_indices
 
 __all__ = ["RouteSelect", "StructuredSelect", "RouteGridSize", "RouteGather", "RouteGatherParts", "gather_op", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
@@ -217,8 +219,6 @@ class StructuredSelect(RouteSelect):
         if keep is not None and not torch.compiler.is_compiling():
             lost = keep.sum(dim=1) - keep.gather(1, idx).sum(dim=1)
             if bool((lost > 0).any()):
-                from .errors import TokenCountError
-
                 b = int((lost > 0).nonzero()[0, 0])
                 raise TokenCountError(
                     f"route {self.route_index} keeps one token per {cell[-2]}x{cell[-1]} cell (structured "
@@ -399,7 +399,6 @@ def gather_op(decision, per_sample: bool) -> nn.Module:
     """The gather op for one "gather" decision of a route plan: :class:`RouteGather` for a tensor with one
     token axis, :class:`RouteGatherParts` for a tensor with several (masks) or a module holding token tables
     (``decision.parts``, a tuple of :class:`treadfx.layout.SidePart`)."""
-    from .layout import image_span
 
     parts = getattr(decision, "parts", None)
     if parts is None:

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, Iterable, Sequence
 
+from .chains import resolve_index
 from .errors import InvalidRatioError, InvalidRouteError
 
 __all__ = ["Route", "normalize_routes", "check_ratio", "resolve_routes", "ORDERS", "SELECTIONS"]
@@ -136,7 +137,6 @@ def normalize_routes(
 
 def resolve_routes(routes: Iterable[Route], chain_length: int) -> list[tuple[int, int]]:
     """Absolute (start, end) per route for a chain of this length; checks range, order and overlap."""
-    from .chains import resolve_index
 
     resolved = []
     for i, r in enumerate(routes):

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InvalidRatioError
+from .errors import InvalidRatioError, UnroutableRegionError
 
 __all__ = ["GridSpec", "StructuredSettlement", "grid_cells", "cells_by_count", "cell_for_area", "cell_for_count", "subgrid_shape",
            "subgrid_indices", "supported_ratios", "check_structured_ratio", "find_grids", "settle_structured",
@@ -314,7 +314,6 @@ def _probe_cell(grid: GridSpec, cell, r, n_img: int) -> tuple[int, ...]:
 def settle_required(r, stream, n_img: int) -> StructuredSettlement:
     """:func:`settle_structured` for a route whose selection is "structured"; UnroutableRegionError naming the
     fix when the routed blocks take no token grid that makes the region run on a sub-grid."""
-    from .errors import UnroutableRegionError
 
     found = settle_structured(r, stream, n_img)
     if found is None:
@@ -331,7 +330,6 @@ def structured_fallback(err: Exception, r, stream, n_img: int) -> tuple[Structur
     """After random selection failed on a route with ``err``: (settlement, why) when its selection is "auto"
     and the routed blocks need the token grid; for an explicit "per_sample" / "shared" an UnroutableRegionError
     advising selection='structured'; otherwise ``err`` is raised again."""
-    from .errors import UnroutableRegionError
 
     grids = find_grids(list(r.chain.nodes[r.start:r.end + 1]), n_img, r.prog.gm)
     if not grids:

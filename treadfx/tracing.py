@@ -1450,10 +1450,11 @@ def _note_specialised(model: nn.Module, wheres: list[str]) -> None:
         warnings.warn(
             f"treadfx: the forward uses tensor data in Python at {where}, outside any submodule treadfx could run "
             "live; the routed graph is specialised on the value of this call and re-checks it at every call "
-            "(a new value is traced anew; a few variants are kept). If the value changes often, move that code "
+            "(each new value is traced once; up to treadfx.transformed.MAX_DATA_VARIANTS graphs are kept). If the "
+            "value takes many different values, move that code "
             "into a submodule that does not call the blocks: treadfx runs such modules live; if it is a library's code "
             "you cannot change, keep the value to a few settings (for a padded length: pad to a few fixed "
-            "lengths).", stacklevel=6)
+            "lengths, e.g. batch captions by length buckets).", stacklevel=6)
 
 
 @contextlib.contextmanager

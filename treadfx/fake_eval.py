@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs", "forward_of", "no_user_hooks",
-    "rng_preserved", "data_dependent_summary",
+    "rng_preserved", "data_dependent_summary", "note_uncounted_flops",
 ]
 
 
@@ -269,7 +269,7 @@ class FakeEvaluator:
         self._symbolic: FakeTensorMode | None = None
 
     @contextlib.contextmanager
-    def live_modules_by_metadata(self) -> Iterator[None]:
+    def live_modules_by_metadata(self, data_dependent_call: Callable | None = None) -> Iterator[None]:
         """While active, calls of ``live_modules`` and of data-dependent submodules (see
         :meth:`is_data_dependent`) in this thread return outputs built by :meth:`call_module`.
 
@@ -277,7 +277,10 @@ class FakeEvaluator:
         expert dispatch by boolean masks), so running their code on plain fake
         tensors fails; analyses that run the whole forward on fakes (FLOP
         counts) get their outputs' metadata instead, and count no FLOPs inside
-        them (their sizes depend on the data).
+        them (their sizes depend on the data).  With ``data_dependent_call``,
+        a data-dependent submodule's call returns ``data_dependent_call(module,
+        args, kwargs)`` instead, under the caller's dispatch modes (the FLOP
+        count counts such a module symbolically: :mod:`treadfx.flops`).
         """
         ids = {id(m) for m in self.live_modules}
         if not ids and not _DATA_DEPENDENT_MODULES and not _REAL_RUN_MODULES:
@@ -290,6 +293,9 @@ class FakeEvaluator:
             def call(module, *args, **kwargs):
                 if threading.get_ident() == me and id(module) in ids:
                     return evaluator.call_module(module, args, kwargs)
+                if (data_dependent_call is not None and threading.get_ident() == me
+                        and evaluator.is_data_dependent(module) and not evaluator.needs_data(module)):
+                    return data_dependent_call(module, args, kwargs)
                 if threading.get_ident() == me and (evaluator.is_data_dependent(module)
                                                     or evaluator.needs_data(module)):
                     # outside the caller's dispatch modes (a FLOP counter): the symbolic evaluation's ops, whose
@@ -551,25 +557,41 @@ class FakeEvaluator:
         return env
 
 
+#: process-wide: (class, module_structure_key) of data-dependent submodules whose FLOPs a count on fakes could not
+#: make exact -> why (written by :mod:`treadfx.flops`, read by :func:`data_dependent_summary`)
+_UNCOUNTED_FLOPS: dict[tuple[type, tuple], str] = {}
+
+
+def note_uncounted_flops(module: nn.Module, why: str) -> None:
+    """Record that FLOP counts leave out the insides of ``module`` (a data-dependent submodule), and ``why``."""
+    _UNCOUNTED_FLOPS[(type(module), module_structure_key(module))] = why
+
+
 def data_dependent_summary(model: nn.Module) -> str:
-    """"" or one line naming the submodules of ``model`` that fake evaluation found data-dependent (their sizes
-    depend on tensor values: a mixture of experts' boolean-mask dispatch).  FLOP counts on fake tensors skip their
-    insides (the same way in the dense, routed and predicted counts), so ``inspect`` says so with this line."""
-    if not _DATA_DEPENDENT_MODULES:
+    """"" or one line naming the data-dependent submodules of ``model`` (sizes that depend on tensor values: a
+    mixture of experts' boolean-mask dispatch) whose FLOPs the counts on fake tensors leave out, and why.
+
+    FLOP counts count such a submodule symbolically and keep it when the count is exact for every value of the data
+    (:mod:`treadfx.flops`); the ones left out are left out of the dense, routed and predicted counts alike, so
+    ``inspect`` says so with this line."""
+    if not _UNCOUNTED_FLOPS:
         return ""
-    ev = FakeEvaluator(FakeTensorMode(allow_non_fake_inputs=True))
-    found: dict[str, list[str]] = {}
+    found: dict[tuple[str, str], list[str]] = {}
     for path, sub in model.named_modules():
-        if ev.is_data_dependent(sub):
-            found.setdefault(type(sub).__name__, []).append(path)
+        if not any(t is type(sub) for t, _ in _UNCOUNTED_FLOPS):
+            continue
+        why = _UNCOUNTED_FLOPS.get((type(sub), module_structure_key(sub)))
+        if why is not None:
+            found.setdefault((type(sub).__name__, why), []).append(path)
     if not found:
         return ""
     parts = []
-    for cls, paths in found.items():
+    for (cls, why), paths in found.items():
         shown = ", ".join(f"`{p}`" for p in paths[:2]) + (f", ... `{paths[-1]}`" if len(paths) > 2 else "")
-        parts.append(f"{len(paths)} x {cls} ({shown})")
-    return ("inside " + "; ".join(parts) + ": sizes there depend on the data (shapes found with unbacked sizes), so "
-            "dense, routed and predicted counts all leave them out; they run live on the kept tokens")
+        parts.append(f"inside {len(paths)} x {cls} ({shown}): sizes there depend on the data, and the count "
+                     f"cannot be exact: {why}")
+    return ("; ".join(parts) + ". Dense, routed and predicted counts all leave them out alike (they run live on the "
+            "kept tokens)")
 
 
 def rng_state(tensors: Any = ()) -> tuple:

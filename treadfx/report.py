@@ -372,7 +372,7 @@ def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> 
         for key, value in method.report_section(insp).items():
             (fields if key in SECTION_FIELDS else sections)[key] = value
     not_counted = data_dependent_summary(m)
-    if not_counted:  # MoE feed-forwards (HiDream): FLOPs inside them are not counted
+    if not_counted:  # data-dependent submodules whose FLOPs cannot be counted exactly (experts of unequal cost)
         sections["FLOPs not counted"] = not_counted
     return Report(
         model=type(m).__name__.removeprefix("Tread"),

@@ -15,9 +15,9 @@ The tracer specialises on shapes.  When a forward uses tensor data in Python
   the value at every call.
 
 A guard that fails raises :class:`ValueGuardFailure` inside the graph;
-:func:`run_guarded` then restores the RNG state, tries the other cached
-variants of the program and traces a new one when none fits (bounded: at most
-``MAX_VALUE_VARIANTS`` variants per input signature, with a warning).  Under
+:func:`run_guarded` then restores the RNG state, runs the cached variant that
+expects this call's value there (no other is tried) and traces a new one when none fits (bounded: at most
+``MAX_DATA_VARIANTS`` variants per input signature, with a warning).  Under
 ``torch.compile`` :func:`run_guarded_compiled` does the same from a frame dynamo
 skips: each variant runs as its own compiled graph, a new one is traced eagerly.
 """
@@ -39,7 +39,8 @@ from .outputs import flatten_output
 # treadfx.tracing and treadfx.transformed import this module at their top (they build and run the guard nodes), so
 # run_guarded reaches them by function-level imports
 
-__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "run_guarded_compiled", "LATE_INT"]
+__all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "run_guarded_compiled", "LATE_INT",
+           "readable_value"]
 
 
 class ValueGuardFailure(UntraceableForwardError):
@@ -174,7 +175,7 @@ def _next_variant(model: Any, st: Any, current: Any, args: tuple, kwargs: dict, 
 
         leaves, _ = flatten_call(args, kwargs)
         for p in progs:
-            if any(p is t for t in tried) or not p.values_match(leaves):
+            if any(p is t for t in tried) or not p.values_match(leaves) or not _could_fit(p, failure):
                 continue
             if p.guard is not None and p.guard.check() is not None:
                 continue
@@ -192,6 +193,37 @@ def _next_variant(model: Any, st: Any, current: Any, args: tuple, kwargs: dict, 
         built.append(nxt)
     st.sync(nxt)
     return nxt
+
+
+def _expectations(prog: Any) -> dict[str, list]:
+    """Per guard location of ``prog``'s graph: the values its data guards there expect (computed once)."""
+    found = prog.__dict__.get("_data_guard_expectations")
+    if found is None:
+        found = {}
+        for n in prog.gm.graph.nodes:
+            if n.op == "call_function" and n.target is data_guard:
+                found.setdefault(n.args[3], []).append(n.args[2])
+        prog.__dict__["_data_guard_expectations"] = found
+    return found
+
+
+def _could_fit(prog: Any, failure: ValueGuardFailure) -> bool:
+    """False when ``prog`` is specialised on another value at the place where this call's value failed a guard:
+    it would fail there too (the value is the same function of this call's inputs), so it is not run."""
+    expected = _expectations(prog).get(failure.where)
+    return expected is None or any(_matches(failure.actual, e) for e in expected)
+
+
+def readable_value(value: Any) -> str:
+    """A guarded value as a user reads it: tensors as ``tensor[2, 16, 8]``, late-bound ints as ``<int>``."""
+    if isinstance(value, str) and value == LATE_INT:
+        return "<int>"
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "T" and isinstance(value[1], tuple):
+        return f"tensor{list(value[1])}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(readable_value(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
 
 
 def _promote(st: Any, current: Any) -> None:
@@ -256,7 +288,7 @@ def run_guarded_compiled(model: Any, st: Any, args: tuple, kwargs: dict) -> Any:
 
     Guarantees: the result equals the eager model's on the same kept indices; the dispatch is one graph break
     (the call into this function), and each variant compiles once per input signature it meets (at most
-    ``MAX_VALUE_VARIANTS`` variants are kept per signature).
+    ``MAX_DATA_VARIANTS`` variants are kept per signature).
     """
     return _compiled_dispatch_d(model, st, args, kwargs)
 
@@ -266,10 +298,9 @@ def _build_variant(model: Any, st: Any, args: tuple, kwargs: dict, tried: list, 
 
     progs = _variants(st, tried[0])
     hidden = []
-    if progs is not None:  # hide the variants that failed so that program_for builds a new one
-        hidden = [p for p in progs if any(p is t for t in tried)]
-        for p in hidden:
-            progs.remove(p)
+    if progs is not None:  # none fits (tried and failed, or expects another value): hide them, program_for builds
+        hidden = list(progs)
+        progs.clear()
     prog = tr.program_for(model, st, args, kwargs)
     progs = _variants(st, prog)
     if progs is not None:
@@ -277,15 +308,18 @@ def _build_variant(model: Any, st: Any, args: tuple, kwargs: dict, tried: list, 
             progs.insert(0, p)
         progs.remove(prog)
         progs.insert(0, prog)
-        limit = tr.MAX_VALUE_VARIANTS
+        limit = tr.MAX_DATA_VARIANTS
         while len(progs) > limit:
             progs.pop()
-            key = ("data-values", failure.where)
+            key = "data-values"  # once per model
             if key not in st.warned:
                 st.warned.add(key)
                 warnings.warn(
-                    f"treadfx: the forward uses tensor data at {failure.where} (value {failure.actual!r}, before "
-                    f"{failure.expected!r}), which keeps changing, so each new value needs its own traced graph (only "
-                    f"{limit} are kept). Fix: move that code into a submodule that does not call the blocks "
-                    "(treadfx runs it live), pass the value as a Python number, or keep it fixed.", stacklevel=5)
+                    f"treadfx: the forward specialises on a value it computes from tensor data at {failure.where} "
+                    f"(now {readable_value(failure.actual)}, before {readable_value(failure.expected)}), and more "
+                    f"than {limit} different values of it have come up. Each new value is traced once (this one took "
+                    f"{prog.trace_seconds:.1f} s) and only the {limit} most recently used graphs are kept, so calls "
+                    "with other values retrace. Fix: let the value take fewer distinct values (for a padded caption "
+                    "length: batches whose longest caption falls on a few lengths, e.g. a sampler that buckets "
+                    "captions by length), or raise treadfx.transformed.MAX_DATA_VARIANTS.", stacklevel=5)
     return prog

@@ -498,6 +498,9 @@ def _mode_key(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
 #: at most this many traced graphs per model (least recently used first out), and per signature for float values
 MAX_PROGRAMS = 16
 MAX_VALUE_VARIANTS = 4
+#: at most this many variants per signature of a graph specialised on tensor data (Lumina2's padded caption length:
+#: one variant per value met, each traced once; a call that fits a kept variant goes straight to it)
+MAX_DATA_VARIANTS = 64
 _RETRACE_WARN_AFTER = 3
 
 
@@ -524,7 +527,7 @@ def program_for(model: nn.Module, st: TreadState, args: tuple, kwargs: dict) -> 
     st.candidates = req.candidates  # found by the first build of a copy
     progs = st.programs.setdefault(key, [])
     progs.append(prog)
-    if len(progs) > MAX_VALUE_VARIANTS:
+    if len(progs) > MAX_VALUE_VARIANTS and not prog.traced.data_guards:  # data variants: see data_guards
         progs.pop(0)
         names = dict(zip(prog.traced.tensor_positions, prog.traced.input_names))
         args_named = ", ".join(f"`{names.get(p, p)}`" for p in prog.traced.value_guards)

@@ -10,6 +10,8 @@ on real forward and backward passes; the analysis never runs the model on stand-
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -189,3 +191,34 @@ def test_experts_of_different_widths_are_left_out_and_named(no_synthetic_data):
     assert "FLOPs not counted: inside 4 x ToyMoE" in str(r)
     assert r.dense_flops < _step_flops(m, args)  # the experts' FLOPs are missing from the count
     assert r.routed_flops == r.predicted_routed_flops < r.dense_flops
+
+
+class SplitMoE(ToyMoE):
+    """The same experts, dispatched by sorting the tokens by expert and splitting them by ``bincount(...).tolist()``:
+    Python reads the data, so the module runs live and a count on fake tensors cannot see inside it."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        score, idx = self.gate(x).softmax(-1).topk(1, dim=-1)
+        idx = idx.view(-1)
+        order = idx.argsort()
+        sizes = torch.bincount(idx, minlength=len(self.experts)).tolist()
+        y = torch.empty_like(x)
+        y[order] = torch.cat([e(part) for e, part in zip(self.experts, x[order].split(sizes))])
+        return (y * score).view(shape)
+
+
+def test_a_moe_that_reads_the_data_in_python_is_named_as_left_out():
+    m = random_dit(depth=4, width_per_head=8, heads=2, patch=2, grid=4)
+    for blk in m.blocks:
+        blk.mlp = SplitMoE(16)
+    args = dit_inputs(m, 2)
+    with warnings.catch_warnings():  # treadfx's note that it runs the module live (tests/test_data_dependent.py)
+        warnings.simplefilter("ignore")
+        r = treadfx.inspect(treadfx.transform(m, start=1, end=2, ratio=0.5), *args)
+    assert r.sections["FLOPs not counted"] == (
+        "inside 4 x SplitMoE (`blocks.0.mlp`, `blocks.1.mlp`, ... `blocks.3.mlp`): its code reads tensor values in "
+        "Python (`.tolist()`, `.item()`, a branch on data), so it runs live on the data and a count on fake tensors "
+        "cannot see inside it. Dense, routed and predicted counts all leave them out alike")
+    assert r.dense_flops < _step_flops(m, args)

@@ -567,31 +567,46 @@ def note_uncounted_flops(module: nn.Module, why: str) -> None:
     _UNCOUNTED_FLOPS[(type(module), module_structure_key(module))] = why
 
 
-def data_dependent_summary(model: nn.Module) -> str:
-    """"" or one line naming the data-dependent submodules of ``model`` (sizes that depend on tensor values: a
-    mixture of experts' boolean-mask dispatch) whose FLOPs the counts on fake tensors leave out, and why.
+#: layers whose forward FlopCounterMode counts (matmuls, convolutions, attention): a module run live that holds one
+#: has FLOPs that a count on fake tensors cannot see
+_COUNTED_LAYERS = (nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.modules.conv._ConvNd)
 
-    FLOP counts count such a submodule symbolically and keep it when the count is exact for every value of the data
-    (:mod:`treadfx.flops`); the ones left out are left out of the dense, routed and predicted counts alike, so
-    ``inspect`` says so with this line."""
-    if not _UNCOUNTED_FLOPS:
-        return ""
+_LIVE_WHY = ("its code reads tensor values in Python (`.tolist()`, `.item()`, a branch on data), so it runs live on "
+             "the data and a count on fake tensors cannot see inside it")
+
+
+def data_dependent_summary(model: nn.Module, live: Any = ()) -> str:
+    """"" or one line naming the submodules of ``model`` whose FLOPs the counts on fake tensors leave out, and why.
+
+    Those are data-dependent submodules (sizes that depend on tensor values: a mixture of experts' boolean-mask
+    dispatch) whose count cannot be exact for every value of the data (FLOP counts count the others symbolically,
+    see :mod:`treadfx.flops`), and modules that run live on the data (``live``, or found to need data) holding
+    layers FlopCounterMode counts (Linear, convolution, attention).  They are left out of the dense, routed and
+    predicted counts alike, so ``inspect`` says so with this line."""
+    live_ids = {id(m) for m in live}
+    ev = FakeEvaluator(FakeTensorMode(allow_non_fake_inputs=True)) if _REAL_RUN_MODULES else None
     found: dict[tuple[str, str], list[str]] = {}
+    listed: list[str] = []
     for path, sub in model.named_modules():
-        if not any(t is type(sub) for t, _ in _UNCOUNTED_FLOPS):
-            continue
-        why = _UNCOUNTED_FLOPS.get((type(sub), module_structure_key(sub)))
+        if any(path.startswith(p + ".") for p in listed):
+            continue  # inside a module already listed
+        why = None
+        if any(t is type(sub) for t, _ in _UNCOUNTED_FLOPS):
+            why = _UNCOUNTED_FLOPS.get((type(sub), module_structure_key(sub)))
+            why = None if why is None else f"sizes there depend on the data, and the count cannot be exact: {why}"
+        if why is None and (id(sub) in live_ids or (ev is not None and ev.needs_data(sub))) and any(
+                isinstance(x, _COUNTED_LAYERS) for x in sub.modules()):
+            why = _LIVE_WHY
         if why is not None:
             found.setdefault((type(sub).__name__, why), []).append(path)
+            listed.append(path)
     if not found:
         return ""
     parts = []
     for (cls, why), paths in found.items():
         shown = ", ".join(f"`{p}`" for p in paths[:2]) + (f", ... `{paths[-1]}`" if len(paths) > 2 else "")
-        parts.append(f"inside {len(paths)} x {cls} ({shown}): sizes there depend on the data, and the count "
-                     f"cannot be exact: {why}")
-    return ("; ".join(parts) + ". Dense, routed and predicted counts all leave them out alike (they run live on the "
-            "kept tokens)")
+        parts.append(f"inside {len(paths)} x {cls} ({shown}): {why}")
+    return "; ".join(parts) + ". Dense, routed and predicted counts all leave them out alike"
 
 
 def rng_state(tensors: Any = ()) -> tuple:

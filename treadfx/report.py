@@ -371,8 +371,8 @@ def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> 
     for method in methods:
         for key, value in method.report_section(insp).items():
             (fields if key in SECTION_FIELDS else sections)[key] = value
-    not_counted = data_dependent_summary(m)
-    if not_counted:  # data-dependent submodules whose FLOPs cannot be counted exactly (experts of unequal cost)
+    not_counted = data_dependent_summary(m, ev.live_modules)
+    if not_counted:  # submodules whose FLOPs cannot be counted exactly (experts of unequal cost, `.tolist()` dispatch)
         sections["FLOPs not counted"] = not_counted
     return Report(
         model=type(m).__name__.removeprefix("Tread"),

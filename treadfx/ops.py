@@ -19,13 +19,15 @@ never per ratio value.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .errors import TokenCountError
 from .layout import image_span
-from .structured import cell_for_count, cells_by_count, subgrid_indices
+from .structured import cell_for_count, cells_by_count, marked_off_subgrid, subgrid_indices
 
 __all__ = ["RouteSelect", "StructuredSelect", "RouteGridSize", "RouteGather", "RouteGatherParts", "gather_op", "RouteScatter", "AutocastDisabled", "num_kept", "hashed_keys", "stream_key"]
 
@@ -124,7 +126,7 @@ class RouteSelect(nn.Module):
     """
 
     def __init__(self, route_index: int, num_tokens: int, num_keep: int, sorted_order: bool, shared: bool,
-                 seed: int | None = None):
+                 seed: int | None = None, shared_reason: str | None = None):
         super().__init__()
         self.route_index = route_index
         self.num_tokens = num_tokens
@@ -132,6 +134,7 @@ class RouteSelect(nn.Module):
         self.sorted_order = sorted_order
         self.shared = shared
         self.seed = seed
+        self.shared_reason = shared_reason  # why one subset serves the batch (inspect's selection reason), if known
         self.forced = False
         self.fixed: torch.Tensor | None = None  # indices to use instead of drawing (tests, replays)
 
@@ -159,9 +162,43 @@ class RouteSelect(nn.Module):
         order = "sorted" if self.sorted_order else "random order"
         return f"route={self.route_index}, N={self.num_tokens}, K={self.num_keep}, {mode}, {order}"
 
+    def _check_marked(self, keep: torch.Tensor, marked: torch.Tensor) -> None:
+        """TokenCountError when the route keeps fewer tokens than are marked: in one sample (per-sample selection),
+        or in the union of the marks over the batch (shared selection, ``marked`` is that union ``[1, N]``)."""
+        counts = marked.sum(dim=1)
+        most = int(counts.max()) if counts.numel() else 0
+        if most <= self.num_keep:
+            return
+        n, k = self.num_tokens, self.num_keep
+        lower = math.floor((n - most) / n * 1e4) / 1e4  # the largest ratio (4 decimals) whose K is >= most
+        if not self.shared:
+            b = int(counts.argmax())
+            raise TokenCountError(
+                f"the keep mask marks {most} tokens of sample {b}, but route {self.route_index} keeps only {k} of "
+                f"{n}; {most - k} marked tokens would be routed. Fix: mark fewer tokens, or lower the route ratio to "
+                f"at most {lower:g}."
+            )
+        per_sample = int(keep.sum(dim=1).max()) if keep.numel() else 0
+        why = {None: "see treadfx.inspect for why", "requested": "selection='shared' was requested"}.get(
+            self.shared_reason, self.shared_reason)
+        raise TokenCountError(
+            f"route {self.route_index} uses shared selection, one kept subset for the whole batch: {why}. A token "
+            f"marked in any sample is therefore kept in every sample, and the union of the marks over the batch "
+            f"counts: {most} tokens are marked in the batch (at most {per_sample} in one sample), but the route keeps only "
+            f"{k} of {n}; {most - k} marked tokens would be routed. Fix: mark fewer tokens, lower the route ratio "
+            f"to at most {lower:g}, or give the samples of a batch marks that agree (the same tokens marked in "
+            "every sample count once)."
+        )
+
     def forward(self, ref: torch.Tensor, keep: torch.Tensor | None = None,
                 step: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Kept indices; ``keep`` [B, N] marks tokens that are kept first (never routed if at most K per sample)."""
+        """Kept indices; ``keep`` [B, N] marks tokens that are kept first.
+
+        A marked token is never routed: with per-sample selection each sample may mark up to K tokens, with shared
+        selection (one subset for the batch) the union of the marks over the batch must be at most K; more raises
+        TokenCountError.  The count is checked in eager calls only (under ``torch.compile`` it would need a host
+        sync inside the graph), as :func:`treadfx.keep_tokens` documents.
+        """
         done, result = self._without_draw()
         if done:
             return result
@@ -169,6 +206,8 @@ class RouteSelect(nn.Module):
         noise = self._scores(rows, self.num_tokens, ref, step)
         if keep is not None:
             marked = keep.any(dim=0, keepdim=True) if self.shared else keep
+            if not torch.compiler.is_compiling() and not isinstance(keep, FakeTensor):
+                self._check_marked(keep, marked)
             noise = noise.masked_fill(marked, -1)
         idx = noise.argsort(dim=1)[:, : self.num_keep]
         if self.sorted_order:
@@ -194,6 +233,7 @@ class StructuredSelect(RouteSelect):
         super().__init__(route_index, num_tokens, num_keep, sorted_order=True, shared=False, seed=seed)
         self.grid = tuple(int(s) for s in grid)
         self.cells = cells_by_count(self.grid)  # {K: cell}: a plain dict, so torch.compile folds the lookup
+        self.grid_free: tuple[str, ...] | None = None  # chain blocks outside the route that take no grid (advice)
 
     def extra_repr(self) -> str:
         grid = "x".join(map(str, self.grid))
@@ -205,8 +245,9 @@ class StructuredSelect(RouteSelect):
         done, result = self._without_draw()
         if done:
             return result
-        cell = self.cells.get(self.num_keep) or cell_for_count(self.grid, self.num_keep,
-                                                               what=f"route {self.route_index} (structured selection)")
+        cell = self.cells.get(self.num_keep) or cell_for_count(
+            self.grid, self.num_keep, what=f"route {self.route_index} (structured selection)",
+            grid_free=getattr(self, "grid_free", None))
         options = subgrid_indices(self.grid, cell, ref.device)  # [area, K]: one row per offset in the cell
         area, rows = options.shape[0], ref.shape[0]
         score = self._scores(rows, area, ref, step)
@@ -216,16 +257,16 @@ class StructuredSelect(RouteSelect):
             covered = keep[:, options].sum(dim=-1)  # [B, area]: marked tokens each offset keeps
             score = score + covered.to(score.dtype)
         idx = options.index_select(0, score.argmax(dim=1))
-        if keep is not None and not torch.compiler.is_compiling():
-            lost = keep.sum(dim=1) - keep.gather(1, idx).sum(dim=1)
+        if keep is not None and not torch.compiler.is_compiling() and not isinstance(keep, FakeTensor):
+            kept_marks = keep.gather(1, idx)
+            lost = keep.sum(dim=1) - kept_marks.sum(dim=1)
             if bool((lost > 0).any()):
                 b = int((lost > 0).nonzero()[0, 0])
-                raise TokenCountError(
-                    f"route {self.route_index} keeps one token per {cell[-2]}x{cell[-1]} cell (structured "
-                    f"selection), and no offset keeps all {int(keep[b].sum())} tokens marked in sample {b} "
-                    f"({int(lost[b])} would be routed). Fix: mark tokens on one sub-grid, or use a ratio with "
-                    "smaller cells (e.g. 0.5), or end the route before the blocks that need the token grid."
-                )
+                on = torch.zeros_like(keep[b]).scatter(0, idx[b], True)
+                kept_pos = int((keep[b] & on).nonzero()[0, 0])  # the best offset keeps at least one marked token
+                lost_pos = int((keep[b] & ~on).nonzero()[0, 0])
+                raise TokenCountError(marked_off_subgrid(self.grid, cell, b, int(keep[b].sum()), int(lost[b]),
+                                                         kept_pos, lost_pos, self.route_index))
         return idx
 
 

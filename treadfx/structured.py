@@ -36,7 +36,8 @@ import torch
 from .errors import InvalidRatioError, UnroutableRegionError
 
 __all__ = ["GridSpec", "StructuredSettlement", "grid_cells", "cells_by_count", "cell_for_area", "cell_for_count", "subgrid_shape",
-           "subgrid_indices", "supported_ratios", "check_structured_ratio", "find_grids", "settle_structured",
+           "subgrid_indices", "supported_ratios", "check_structured_ratio", "find_grids", "grid_free_blocks", "even_grid",
+           "subgrid_rule", "marked_off_subgrid", "settle_structured",
            "settle_required", "structured_fallback", "rewrite_grid_args"]
 
 
@@ -102,6 +103,61 @@ def _grid_text(sizes: Sequence[int]) -> str:
     return "x".join(str(s) for s in sizes)
 
 
+def _parity(step: int, what: str) -> str:
+    """``"all in even rows, or all in odd rows"`` for step 2, else ``"all with the same row number mod 3"``."""
+    if step == 2:
+        return f"all in even {what}s, or all in odd {what}s"
+    return f"all with the same {what} number mod {step}"
+
+
+def subgrid_rule(cell: Sequence[int]) -> str:
+    """What it takes for tokens to lie on one sub-grid of this cell shape (to be kept together), in words: with
+    ``2x1`` cells "all in even rows, or all in odd rows"; with ``2x2`` cells the same row parity and the same
+    column parity."""
+    ch, cw = cell[-2], cell[-1]
+    if ch > 1 and cw > 1:
+        if ch == cw == 2:
+            return ("all in even rows or all in odd rows, and at the same time all in even columns or all in odd "
+                    "columns")
+        return f"all with the same row number mod {ch} and the same column number mod {cw}"
+    return _parity(ch, "row") if ch > 1 else _parity(cw, "column")
+
+
+def token_position(sizes: Sequence[int], flat: int) -> tuple[int, ...]:
+    """The grid coordinates (row-major, last axis fastest) of token ``flat``."""
+    out = []
+    for s in reversed(list(sizes)):
+        out.append(flat % s)
+        flat //= s
+    return tuple(reversed(out))
+
+
+def ratios_below(sizes: tuple[int, ...], area: int) -> list[tuple[float, tuple[int, ...]]]:
+    """The (ratio, cell) pairs the grid honours whose cells are smaller than ``area`` (they keep more tokens)."""
+    return [(r, c) for r, c in supported_ratios(tuple(sizes)) if c[-2] * c[-1] < area]
+
+
+def marked_off_subgrid(sizes: tuple[int, ...], cell: tuple[int, ...], sample: int, marked: int, lost: int,
+                       kept_pos: int, lost_pos: int, route_index: int) -> str:
+    """The TokenCountError text for a sample whose marked tokens lie on several sub-grids of ``cell``: names two
+    of them at different offsets and only the fixes that apply on this grid."""
+    ch, cw = cell[-2], cell[-1]
+    a, b = token_position(sizes, kept_pos), token_position(sizes, lost_pos)
+    axes = {2: "(row, column)", 3: "(frame, row, column)"}.get(len(sizes), "grid coordinates")
+    smaller = ratios_below(sizes, ch * cw)
+    fixes = [f"mark the tokens of a sample on one sub-grid of the {ch}x{cw} cells ({subgrid_rule(cell)})"]
+    if smaller:
+        fixes.append("use a lower ratio with smaller cells, which keeps more tokens: "
+                     + ", ".join(f"{r:g} ({c[-2]}x{c[-1]} cells)" for r, c in smaller))
+    fixes.append("route nothing for such batches (treadfx.set_ratio(model, 0.0), then set the ratio back)")
+    return (
+        f"route {route_index} keeps one token per {ch}x{cw} cell of the {_grid_text(sizes)} token grid (structured "
+        f"selection): a sample keeps the tokens at one offset inside their cells, i.e. {subgrid_rule(cell)}. Sample "
+        f"{sample} marks tokens at different offsets, such as the tokens at {axes} {a} and {b}, so no offset keeps "
+        f"all {marked} tokens marked in sample {sample} ({lost} would be routed). Fix: " + "; or ".join(fixes) + "."
+    )
+
+
 def cells_by_count(sizes: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
     """{kept token count: the cell that keeps it} for every cell shape that tiles the grid (most square first)."""
     n = math.prod(sizes)
@@ -111,28 +167,74 @@ def cells_by_count(sizes: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
     return out
 
 
-def cell_for_count(sizes: tuple[int, ...], keep: int, what: str = "structured selection") -> tuple[int, ...]:
-    """The cell that keeps exactly ``keep`` tokens of the grid, or InvalidRatioError naming the ratios it can keep."""
+def even_grid(sizes: Sequence[int]) -> tuple[int, ...]:
+    """The grid with each odd spatial side (the last two axes) one token longer: the nearest grid whose sides are
+    even, on which 2x1 and 2x2 cells (ratios 0.5 and 0.75) always tile."""
+    sizes = tuple(sizes)
+    return sizes[:-2] + tuple(s + s % 2 for s in sizes[-2:])
+
+
+def _ratio_fixes(sizes: tuple[int, ...], grid_free: Sequence[str] | None) -> list[str]:
+    """The fixes for a refused structured ratio that apply here: the grid's own ratios; a token grid with even sides
+    when one is odd (naming the ratios it honours); random selection on chain blocks that do not take the grid, only
+    when there are such blocks (``grid_free``; None when unknown)."""
+    fixes = ["use one of these ratios"]
+    even = even_grid(sizes)
+    if even != tuple(sizes):
+        honoured = [r for r, _ in supported_ratios(even)]
+        if honoured:
+            fixes.append(f"train at a resolution whose token grid has even sides (e.g. {_grid_text(even)} tokens "
+                         f"instead of {_grid_text(sizes)}), where structured selection honours "
+                         + ", ".join(f"{r:g}" for r in honoured[:6]))
+    if grid_free:
+        names = ", ".join(f"`{n}`" for n in grid_free[:6]) + (", ..." if len(grid_free) > 6 else "")
+        fixes.append(f"route only chain blocks that do not take the token grid ({names}) with random selection")
+    return fixes
+
+
+def cell_for_count(sizes: tuple[int, ...], keep: int, what: str = "structured selection",
+                   grid_free: Sequence[str] | None = None) -> tuple[int, ...]:
+    """The cell that keeps exactly ``keep`` tokens of the grid, or InvalidRatioError naming the ratios it can keep
+    and only the fixes that apply (``grid_free``: the chain's blocks outside the route that take no token grid,
+    None when unknown; ending the route before the grid blocks is advised only when there are some)."""
     n = math.prod(sizes)
     cell = cell_for_area(tuple(sizes), n // keep) if 0 < keep <= n and n % keep == 0 else None
     if cell is None:
+        fixes = _ratio_fixes(tuple(sizes), grid_free)
         raise InvalidRatioError(
             f"{what} keeps one token per cell of the {_grid_text(sizes)} token grid, so it cannot keep {keep} of "
-            f"{n} tokens. The ratios it can honour here are {_ratios_text(tuple(sizes))}. Fix: use one of these "
-            "ratios, or end the route before the blocks that need the token grid and use random selection."
+            f"{n} tokens. The ratios it can honour here are {_ratios_text(tuple(sizes))}. Fix: "
+            + "; or ".join(fixes) + "."
         )
     return cell
 
 
-def check_structured_ratio(ratio: float, sizes: tuple[int, ...], route_index: int) -> tuple[int, ...] | None:
-    """The cell for ``ratio`` on this grid (None for ratio 0: nothing is routed), or InvalidRatioError."""
+def check_structured_ratio(ratio: float, sizes: tuple[int, ...], route_index: int,
+                           grid_free: Sequence[str] | None = None) -> tuple[int, ...] | None:
+    """The cell for ``ratio`` on this grid (None for ratio 0: nothing is routed), or InvalidRatioError (see
+    :func:`cell_for_count`)."""
     from .ops import num_kept
 
     n = math.prod(sizes)
     keep = num_kept(n, ratio)
     if keep >= n:
         return None
-    return cell_for_count(sizes, keep, what=f"route {route_index} (ratio={ratio:g}, structured selection)")
+    return cell_for_count(sizes, keep, what=f"route {route_index} (ratio={ratio:g}, structured selection)",
+                          grid_free=grid_free)
+
+
+def grid_free_blocks(chain, start: int, end: int, sizes: Sequence[int]) -> tuple[str, ...]:
+    """The chain's blocks outside ``start..end`` that do not get the grid sizes among their int arguments (so they
+    cannot reshape the tokens to the grid): where random selection could route instead.  A block that gets them is
+    counted as needing the grid."""
+    out = []
+    for k, node in enumerate(chain.nodes):
+        if start <= k <= end:
+            continue
+        ints = [_int_value(a) for a in list(node.args) + list(node.kwargs.values())]
+        if not all(s in ints for s in sizes):
+            out.append(chain.paths[k] if k < len(chain.paths) else str(node.target))
+    return tuple(out)
 
 
 def subgrid_indices(sizes: Sequence[int], cell: Sequence[int], device=None) -> torch.Tensor:
@@ -281,7 +383,8 @@ def settle_structured(r, stream, n_img: int, grids: list[GridSpec] | None = None
             continue
         ratio_error = None
         try:
-            cell = check_structured_ratio(r.route.ratio, grid.sizes, r.index)
+            cell = check_structured_ratio(r.route.ratio, grid.sizes, r.index,
+                                          grid_free_blocks(r.chain, r.start, r.end, grid.sizes))
         except InvalidRatioError as e:  # raised below only if the sub-grid is what the blocks need
             cell, ratio_error = None, e
         sub = subgrid_shape(grid.sizes, _probe_cell(grid, cell, scope, n_img))
@@ -326,6 +429,12 @@ def settle_required(r, stream, n_img: int) -> StructuredSettlement:
     return found
 
 
+def _without_fix(text: str) -> str:
+    """``text`` up to its last "Fix: ..." sentence (whose generic advice the structured refusal replaces)."""
+    cut = text.rfind(" Fix: ")
+    return text[:cut] if cut >= 0 else text
+
+
 def structured_fallback(err: Exception, r, stream, n_img: int) -> tuple[StructuredSettlement, str]:
     """After random selection failed on a route with ``err``: (settlement, why) when its selection is "auto"
     and the routed blocks need the token grid; for an explicit "per_sample" / "shared" an UnroutableRegionError
@@ -338,8 +447,8 @@ def structured_fallback(err: Exception, r, stream, n_img: int) -> tuple[Structur
         if settle_structured(r, stream, n_img, grids, check_ratio=False) is None:
             raise err
         raise UnroutableRegionError(
-            f"{err} The routed blocks take the {grids[0].describe()} and reshape the tokens to it, so a random "
-            f"subset of them cannot run there. Fix: use selection='structured' (or 'auto'), which keeps a regular "
+            f"{_without_fix(str(err))} The routed blocks take the {grids[0].describe()} and reshape the tokens to "
+            f"it, so a random subset of them cannot run there. Fix: use selection='structured' (or 'auto'), which keeps a regular "
             f"sub-grid and passes its size to the blocks; ratios it honours: {_ratios_text(grids[0].sizes)}."
         ) from err
     found = settle_structured(r, stream, n_img, grids)
@@ -360,6 +469,9 @@ def rewrite_grid_args(gm, plan, idx) -> list:
 
     grid = plan.grid
     graph = gm.graph
+    select = gm.get_submodule(idx.target) if idx.op == "call_module" else None
+    if select is not None:  # what a refused ratio (set_ratio after the build) may advise
+        select.grid_free = grid_free_blocks(plan.chain, plan.start, plan.end, grid.sizes)
     nodes = []
     with graph.inserting_before(plan.chain.nodes[plan.start]):
         for axis, size in enumerate(grid.sizes):

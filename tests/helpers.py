@@ -54,6 +54,31 @@ def tiny_dit_inputs(batch: int = 3, seed: int = 3, t_scale: float = 1.0) -> tupl
     return x, t, torch.randint(0, 10, (batch,), generator=g)
 
 
+def tiny_lumina2(layers: int = 5, kv_heads: int = 1, cap_feat_dim: int = 16,
+                 axes_lens: tuple[int, int, int] = (64, 32, 32)):
+    """The small diffusers ``Lumina2Transformer2DModel`` several test files share (seeded with 0): 8x8 latents with
+    4 channels, 2x2 patches (16 image tokens), width 32, 2 heads, one refiner layer per stream, rotary axes
+    (4, 6, 6); ``layers`` main blocks, ``kv_heads`` key/value heads, caption features of ``cap_feat_dim``, rotary
+    tables of ``axes_lens`` rows (any length above the positions used gives the same rows)."""
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=layers, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=kv_heads, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=axes_lens,
+        cap_feat_dim=cap_feat_dim)
+
+
+def tiny_lumina2_inputs(lengths: Sequence[int], g: torch.Generator, width: int = 8, cap_feat_dim: int = 16):
+    """``(x, t, captions, mask)`` for :func:`tiny_lumina2`, one sample per caption length, drawn from ``g`` in that
+    order: latents [B, 4, 8, 8], ``t`` in ``[0, 1)``, captions [B, width, cap_feat_dim], and a mask that keeps
+    the first ``lengths[i]`` of ``width`` caption tokens of sample ``i``."""
+    b = len(lengths)
+    mask = torch.arange(width)[None, :] < torch.tensor(list(lengths))[:, None]
+    return (torch.randn(b, 4, 8, 8, generator=g), torch.rand(b, generator=g),
+            torch.randn(b, width, cap_feat_dim, generator=g), mask)
+
+
 class TracesSince:
     """``[0]``: forward traces treadfx started since this object was made (every new input signature or traced
     variant starts with one)."""

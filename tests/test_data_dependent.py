@@ -33,7 +33,7 @@ import treadfx
 from treadfx.transformed import state_of
 
 from backbone_refs import put, take
-from helpers import TracesSince
+from helpers import TracesSince, tiny_lumina2, tiny_lumina2_inputs
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -574,16 +574,6 @@ def test_nothing_from_the_trace_stays_in_the_model_or_lru_caches():
     assert torch.equal(tm(x), m.eval()(x))
 
 
-def _lumina2():
-    from diffusers import Lumina2Transformer2DModel
-
-    torch.manual_seed(0)
-    return Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=4, num_refiner_layers=1,
-        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
-        cap_feat_dim=16)
-
-
 def _hidream():
     from diffusers import HiDreamImageTransformer2DModel
 
@@ -667,18 +657,12 @@ def test_qwen_image_rope_caches_hold_no_trace_values_and_eval_is_the_original():
         assert torch.equal(tm(**kwargs).sample, m(**kwargs).sample)
 
 
-def _lumina_inputs(lengths, g):
-    b, width = len(lengths), 8
-    return (torch.randn(b, 4, 8, 8, generator=g), torch.rand(b, generator=g), torch.randn(b, width, 16, generator=g),
-            _mask(lengths, width))
-
-
 def test_lumina2_rope_embedder_runs_live_and_nothing_leaks():
     pytest.importorskip("diffusers")
-    m = _lumina2()
+    m = tiny_lumina2(layers=4)
     tm = treadfx.transform(m, start=1, end=2, ratio=0.5, chain="layers")
     g = torch.Generator().manual_seed(6)
-    args = _lumina_inputs([5, 7], g)
+    args = tiny_lumina2_inputs([5, 7], g)
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
         tm(*args).sample.mean().backward()  # routed (tests/test_lumina2.py checks the values)

@@ -15,30 +15,16 @@ import torch
 import treadfx
 import treadfx.fake_eval as fake_eval
 
+from helpers import tiny_lumina2, tiny_lumina2_inputs
+
 pytest.importorskip("diffusers")
 
 
-def _lumina2():
-    from diffusers import Lumina2Transformer2DModel
-
-    torch.manual_seed(0)
-    return Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=5, num_refiner_layers=1,
-        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
-        cap_feat_dim=16)
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    mask = torch.arange(8)[None, :] < torch.tensor([5, 8])[:, None]
-    return torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 8, 16, generator=g), mask
-
-
 def _report(leaves):
-    tm = treadfx.transform(_lumina2(), start=1, end=-2, ratio=0.5, leaf_modules=leaves)
+    tm = treadfx.transform(tiny_lumina2(), start=1, end=-2, ratio=0.5, leaf_modules=leaves)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return treadfx.inspect(tm, *_inputs())
+        return treadfx.inspect(tm, *tiny_lumina2_inputs([5, 8], torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("declared_first", [True, False])

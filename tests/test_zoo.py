@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import treadfx
 
 from backbone_refs import kept_for, put, routed_by_hooks, sample_of, take
-from helpers import TracesSince
+from helpers import TracesSince, tiny_lumina2
 
 B = 2
 
@@ -461,13 +461,7 @@ def _sana_video_inputs():
 
 
 def _lumina2():
-    from diffusers import Lumina2Transformer2DModel
-
-    torch.manual_seed(0)
-    return _randomize_zero_linears(Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=4, num_refiner_layers=1,
-        num_attention_heads=2, num_kv_heads=2, multiple_of=16, cap_feat_dim=12, axes_dim_rope=(4, 6, 6),
-        axes_lens=(32, 32, 32)))
+    return _randomize_zero_linears(tiny_lumina2(layers=4, kv_heads=2, cap_feat_dim=12, axes_lens=(32, 32, 32)))
 
 
 def _lumina2_inputs():

@@ -291,6 +291,20 @@ def test_a_data_dependent_submodule_gets_exact_output_shapes_without_data():
     assert not any(ev.is_data_dependent(sub) for sub in block.ff_i.modules() if sub is not block.ff_i)
 
 
+def test_the_inference_flag_of_the_moe_is_part_of_the_memo_key():
+    """``_force_inference_output=True`` sends training calls through ``moe_infer`` (no grad, host syncs): a private
+    flag that changes what the forward computes, so the process-wide memos (output metadata, FLOP counts) must never
+    give one feed-forward the other's entry."""
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    from treadfx.fake_eval import module_structure_key
+
+    default = MOEFeedForwardSwiGLU(32, 64, 4, 2)
+    forced = MOEFeedForwardSwiGLU(32, 64, 4, 2, _force_inference_output=True)
+    assert module_structure_key(default) != module_structure_key(forced)
+    assert module_structure_key(default) == module_structure_key(MOEFeedForwardSwiGLU(32, 64, 4, 2))
+
+
 def test_an_output_whose_shape_depends_on_the_data_is_not_accepted_symbolically():
     """The symbolic evaluation is exact or refuses: ``x[x > 0]`` keeps an unbacked size in its output."""
     from torch._subclasses.fake_tensor import FakeTensorMode

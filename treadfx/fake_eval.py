@@ -179,14 +179,19 @@ def _unsharded(module: nn.Module, evaluator: "FakeEvaluator") -> Iterator[None]:
         yield
 
 
+#: nn.Module's own bookkeeping attributes (hooks, registries): not part of what a forward computes
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
 def module_structure_key(m: nn.Module) -> tuple:
-    """Everything about a module tree that can change the metadata of its outputs."""
+    """Everything about a module tree that can change the metadata of its outputs (classes, training flags, parameter
+    and buffer shapes, plain attributes: private ones too, such as diffusers' ``_force_inference_output``)."""
     parts = []
     for name, sub in m.named_modules():
         attrs = tuple(
             sorted(
                 (k, v) for k, v in vars(sub).items()
-                if not k.startswith("_") and (isinstance(v, _SIMPLE) or (
+                if k not in _MODULE_INTERNALS and (isinstance(v, _SIMPLE) or (
                     isinstance(v, tuple) and all(isinstance(e, _SIMPLE) for e in v)))
             )
         )

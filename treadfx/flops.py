@@ -382,6 +382,8 @@ def data_dependent_flops(module: nn.Module, args: tuple, kwargs: dict,
         why = next((r for r in result if isinstance(r, str)), None)
         result = why if why is not None else (
             result[0], result[1], tuple(x.grad_fn is not None and x.grad_fn in reached for x in inputs))
+    if len(_SYMBOLIC) >= 4096:
+        _SYMBOLIC.clear()
     _SYMBOLIC[key] = result
     return result
 

@@ -128,3 +128,20 @@ def test_fp32_after_route_runs_the_next_block_in_float32_without_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain(*inputs())
     assert seen[3][1] is True  # off by default
+
+
+def test_inspect_of_a_plain_model_whose_chain_is_too_short_for_the_default_route_says_so():
+    """A new user inspects the untransformed model first: with 4 blocks the default route 2..-4 is empty, and the
+    error says that the route is transform()'s default (the user passed none) and how to pick one."""
+    import pytest
+
+    from helpers import tiny_dit, tiny_dit_inputs
+
+    m = tiny_dit(depth=4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(treadfx.InvalidRouteError) as e:
+        treadfx.inspect(m, *tiny_dit_inputs(batch=2))
+    msg = str(e.value)
+    assert "chain of 4 blocks" in msg and "default route (start=2, end=-4" in msg
+    assert "treadfx.transform(model, start=1, end=-2)" in msg and "start must be <= end" not in msg
+    assert not treadfx.is_transformed(m) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -70,15 +70,24 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     """Analyse ``model`` on these example inputs and return a (printable) :class:`~treadfx.Report`.
 
     ``model`` may be a transformed model (its routes are reported) or a plain
-    one (analysed with the paper default route, blocks 2..depth-4, ratio 0.5).
+    one (analysed with the paper default route, blocks 2..depth-4, ratio 0.5;
+    :class:`~treadfx.InvalidRouteError` saying so when that route does not fit).
     Every method applied to the model adds its section
     (:meth:`treadfx.Method.report_section`).  The model's mode, parameters,
     gradients and DiffMoE statistics are left as they were.
     """
     m = unwrap(model)
-    if not is_transformed(m):
+    if is_transformed(m):
+        return build_report(m, methods_of(m), args, kwargs)
+    try:
         m = transform(m)
-    return build_report(m, methods_of(m), args, kwargs)
+        return build_report(m, methods_of(m), args, kwargs)
+    except InvalidRouteError as e:  # the default route does not fit a short chain: advice for the untransformed case
+        facts = str(e).split(" Fix:")[0].rstrip(". ")
+        raise InvalidRouteError(
+            f"{facts}. treadfx.inspect on an untransformed model analyses transform()'s default route (start=2, "
+            "end=-4, ratio=0.5), which does not fit this model. Fix: transform it with a route that fits and inspect "
+            "the result, e.g. treadfx.inspect(treadfx.transform(model, start=1, end=-2), *inputs).") from e
 
 
 def diffmoe(model: nn.Module, *, inplace: bool = False, example_inputs: tuple | None = None,

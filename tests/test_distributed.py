@@ -153,7 +153,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Run the 2-rank job once (about 10 s) and load each rank's results."""
+    """Run the 2-rank job once and load each rank's results."""
     out = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
@@ -242,4 +242,7 @@ def test_seeded_selection_differs_per_rank_when_traced_before_init(ranks):
 if __name__ == "__main__":  # the 2-rank job: python tests/test_distributed.py OUT_DIR
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), sys.argv[1]), nprocs=WORLD, join=True)
+    # fork where the platform has it: the ranks inherit the imported torch and treadfx instead of importing them
+    # again (spawn), which was most of this job's time; the parent only imports (one thread: no pool to inherit)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(_free_port(), sys.argv[1]), nprocs=WORLD, join=True, start_method=method)

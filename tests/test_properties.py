@@ -199,52 +199,41 @@ def test_kept_tokens_equal_blocks_applied_to_kept_subset(case):
 
 @shared_cases
 @given(cases())
-def test_kept_tokens_do_not_depend_on_skipped_tokens(case):
+def test_skipped_tokens_reach_kept_tokens_neither_forward_nor_backward(case):
+    """Per live route, on the stream at route-out (fixed kept indices): perturbing the skipped tokens changes no kept
+    token after route-in, and the skipped ones come back as perturbed; gradients from the kept outputs never reach
+    a skipped input, and a skipped token's gradient is its own output's (the identity path) only."""
     with built(case) as (_, tm, args, prog):
         all_kept, per_route = fixed_routes_of(prog, case)
         for plan, nodes, skipped in per_route:
-            select = nodes["select"][0]
-            with treadfx.fixed_routes(tm, all_kept):
-                base = GraphProbe(prog.gm)
-                base.run(*args)
-
-                def perturb(v):
-                    v = v.clone()
-                    v[skipped] = v[skipped] * 3.0 + 1.0
-                    return v
-
-                other = GraphProbe(prog.gm, {select.args[0].name: perturb})
-                other.run(*args)
-            scat = nodes["scatter"][0].name
-            a, b = base.values[scat], other.values[scat]
-            assert torch.equal(a[~skipped], b[~skipped]), plan.index
-            assert torch.equal(b[skipped], other.values[select.args[0].name][skipped]), plan.index
-
-
-@shared_cases
-@given(cases())
-def test_skipped_tokens_get_no_gradient_through_routed_blocks(case):
-    with built(case) as (_, tm, args, prog):
-        all_kept, per_route = fixed_routes_of(prog, case)
-        for plan, nodes, skipped in per_route:
-            select = nodes["select"][0]
+            stream, scat = nodes["select"][0].args[0].name, nodes["scatter"][0].name
             leaf = {}
 
             def make_leaf(v):
                 leaf["x"] = v.detach().requires_grad_(True)
                 return leaf["x"]
 
+            def perturb(v):
+                v = v.clone()
+                v[skipped] = v[skipped] * 3.0 + 1.0
+                return v
+
             with treadfx.fixed_routes(tm, all_kept):
-                probe = GraphProbe(prog.gm, {select.args[0].name: make_leaf})
-                probe.run(*args)
-            restored = probe.values[nodes["scatter"][0].name]
-            w = torch.randn_like(restored)
-            (g_kept,) = torch.autograd.grad((restored * w * (~skipped).unsqueeze(-1)).sum(), leaf["x"],
-                                            retain_graph=True)
-            assert torch.count_nonzero(g_kept[skipped]) == 0  # nothing flows from kept outputs to skipped inputs
-            (g_skip,) = torch.autograd.grad((restored * w * skipped.unsqueeze(-1)).sum(), leaf["x"])
-            assert torch.equal(g_skip[skipped], w[skipped])  # skipped tokens: identity path only
-            assert torch.count_nonzero(g_skip[~skipped]) == 0
+                base = GraphProbe(prog.gm, {stream: make_leaf})  # the stream as a leaf: same values, gradients
+                base.run(*args)
+                other = GraphProbe(prog.gm, {stream: perturb})
+                other.run(*args)
+            # forward
+            a, b = base.values[scat], other.values[scat]
+            assert torch.equal(a[~skipped], b[~skipped]), plan.index
+            assert torch.equal(b[skipped], other.values[stream][skipped]), plan.index
+            # backward
+            w = torch.randn_like(a)
+            (g_kept,) = torch.autograd.grad((a * w * (~skipped).unsqueeze(-1)).sum(), leaf["x"], retain_graph=True)
+            assert torch.count_nonzero(g_kept[skipped]) == 0, plan.index  # nothing from kept outputs to skipped
+            (g_skip,) = torch.autograd.grad((a * w * skipped.unsqueeze(-1)).sum(), leaf["x"])
+            assert torch.equal(g_skip[skipped], w[skipped]), plan.index  # skipped tokens: identity path only
+            assert torch.count_nonzero(g_skip[~skipped]) == 0, plan.index
 
 
 @shared_cases

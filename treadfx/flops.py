@@ -260,7 +260,8 @@ class _SizeOrigins(TorchDispatchMode):
                 self.groups.append((idx.numel(), 0, hi))
                 self._values[id(idx)] = (idx, len(self.groups) - 1)
         elif packet in _SAME_VALUES and self._group(src) is not None:
-            if isinstance(out, torch.Tensor) and type(out.numel()) is int and out.numel() == src.numel():
+            if (isinstance(out, torch.Tensor) and out.dtype == src.dtype  # not a bit reinterpretation (view.dtype)
+                    and type(out.numel()) is int and out.numel() == src.numel()):
                 self._values[id(out)] = (out, self._group(src))
         elif func is aten.eq.Scalar and self._group(src) is not None and type(args[1]) is int:
             self._masks[id(out)] = (out, self._group(src), args[1])

@@ -88,11 +88,14 @@ def test_only_start_given():
 
 
 def test_no_repeated_blocks():
+    """A Sequential of plain layers: the message says what it holds and why that is no chain of blocks."""
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
-    with pytest.raises(treadfx.NoBlocksFoundError, match=re.escape(
-            "Sequential has no repeated blocks: no ModuleList/Sequential holds two or more submodules of the same "
-            "class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, diffusers and timm do).")):
+    with pytest.raises(treadfx.NoBlocksFoundError) as e:
         treadfx.transform(model)
+    msg = str(e.value)
+    assert msg.startswith("Sequential has no repeated blocks: the model (Sequential) holds 2 `Linear` layers, but a "
+                          "layer without submodules is not a block."), msg
+    assert "Fix: wrap each layer and its residual in a small nn.Module" in msg
 
 
 class Block(nn.Module):
@@ -144,10 +147,23 @@ def test_naming_the_chain_resolves_the_ambiguity():
 
 
 def test_unknown_chain_name():
-    tm = treadfx.transform(TwoTowers(), start=0, end=1, chain="tower_c")
+    """A name that is no container of blocks is refused by transform(), before anything changes."""
     with pytest.raises(treadfx.AmbiguousChainError, match=re.escape(
-            "chain='tower_c' names no chain; the model has: 'tower_a' (3 blocks); 'tower_b' (3 blocks). "
-            "Fix: pass one of those names.")):
+            "chain='tower_c' names no chain: 'tower_c' holds no repeated blocks. A chain's name is the path of the "
+            "container of its blocks, or the paths of consecutive containers joined by '+' when one chain runs "
+            "through them (`treadfx.inspect` prints the chains). The model's repeated blocks are in: 'tower_a' "
+            "(3 blocks), 'tower_b' (3 blocks). Fix: pass one of those names.")):
+        treadfx.transform(TwoTowers(), start=0, end=1, chain="tower_c")
+
+
+def test_a_name_joining_chains_that_do_not_run_into_each_other():
+    """Both containers exist, but no traced chain runs from one into the other: the first call lists the chains
+    and their parts."""
+    tm = treadfx.transform(TwoTowers(), start=0, end=1, chain="tower_a+tower_b")
+    with pytest.raises(treadfx.AmbiguousChainError, match=re.escape(
+            "chain='tower_a+tower_b' names no chain and no part of one; the model has: 'tower_a' (3 blocks); "
+            "'tower_b' (3 blocks). Fix: pass one of those names (a part's name routes only its blocks, and "
+            "start/end count within it).")):
         tm(torch.randn(2, 5, 4))
 
 

@@ -17,7 +17,7 @@ import networkx as nx
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["BlockCandidate", "find_block_candidates", "block_graph_hash", "fx_graph_to_networkx"]
+__all__ = ["BlockCandidate", "find_block_candidates", "block_graph_hash", "fx_graph_to_networkx", "no_blocks_message"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -127,3 +127,103 @@ def block_graph_hash(block: nn.Module) -> str:
     with warnings.catch_warnings():  # networkx 3.5 notes that directed hashes changed; ours are compared in-process
         warnings.simplefilter("ignore")
         return nx.weisfeiler_lehman_graph_hash(g, node_attr="label", iterations=3)
+
+
+def _loops_calling(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """Attributes among ``names`` that the model's forward calls as ``self.<name>(...)`` inside a ``for``/``while``
+    loop, each with the loop's first line (from the source; empty when the source cannot be read)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        src = textwrap.dedent(inspect.getsource(type(model).forward))
+        tree = ast.parse(src)
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    out: dict[str, str] = {}
+    for loop in ast.walk(tree):
+        if not isinstance(loop, (ast.For, ast.While)):
+            continue
+        for node in ast.walk(loop):
+            f = node.func if isinstance(node, ast.Call) else None
+            if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self"
+                    and f.attr in names and f.attr not in out):
+                out[f.attr] = src.splitlines()[loop.lineno - 1].strip()
+    return out
+
+
+def no_blocks_message(model: nn.Module) -> str:
+    """Why ``find_block_candidates(model)`` found nothing, from what the module tree holds, with the fix that fits:
+    one block applied in a loop (weight sharing), a container of plain layers (a leaf layer is no block), a
+    container of blocks of different classes, same-class blocks held as separate attributes, a container with a
+    single block, else what the model holds."""
+    name = type(model).__name__
+    head = f"{name} has no repeated blocks"
+    composite = {p: type(m).__name__ for p, m in model.named_children()
+                 if _is_composite(m) and not isinstance(m, _CONTAINERS)}
+    loops = _loops_calling(model, set(composite))
+    if loops:
+        attr, line = next(iter(loops.items()))
+        return (f"{head}: forward applies one block, `{attr}` ({composite[attr]}), in a loop (`{line}`): "
+                "weight-shared repetition. treadfx routes along distinct block modules, each called once, so one "
+                "module applied several times is not a chain. Fix: for distinct blocks, keep them in an "
+                "nn.ModuleList; to keep the weights shared, hold one thin wrapper module per step, "
+                f"`self.steps = nn.ModuleList([Step(self.{attr}) for _ in range(n)])` with "
+                f"`Step.forward(self, h): return self.block(h)`, and loop over `self.steps`.")
+    leafy, single, mixed = [], [], []
+    for path, mod in model.named_modules():
+        if not isinstance(mod, _CONTAINERS):
+            continue
+        kids = list(mod.children())
+        inner = [k for k in kids if _is_composite(k)]
+        leaf_counts: dict[str, int] = {}
+        for k in kids:
+            if not _is_composite(k):
+                leaf_counts[type(k).__name__] = leaf_counts.get(type(k).__name__, 0) + 1
+        repeated = {c: n for c, n in leaf_counts.items() if n >= 2}
+        where = f"`{path}` ({type(mod).__name__})" if path else f"the model ({type(mod).__name__})"
+        if repeated:
+            leafy.append((where, repeated))
+        if len(inner) == 1:
+            single.append((where, type(inner[0]).__name__))
+        elif len(inner) >= 2:
+            mixed.append((where, sorted({type(k).__name__ for k in inner})))
+    if leafy:
+        where, counts = leafy[0]
+        held = " and ".join(f"{n} `{c}` layers" for c, n in counts.items())
+        return (f"{head}: {where} holds {held}, but a layer without submodules is not a block. treadfx routes "
+                "tokens around blocks, modules that hold their own layers (a transformer block with its attention, "
+                "MLP and norms); a list of plain layers is taken to be part of one (projections, embedders). Fix: "
+                "wrap each layer and its residual in a small nn.Module (e.g. `class Block(nn.Module)` holding the "
+                "layer, whose forward does what forward did per layer, such as `return h + "
+                "torch.relu(self.layer(h))`) and keep those blocks in the container.")
+    if mixed:
+        where, classes = mixed[0]
+        return (f"{head}: {where} holds blocks of {len(classes)} different classes "
+                f"({', '.join(f'`{c}`' for c in classes)}), no two of the same class; treadfx takes two or more "
+                "blocks of one class in one container to be the repeated blocks. Fix: build the blocks from one "
+                "class (options in its __init__ rather than one class per block).")
+    by_class: dict[type, list[str]] = {}
+    for path, mod in model.named_modules():
+        if path and _is_composite(mod) and not isinstance(mod, _CONTAINERS):
+            by_class.setdefault(type(mod), []).append(path)
+    spread = {cls: paths for cls, paths in by_class.items() if len(paths) >= 2}
+    if spread:
+        cls, paths = max(spread.items(), key=lambda kv: len(kv[1]))
+        return (f"{head} in a container: {len(paths)} `{cls.__name__}` modules are held as separate attributes "
+                f"({', '.join(f'`{p}`' for p in paths)}), and treadfx finds repeated blocks as two or more modules "
+                "of one class in an nn.ModuleList / nn.Sequential / nn.ModuleDict. Fix: keep them in one "
+                "(`self.blocks = nn.ModuleList([...])`) and loop over it in forward.")
+    if single:
+        where, cls = single[0]
+        return (f"{head}: {where} holds a single block (`{cls}`), and a chain needs two or more blocks of one class "
+                "in one container. Fix: route a model with two or more blocks (TREAD skips tokens past a run of "
+                "blocks of a deeper model).")
+    found = (f"its modules with submodules are {', '.join(f'`{p}` ({c})' for p, c in composite.items())}, no two "
+             "of the same class" if composite else "it has no module with submodules")
+    return (f"{head}: {found}. treadfx routes tokens around two or more blocks of one class held in an "
+            "nn.ModuleList / nn.Sequential / nn.ModuleDict. If forward applies one block several times "
+            "(weight-shared repetition), that is the problem: each step of a chain must be its own module. Fix: keep "
+            "the transformer blocks in an nn.ModuleList (as DiT, diffusers and timm do); for shared weights, a "
+            "ModuleList of thin wrapper modules that each call the shared block.")

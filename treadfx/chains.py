@@ -36,6 +36,8 @@ class Chain:
     classes: list[str]
     hashes: list[str | None]
     note: str = ""  # why this chain is (not) the routed one; set by pick_chain, printed by inspect
+    #: (name of the whole chain, first, last block index in it) when ``chain=`` named this part of a merged chain
+    part_of: tuple[str, int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -43,12 +45,22 @@ class Chain:
     @property
     def name(self) -> str:
         """Container paths in order, e.g. ``transformer_blocks+single_transformer_blocks``."""
-        names: list[str] = []
-        for p in self.paths:
+        return "+".join(head for head, _a, _b in self.parts())
+
+    def parts(self) -> list[tuple[str, int, int]]:
+        """Runs of blocks from the same container, in order: (container path, first index, last index)."""
+        runs: list[tuple[str, int, int]] = []
+        for i, p in enumerate(self.paths):
             head = p.rsplit(".", 1)[0] if "." in p else p
-            if not names or names[-1] != head:
-                names.append(head)
-        return "+".join(names)
+            if runs and runs[-1][0] == head:
+                runs[-1] = (head, runs[-1][1], i)
+            else:
+                runs.append((head, i, i))
+        return runs
+
+    def sub(self, a: int, b: int) -> "Chain":
+        """Blocks ``a..b`` (inclusive) as a chain of their own."""
+        return Chain(self.nodes[a:b + 1], self.paths[a:b + 1], self.classes[a:b + 1], self.hashes[a:b + 1])
 
     def segments(self) -> list[tuple[int, int, str, str]]:
         """Runs of the same block kind: (first index, last index, class, container)."""
@@ -318,8 +330,107 @@ def _no_image_chain_error(chains: list[Chain], analysis: LayoutAnalysis, config:
     return NoBlocksFoundError(head + why + fix)
 
 
+def _chain_listing(chains: list[Chain]) -> str:
+    """``'a+b' (4 blocks: parts 'a' (blocks 0..1), 'b' (blocks 2..3)); 'c' (2 blocks)``."""
+    out = []
+    for c in chains:
+        parts = c.parts()
+        if len(parts) > 1:
+            out.append(f"{c.name!r} ({len(c)} blocks: parts "
+                       + ", ".join(f"{h!r} (blocks {a}..{b})" for h, a, b in parts) + ")")
+        else:
+            out.append(f"{c.name!r} ({len(c)} blocks)")
+    return "; ".join(out)
+
+
+def _named_chain(chains: list[Chain], name: str | int) -> tuple[Chain, Chain, tuple[int, int]]:
+    """``(named, whole, (a, b))``: the chain ``chain=name`` selects, the chain it is part of, and its blocks there.
+
+    An index or a chain's name selects that whole chain (``named is whole``); the name of one part of a merged
+    chain, or of consecutive parts joined by ``+``, selects those blocks as a new chain. AmbiguousChainError for
+    an index out of range, a name that matches nothing (listing every chain with its parts) or parts of several
+    chains."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        if not 0 <= name < len(chains):
+            raise AmbiguousChainError(
+                f"chain={name} but the model has {len(chains)} chains: "
+                + "; ".join(f"{k}: {c.name} ({len(c)} blocks)" for k, c in enumerate(chains))
+                + ". Fix: pass one of those indices or names."
+            )
+        return chains[name], chains[name], (0, len(chains[name]) - 1)
+    if not isinstance(name, str):
+        raise AmbiguousChainError(f"chain={name!r} must be a chain's name (str) or index (int). Fix: pass one of: "
+                                  f"{_chain_listing(chains)}.")
+    whole = next((c for c in chains if c.name == name), None)
+    if whole is not None:
+        return whole, whole, (0, len(whole) - 1)
+    want = name.split("+")
+    found: list[tuple[Chain, int, int]] = []
+    for c in chains:
+        parts = c.parts()
+        for i in range(len(parts) - len(want) + 1):
+            if [h for h, _a, _b in parts[i:i + len(want)]] == want:
+                found.append((c, parts[i][1], parts[i + len(want) - 1][2]))
+    if not found:
+        raise AmbiguousChainError(
+            f"chain={name!r} names no chain and no part of one; the model has: {_chain_listing(chains)}. Fix: pass "
+            "one of those names (a part's name routes only its blocks, and start/end count within it)."
+        )
+    if len(found) > 1:
+        raise AmbiguousChainError(
+            f"chain={name!r} names blocks of several chains: "
+            + "; ".join(f"blocks {a}..{b} of {c.name!r}" for c, a, b in found)
+            + f". Fix: pass the name of the whole chain to route; the model has: {_chain_listing(chains)}."
+        )
+    c, a, b = found[0]
+    part = c.sub(a, b)
+    part.part_of = (c.name, a, b)
+    return part, c, (a, b)
+
+
+def _check_routes_fit(chain: Chain, chains: list[Chain], config: TransformConfig) -> None:
+    """InvalidRouteError for a route start/end outside ``chain``, naming the chain, its length and the chains not
+    counted."""
+    n = len(chain)
+    for k, r in enumerate(getattr(config, "routes", None) or ()):
+        for what in ("start", "end"):
+            v = getattr(r, what)
+            if not isinstance(v, int) or -n <= v < n:
+                continue
+            msg = (f"route {k} {what}={v} is out of range for the routed chain `{chain.name}` ({chain.describe()}), "
+                   f"so valid indices are {-n}..{n - 1}")
+            if chain.part_of is not None:
+                whole, a, b = chain.part_of
+                msg += (f"; chain={config.chain!r} names blocks {a}..{b} of the chain `{whole}`, and start/end count "
+                        "within them")
+            skip = chain.part_of[0] if chain.part_of is not None else None
+            others = [c for c in chains if c is not chain and c.name != skip]
+            if others:
+                msg += ("; not routed, so not counted: "
+                        + ", ".join(f"`{c.name}` ({len(c)} blocks)" for c in others))
+            msg += f". Fix: choose {what} inside the routed chain; negative indices count from its end"
+            if chain.part_of is not None:
+                msg += f", or pass chain={chain.part_of[0]!r} to count along the whole chain"
+            raise InvalidRouteError(msg + ".")
+
+
 def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
     """The chain to route: the one named by ``config.chain``, else the only chain whose blocks receive image tokens.
+
+    ``chain=`` names a chain by its index in ``chains`` or by its name; the name of one part of a merged chain
+    (``single_transformer_blocks`` of ``transformer_blocks+single_transformer_blocks``), or of a run of
+    consecutive parts, selects only that part's blocks: the part is routed as a chain of its own, appended to
+    ``chains``, so start/end count within it (negative indices from its end). The whole merged chain's name
+    counts along all its blocks. The routes' start/end are then checked against the chosen chain: an
+    InvalidRouteError names it, its length, and the chains that are not counted.
+    """
+    chosen = _pick_chain(chains, analysis, config)
+    _check_routes_fit(chosen, chains, config)
+    return chosen
+
+
+def _pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformConfig) -> Chain:
+    """:func:`pick_chain` without the route range check.
 
     ``chains`` is first replaced, in place, by :func:`split_at_stream_changes` of itself, so a side-input chain
     (a text refiner) linked to the image blocks is neither routed nor counted in route indices; every chain's
@@ -344,37 +455,37 @@ def pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: TransformC
         return c
 
     if config.chain is not None:
-        if isinstance(config.chain, int) and not isinstance(config.chain, bool):
-            if not 0 <= config.chain < len(chains):
-                raise AmbiguousChainError(
-                    f"chain={config.chain} but the model has {len(chains)} chains: "
-                    + "; ".join(f"{k}: {c.name} ({len(c)} blocks)" for k, c in enumerate(chains))
-                    + ". Fix: pass one of those indices or names."
-                )
-            named = chains[config.chain]
-        else:
-            named = next((c for c in chains if c.name == config.chain), None) or next(
-                (c for c in chains if config.chain in c.name.split("+")), None)
-            if named is None:
-                raise AmbiguousChainError(
-                    f"chain={config.chain!r} names no chain; the model has: "
-                    + "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in chains) + ". Fix: pass one of those names."
-                )
-        side = _side_branch_of(named, image_chains) if id(named) in carrying else None
-        if side is not None:
-            main, fed = side
-            raise InvalidRouteError(
-                f"chain={config.chain!r} selects `{named.name}`, {_side_branch_note(main, fed)}. Fix: route "
-                f"`{main.name}` (the default, or chain={main.name!r}); its blocks then see the full side-branch "
-                "outputs added to their stream.")
-        if id(named) not in carrying:
-            others = "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in image_chains) or "none"
+        named, parent, span = _named_chain(chains, config.chain)
+        if id(parent) in carrying:
+            side = _side_branch_of(parent, image_chains)
+            if side is not None:
+                main, fed = side
+                raise InvalidRouteError(
+                    f"chain={config.chain!r} selects `{parent.name}`, {_side_branch_note(main, fed)}. Fix: route "
+                    f"`{main.name}` (the default, or chain={main.name!r}); its blocks then see the full side-branch "
+                    "outputs added to their stream.")
+        if id(parent) not in carrying or not _image_inputs_of(named.nodes[0], analysis):
+            if not image_chains:
+                raise _no_image_chain_error(chains, analysis, config)
+            others = "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in image_chains)
             raise NoBlocksFoundError(
                 f"chain={config.chain!r} selects `{named.name}`, whose blocks receive no image tokens (its first block "
                 f"receives {_receives(named.nodes[0], analysis)}), so routing it would drop no image token. "
                 f"Chains that receive image tokens: {others}. Fix: pass one of those to chain=."
             )
-        return routed_because(named, f"routed: named by chain={config.chain!r}")
+        if named is parent:
+            chosen = routed_because(named, f"routed: named by chain={config.chain!r}")
+        else:
+            a, b = span
+            before = parent.note
+            chains.append(named)
+            chosen = routed_because(named, f"routed: named by chain={config.chain!r}; start/end count within "
+                                    f"`{named.name}`, blocks {a}..{b} of the chain `{parent.name}`")
+            parent.note = (f"not routed as a whole: chain={config.chain!r} names its blocks {a}..{b} "
+                           f"(`{parent.paths[a]}` .. `{parent.paths[b]}`), routed as chain {len(chains) - 1}; to "
+                           f"count start/end along all {len(parent)} blocks, pass chain={parent.name!r}"
+                           + (f"; {before}" if before else ""))
+        return chosen
     if not image_chains:
         raise _no_image_chain_error(chains, analysis, config)
     if len(image_chains) > 1:

@@ -20,8 +20,9 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from .blocks import BlockCandidate, find_block_candidates
-from .errors import InvalidMoEConfigError, InvalidRouteError, NoBlocksFoundError, TransformError
+from .blocks import BlockCandidate, find_block_candidates, no_blocks_message
+from .errors import (AmbiguousChainError, InvalidMoEConfigError, InvalidRouteError, NoBlocksFoundError,
+                     TransformError)
 from .routes import Route, check_ratio, normalize_routes, resolve_routes
 from .side_exits import check_side_exits_mode
 
@@ -104,23 +105,8 @@ class TreadConfig:
                     f"leaf_modules names {path!r}, which is not a submodule of the model. Fix: {e}") from e
         candidates = find_block_candidates(model)
         if not candidates:
-            raise NoBlocksFoundError(
-                f"{type(model).__name__} has no repeated blocks: no ModuleList/Sequential holds two or more "
-                "submodules of the same class. Fix: keep the transformer blocks in an nn.ModuleList (as DiT, "
-                "diffusers and timm do)."
-            )
-        upper = _expected_chain_length(candidates, self.chain)
-        for k, r in enumerate(routes):
-            for name in ("start", "end"):
-                v = getattr(r, name)
-                if v >= upper or v < -upper:
-                    raise InvalidRouteError(
-                        f"route {k} {name}={v} is out of range: the model has {upper} repeated blocks "
-                        f"({candidates[0].path} ... {candidates[-1].path}), so valid indices are "
-                        f"{-upper}..{upper - 1}. Fix: choose {name} inside the chain; negative indices count from "
-                        "the end."
-                    )
-        resolve_routes(routes, upper)  # order, overlap and start <= end
+            raise NoBlocksFoundError(no_blocks_message(model))
+        _check_routes_against_tree(routes, candidates, self.chain)
         resolved = TransformConfig(
             routes=routes, chain=self.chain, stream=self.stream, fp32_after_route=bool(self.fp32_after_route),
             leaf_modules=tuple(self.leaf_modules), aux_loss=bool(self.aux_loss), mae_weight=float(self.mae_weight),
@@ -129,14 +115,73 @@ class TreadConfig:
         return resolved, candidates
 
 
-def _expected_chain_length(candidates: list[BlockCandidate], chain: str | int | None) -> int:
-    """Blocks in the chain routes index, as far as the module tree tells (the trace confirms it later)."""
+def _heads(candidates: list[BlockCandidate]) -> dict[str, list[BlockCandidate]]:
+    """The candidates by chain part name (the path of their container, as a chain's name spells it), in order."""
+    out: dict[str, list[BlockCandidate]] = {}
+    for c in candidates:
+        out.setdefault(c.path.rsplit(".", 1)[0] if "." in c.path else c.path, []).append(c)
+    return out
+
+
+def _check_routes_against_tree(routes: tuple[Route, ...], candidates: list[BlockCandidate],
+                               chain: str | int | None) -> None:
+    """Reject, before any trace, a ``chain=`` name that names no container of blocks and the routes that are out
+    of range or reversed for every chain the first call can route; nothing that could be valid is rejected.
+
+    The routed chain is known exactly from the module tree when ``chain=`` names containers (their blocks) or when
+    every block is in one container; otherwise it is at most all the repeated blocks (a side chain such as a text
+    refiner is not routed, so it may be shorter), and the exact range is checked at the first call.
+    """
+    heads = _heads(candidates)
+    if chain is not None and (isinstance(chain, bool) or not isinstance(chain, (str, int))):
+        raise AmbiguousChainError(
+            f"chain={chain!r} ({type(chain).__name__}) must be a chain's name (str) or its index (int) as "
+            "`treadfx.inspect` lists the chains. Fix: pass a name such as "
+            f"{next(iter(heads))!r} (the path of the container of the blocks), or None to let treadfx pick the chain "
+            "that carries the image tokens.")
     if isinstance(chain, str):
-        names = chain.split("+")
-        picked = [c for c in candidates if c.container in names or c.path.rsplit(".", 1)[0] in names]
-        if picked:
-            return len(picked)
-    return len(candidates)
+        unknown = [p for p in chain.split("+") if p not in heads]
+        if unknown:
+            raise AmbiguousChainError(
+                f"chain={chain!r} names no chain: {', '.join(repr(u) for u in unknown)} holds no repeated blocks. "
+                "A chain's name is the path of the container of its blocks, or the paths of consecutive containers "
+                "joined by '+' when one chain runs through them (`treadfx.inspect` prints the chains). The model's "
+                "repeated blocks are in: " + ", ".join(f"{h!r} ({len(cs)} blocks)" for h, cs in heads.items())
+                + ". Fix: pass one of those names.")
+        picked = [c for p in chain.split("+") for c in heads[p]]
+        exact, what = True, f"chain={chain!r} names {len(picked)} blocks ({picked[0].path} ... {picked[-1].path})"
+    else:
+        picked = candidates
+        exact = len(heads) == 1
+        what = (f"the model has {len(picked)} repeated blocks ({picked[0].path} ... {picked[-1].path})" if exact else
+                f"the model has {len(picked)} repeated blocks in all ("
+                + ", ".join(f"{h} x{len(cs)}" for h, cs in heads.items()) + "), the most any chain can hold")
+    upper = len(picked)
+    later = ("" if exact else " The routed chain, and so the exact range, is known at the first call: a chain that "
+             "does not carry the image tokens (a text refiner, a conditioning encoder) is neither routed nor "
+             "counted, so it may hold fewer blocks (`treadfx.inspect` prints the routed chain).")
+    for k, r in enumerate(routes):
+        for name in ("start", "end"):
+            v = getattr(r, name)
+            if v >= upper or v < -upper:
+                valid = f"so valid indices are {-upper}..{upper - 1}" if exact else \
+                    f"so no index outside {-upper}..{upper - 1} is valid"
+                raise InvalidRouteError(
+                    f"route {k} {name}={v} is out of range: {what}, {valid}.{later} Fix: choose {name} inside the "
+                    "chain; negative indices count from the end."
+                )
+    if exact:
+        resolve_routes(routes, upper)  # order, overlap and start <= end
+        return
+    first: InvalidRouteError | None = None
+    for length in range(upper, 0, -1):  # refuse only an order that is wrong for every possible chain length
+        try:
+            resolve_routes(routes, length)
+            return
+        except InvalidRouteError as e:
+            first = first or e
+    raise InvalidRouteError(f"{first} The same holds for every shorter chain: no chain of this model holds more "
+                            f"than {upper} blocks.") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import treadfx
@@ -122,8 +122,67 @@ def test_structured_select_keeps_marked_tokens_or_refuses():
         assert torch.equal(idx[1], torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]))
         assert torch.equal(idx[2], idx[0])
     keep[0, 0] = True  # rows 0 and 1 of one sample: no offset keeps both
-    with pytest.raises(treadfx.TokenCountError, match=r"no offset keeps all 2 tokens marked in sample 0"):
+    with pytest.raises(treadfx.TokenCountError) as e:
         sel(torch.zeros(3, 16, 1), keep)
+    msg = str(e.value)
+    assert "no offset keeps all 2 tokens marked in sample 0 (1 would be routed)" in msg
+    assert "(row, column) (0, 0) and (1, 2)" in msg or "(row, column) (1, 2) and (0, 0)" in msg
+    assert "Fix: mark the tokens of a sample on one sub-grid of the 2x1 cells (all in even rows, or all in odd rows)" \
+        in msg
+    # 2x1 is the smallest cell: no ratio with smaller cells is advised, nor ending the route (not known to fit)
+    assert "smaller cells" not in msg and "e.g. 0.5" not in msg and "end the route" not in msg
+    assert "route nothing for such batches (treadfx.set_ratio(model, 0.0)" in msg
+
+
+def test_structured_keep_refusal_with_larger_cells_names_the_existing_smaller_ones():
+    sel = StructuredSelect(0, 64, 8, (8, 8))  # 4x2 cells (ratio 0.875)
+    keep = torch.zeros(1, 64, dtype=torch.bool)
+    keep[0, [0, 1]] = True  # columns 0 and 1: different offsets of a 4x2 cell
+    with pytest.raises(treadfx.TokenCountError) as e:
+        sel(torch.zeros(1, 64, 1), keep)
+    msg = str(e.value)
+    assert "one token per 4x2 cell of the 8x8 token grid" in msg
+    assert "(all with the same row number mod 4 and the same column number mod 2)" in msg
+    assert "a lower ratio with smaller cells, which keeps more tokens: 0.5 (2x1 cells), 0.75 (2x2 cells);" in msg
+    assert "0.875" not in msg  # the ratio in use is not advised
+
+
+@st.composite
+def structured_marks(draw):
+    """A grid, a cell that tiles it, and per-sample marks (some on one sub-grid, some not)."""
+    grid, cell, _ = draw(grids_and_cells())
+    n = math.prod(grid)
+    marks = [draw(st.sets(st.integers(0, n - 1), max_size=4)) for _ in range(3)]
+    return grid, cell, marks
+
+
+@settings(max_examples=60, deadline=None)
+@given(structured_marks())
+def test_structured_select_keeps_marks_on_one_subgrid_and_refuses_the_others(case):
+    """Hand-written rule: a sample's marks can all be kept iff they share (row mod ch, column mod cw) (and, for
+    frames, nothing else matters); then every kept token has that offset and the marks are kept."""
+    grid, cell, marks = case
+    n, area = math.prod(grid), cell[-2] * cell[-1]
+    assume(cell == next(c for c in grid_cells(grid) if c[-2] * c[-1] == area))  # the cell the op picks for K
+    h, w = grid[-2], grid[-1]
+    offset = lambda i: ((i // w) % h % cell[-2], i % w % cell[-1])  # noqa: E731
+    keep = torch.zeros(3, n, dtype=torch.bool)
+    for b, s in enumerate(marks):
+        keep[b, sorted(s)] = True
+    sel = StructuredSelect(0, n, n // area, grid)
+    fits = [len({offset(i) for i in s}) <= 1 for s in marks]
+    if all(fits):
+        idx = sel(torch.zeros(3, n, 1), keep)
+        for b, s in enumerate(marks):
+            assert s <= set(idx[b].tolist())
+            if s:
+                assert {offset(int(i)) for i in idx[b]} == {offset(next(iter(s)))}
+    else:
+        with pytest.raises(treadfx.TokenCountError) as e:
+            sel(torch.zeros(3, n, 1), keep)
+        b = fits.index(False)
+        assert f"so no offset keeps all {len(marks[b])} tokens marked in sample {b}" in str(e.value)
+        assert f"one sub-grid of the {cell[-2]}x{cell[-1]} cells" in str(e.value)
 
 
 # ------------------------------------------------------------------ a tiny model whose blocks need the grid
@@ -253,12 +312,70 @@ def test_unsupported_ratio_is_refused_naming_the_supported_ones():
     msg = str(e.value)
     assert "cannot keep 26 of 64 tokens" in msg and "8x8 token grid" in msg
     assert "0.5 (1/2: 2x1 cells)" in msg and "0.75 (3/4: 2x2 cells)" in msg and "0.875 (7/8" in msg
-    assert "Fix: use one of these ratios" in msg
+    # every block of the chain takes the grid and the grid's sides are even: the grid's ratios are the only fix
+    assert msg.endswith("Fix: use one of these ratios.")
     tm = treadfx.transform(GridNet(), start=1, end=3, ratio=0.5)
     tm(*grid_net_inputs())
     treadfx.set_ratio(tm, 0.3)  # changed after tracing: refused by the next routed forward
-    with pytest.raises(treadfx.InvalidRatioError, match=r"cannot keep 45 of 64 tokens.*0\.5 \(1/2"):
+    with pytest.raises(treadfx.InvalidRatioError, match=r"cannot keep 45 of 64 tokens.*0\.5 \(1/2") as e:
         tm(*grid_net_inputs())
+    assert str(e.value).endswith("Fix: use one of these ratios.")
+
+
+def test_odd_token_grid_refusal_advises_a_grid_with_even_sides_and_its_ratios():
+    tm = treadfx.transform(GridNet(), start=1, end=3, ratio=0.5)
+    with pytest.raises(treadfx.InvalidRatioError) as e:
+        tm(*grid_net_inputs(size=14))  # 7x7 tokens: no 2x1 cell tiles it
+    msg = str(e.value)
+    assert "cannot keep 25 of 49 tokens" in msg and "0.86 (6/7: 7x1 cells)" in msg
+    assert ("Fix: use one of these ratios; or train at a resolution whose token grid has even sides (e.g. 8x8 tokens "
+            "instead of 7x7), where structured selection honours 0.5, 0.75, 0.875") in msg
+    assert "random selection" not in msg and "end the route" not in msg
+
+
+class PlainBlock(nn.Module):
+    """A block that never sees the token grid (random selection can route it)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x, c):
+        return x + self.lin(self.norm(x) + c.unsqueeze(1))
+
+
+class PlainThenGrid(GridNet):
+    """Three blocks without the grid, then three that need it (one merged chain of six)."""
+
+    def __init__(self):
+        super().__init__(depth=3)
+        self.plain = nn.ModuleList([PlainBlock(16) for _ in range(3)])
+
+    def forward(self, img, t):
+        x, c, hh, ww = self.tokens(img, t)
+        for blk in self.plain:
+            x = blk(x, c)
+        for blk in self.blocks:
+            x = blk(x, c, hh, ww)
+        return self.untokens(x, hh, ww)
+
+
+def test_ratio_refusal_advises_random_selection_only_on_blocks_that_take_no_grid():
+    advice = ("or route only chain blocks that do not take the token grid, with random selection: `plain.0` (0), "
+              "`plain.1` (1), `plain.2` (2) (name: chain index).")
+    tm = treadfx.transform(PlainThenGrid(), start=3, end=4, ratio=0.6)
+    with pytest.raises(treadfx.InvalidRatioError) as e:
+        tm(*grid_net_inputs())
+    assert str(e.value).endswith("Fix: use one of these ratios; " + advice)
+    tm = treadfx.transform(PlainThenGrid(), start=3, end=4, ratio=0.5)
+    tm(*grid_net_inputs())
+    treadfx.set_ratio(tm, 0.6)  # refused at run time by the route-out op: the same advice
+    with pytest.raises(treadfx.InvalidRatioError) as e:
+        tm(*grid_net_inputs())
+    assert str(e.value).endswith("Fix: use one of these ratios; " + advice)
+    tm = treadfx.transform(PlainThenGrid(), start=0, end=1, ratio=0.6)  # and that route does work
+    tm(*grid_net_inputs())
+    assert treadfx.last_routes(tm)[0].kept.shape == (3, 26)
 
 
 def test_random_selection_on_grid_blocks_is_refused_with_advice():
@@ -268,6 +385,7 @@ def test_random_selection_on_grid_blocks_is_refused_with_advice():
     msg = str(e.value)
     assert "block `blocks.1`" in msg and "8x8 token grid (block arguments `height`, `width`)" in msg
     assert "use selection='structured' (or 'auto')" in msg
+    assert msg.count("Fix:") == 1 and "end the route before this operation" not in msg  # only the advice that fits
 
 
 def test_structured_selection_needs_blocks_that_take_the_grid():
@@ -354,6 +472,33 @@ def test_sana_routes_structured_and_matches_hook_reference():
         for h in handles:
             h.remove()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_sana_refusals_give_only_advice_that_fits():
+    """Every Sana block needs the grid: a refused ratio is fixed by the grid's ratios only (8x8: even sides), and a
+    keep mask off one sub-grid by marks on one sub-grid (2x1 cells are the smallest: no smaller-cell ratio)."""
+    m, tm, args, report = sana()
+    tm.train()
+    treadfx.set_ratio(tm, 0.3)
+    try:
+        with pytest.raises(treadfx.InvalidRatioError) as e:
+            tm(*args)
+    finally:
+        treadfx.set_ratio(tm, 0.5)
+    assert "cannot keep 45 of 64 tokens" in str(e.value) and str(e.value).endswith("Fix: use one of these ratios.")
+    keep = torch.zeros(2, 64, dtype=torch.bool)
+    keep[:, [0, 9]] = True  # (0, 0) and (1, 1): rows of both parities
+    with pytest.raises(treadfx.TokenCountError) as e, treadfx.keep_tokens(tm, keep):
+        tm(*args)
+    msg = str(e.value)
+    assert "one sub-grid of the 2x1 cells (all in even rows, or all in odd rows)" in msg
+    assert "smaller cells" not in msg and "end the route" not in msg
+    keep[:, 9] = False
+    keep[:, 16 + 5] = True  # (0, 0) and (2, 5): both in even rows, kept
+    with treadfx.keep_tokens(tm, keep):
+        tm(*args)
+    kept = treadfx.last_routes(tm)[0].kept
+    assert all({0, 21} <= set(k.tolist()) for k in kept)
 
 
 def test_sana_training_step_eval_and_flops():

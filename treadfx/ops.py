@@ -233,7 +233,7 @@ class StructuredSelect(RouteSelect):
         super().__init__(route_index, num_tokens, num_keep, sorted_order=True, shared=False, seed=seed)
         self.grid = tuple(int(s) for s in grid)
         self.cells = cells_by_count(self.grid)  # {K: cell}: a plain dict, so torch.compile folds the lookup
-        self.grid_free: tuple[str, ...] | None = None  # chain blocks outside the route that take no grid (advice)
+        self.grid_free: tuple | None = None  # (index, path) of chain blocks outside the route taking no grid (advice)
 
     def extra_repr(self) -> str:
         grid = "x".join(map(str, self.grid))

@@ -174,7 +174,7 @@ def even_grid(sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes[:-2] + tuple(s + s % 2 for s in sizes[-2:])
 
 
-def _ratio_fixes(sizes: tuple[int, ...], grid_free: Sequence[str] | None) -> list[str]:
+def _ratio_fixes(sizes: tuple[int, ...], grid_free: Sequence[tuple[int, str]] | None) -> list[str]:
     """The fixes for a refused structured ratio that apply here: the grid's own ratios; a token grid with even sides
     when one is odd (naming the ratios it honours); random selection on chain blocks that do not take the grid, only
     when there are such blocks (``grid_free``; None when unknown)."""
@@ -187,13 +187,14 @@ def _ratio_fixes(sizes: tuple[int, ...], grid_free: Sequence[str] | None) -> lis
                          f"instead of {_grid_text(sizes)}), where structured selection honours "
                          + ", ".join(f"{r:g}" for r in honoured[:6]))
     if grid_free:
-        names = ", ".join(f"`{n}`" for n in grid_free[:6]) + (", ..." if len(grid_free) > 6 else "")
-        fixes.append(f"route only chain blocks that do not take the token grid ({names}) with random selection")
+        names = ", ".join(f"`{n}` ({k})" for k, n in grid_free[:6]) + (", ..." if len(grid_free) > 6 else "")
+        fixes.append("route only chain blocks that do not take the token grid, with random selection: "
+                     f"{names} (name: chain index)")
     return fixes
 
 
 def cell_for_count(sizes: tuple[int, ...], keep: int, what: str = "structured selection",
-                   grid_free: Sequence[str] | None = None) -> tuple[int, ...]:
+                   grid_free: Sequence[tuple[int, str]] | None = None) -> tuple[int, ...]:
     """The cell that keeps exactly ``keep`` tokens of the grid, or InvalidRatioError naming the ratios it can keep
     and only the fixes that apply (``grid_free``: the chain's blocks outside the route that take no token grid,
     None when unknown; ending the route before the grid blocks is advised only when there are some)."""
@@ -210,7 +211,7 @@ def cell_for_count(sizes: tuple[int, ...], keep: int, what: str = "structured se
 
 
 def check_structured_ratio(ratio: float, sizes: tuple[int, ...], route_index: int,
-                           grid_free: Sequence[str] | None = None) -> tuple[int, ...] | None:
+                           grid_free: Sequence[tuple[int, str]] | None = None) -> tuple[int, ...] | None:
     """The cell for ``ratio`` on this grid (None for ratio 0: nothing is routed), or InvalidRatioError (see
     :func:`cell_for_count`)."""
     from .ops import num_kept
@@ -223,17 +224,17 @@ def check_structured_ratio(ratio: float, sizes: tuple[int, ...], route_index: in
                           grid_free=grid_free)
 
 
-def grid_free_blocks(chain, start: int, end: int, sizes: Sequence[int]) -> tuple[str, ...]:
-    """The chain's blocks outside ``start..end`` that do not get the grid sizes among their int arguments (so they
-    cannot reshape the tokens to the grid): where random selection could route instead.  A block that gets them is
-    counted as needing the grid."""
+def grid_free_blocks(chain, start: int, end: int, sizes: Sequence[int]) -> tuple[tuple[int, str], ...]:
+    """``(chain index, path)`` of the chain's blocks outside ``start..end`` that do not get the grid sizes among their
+    int arguments (so they cannot reshape the tokens to the grid): where random selection could route instead.  A
+    block that gets them is counted as needing the grid."""
     out = []
     for k, node in enumerate(chain.nodes):
         if start <= k <= end:
             continue
         ints = [_int_value(a) for a in list(node.args) + list(node.kwargs.values())]
         if not all(s in ints for s in sizes):
-            out.append(chain.paths[k] if k < len(chain.paths) else str(node.target))
+            out.append((k, chain.paths[k] if k < len(chain.paths) else str(node.target)))
     return tuple(out)
 
 

@@ -723,3 +723,57 @@ def test_numpy_scalars_and_enums_are_constants_of_the_code():
         if i == 2:
             h = put(saved, h, kept)
     assert torch.equal(out, h)
+
+
+class ItemSlice(nn.Module):
+    """The model's own forward (no submodule to run live) reads a token count from a mask with ``.item()`` or
+    ``.tolist()`` and slices the tokens with it before the blocks."""
+
+    def __init__(self, how: str, d: int = 16):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Linear(4, d)
+        self.cond = nn.Linear(1, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(4)])
+        self.out = nn.Linear(d, 4)
+
+    def pre(self, x, t, valid):
+        n = int(valid[0].sum().item()) if self.how == "item" else max(valid.sum(1).tolist())
+        return self.embed(x)[:, : int(n)], self.cond(t[:, None])
+
+    def forward(self, x, t, valid):
+        h, c = self.pre(x, t, valid)
+        for blk in self.blocks:
+            h = blk(h, c)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("how", ["item", "tolist"])
+def test_item_and_tolist_in_the_top_level_forward_are_specialised_with_a_guard(how, trace_count):
+    """Like ``int(t)``: the graph is specialised on the value and re-checked at every call (a new value traces
+    once), and the routed output equals the hand-written reference on the same kept tokens."""
+    torch.manual_seed(0)
+    m = ItemSlice(how)
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    g = torch.Generator().manual_seed(5)
+    for n in (12, 8, 12):
+        x, t = torch.randn(2, 12, 4, generator=g), torch.rand(2, generator=g)
+        valid = (torch.arange(12) < n).float().expand(2, 12)
+        kept = torch.stack([torch.randperm(n, generator=g)[: n - n // 2] for _ in range(2)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with treadfx.fixed_routes(tm, [kept]):
+                out = tm(x, t, valid)
+        ref = routed_reference(m.pre(x, t, valid), m.blocks, m.out, kept, 1, 2)
+        assert out.shape == (2, n, 4) and torch.equal(out, ref), n
+    assert trace_count[0] == 2  # one graph per value, each traced once
+    # indices for 12 tokens on a call with 8: refused whether the variant for 8 is tried second or first
+    x, t = torch.randn(2, 12, 4, generator=g), torch.rand(2, generator=g)
+    valid = (torch.arange(12) < 8).float().expand(2, 12)
+    for _ in range(2):
+        with pytest.raises(treadfx.TokenCountError, match="between 1 and 8 of the 8 image tokens"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with treadfx.fixed_routes(tm, [kept]):
+                    tm(x, t, valid)
+        tm(x, t, valid)  # makes the 8-token variant the first one tried

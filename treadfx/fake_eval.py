@@ -558,8 +558,19 @@ class FakeEvaluator:
             if node.op == "output":
                 env[node] = args[0]
                 continue
-            env[node] = self.run_node(gm, node, args, kwargs)
+            try:
+                env[node] = self.run_node(gm, node, args, kwargs)
+            except _DATA_DEPENDENT:
+                if not _specialised_on_data(node):
+                    raise
+                env[node] = node.meta.get("val")  # the graph is specialised on the traced call's value, guarded
         return env
+
+
+def _specialised_on_data(node: fx.Node) -> bool:
+    """The graph holds this node's value from the traced call and a data guard re-checks it at every call
+    (``.item()``, ``.tolist()``, ``nonzero`` outside any live submodule; see :mod:`treadfx.data_guards`)."""
+    return any(getattr(u.target, "__treadfx_guard__", False) for u in node.users)
 
 
 #: process-wide: (class, module_structure_key) of data-dependent submodules whose FLOPs a count on fakes could not

@@ -415,8 +415,15 @@ class TreadModule(LazyModuleMixin):
         prog = program_for(self, st, args, kwargs)
         st.current = prog
         warn_side_exits(st, prog, type(self).__name__)
-        st.sync(prog)
-        return run_guarded(self, st, prog, args, kwargs)  # retraces when a value it specialised on changed
+        if not getattr(prog.traced, "data_guards", None):
+            st.sync(prog)
+            return prog.run(st, args, kwargs)
+        # variants by tensor data: fixed indices may fit another variant of this signature (Lumina2's padded length),
+        # so they are checked against the variant that ran
+        st.sync(prog, check=False)
+        out = run_guarded(self, st, prog, args, kwargs)  # retraces when a value it specialised on changed
+        st.sync(st.current)  # TokenCountError when the variant that ran does not take the fixed indices
+        return out
 
     def compile(self, *args, **kwargs) -> None:
         """In-place ``torch.compile`` (like ``nn.Module.compile``) that prepares each new signature eagerly first."""

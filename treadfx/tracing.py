@@ -79,11 +79,6 @@ __all__ = [
 #: One trace at a time in the process: torch.fx patches ``nn.Module.__call__`` globally while it traces.
 TRACE_LOCK = threading.RLock()
 
-try:  # private, stable since torch 2.1; only needed to evaluate leaves mid-trace
-    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _revert_fx_patches
-except ImportError:  # pragma: no cover - future torch
-    _revert_fx_patches = contextlib.nullcontext  # type: ignore[assignment]
-
 try:
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
@@ -505,6 +500,24 @@ def _mutates(user: fx.Node, node: fx.Node) -> bool:
     return user.op == "call_method" and t.endswith("_") and not t.endswith("__")
 
 
+class _PinningEvaluator(FakeEvaluator):
+    """A :class:`FakeEvaluator` that keeps the fakes of the parameters and buffers of every module it evaluates.
+
+    The fake mode's memo of real -> fake tensors holds its fakes weakly: a
+    parameter whose fake died with the last evaluation's outputs is converted
+    again at the next one (the side-input probe evaluates the same block many
+    times).  Held here, each is converted once per analysis, and only for the
+    modules actually evaluated (the memo of module calls skips the others).
+    """
+
+    def _fake_call(self, module: nn.Module, a: tuple, k: dict) -> Any:
+        for t in module.parameters():
+            self.to_fake(t)
+        for t in module.buffers():
+            self.to_fake(t)
+        return super()._fake_call(module, a, k)
+
+
 class SpecializingTracer(fx.Tracer):
     """FX tracer that carries fake values beside proxies and specialises non-tensor values."""
 
@@ -513,7 +526,8 @@ class SpecializingTracer(fx.Tracer):
         self.leaf_ids = {id(m) for m in leaves}
         self.fake_mode = fake_mode
         self.recorder = _Recorder(self)
-        self.evaluator = FakeEvaluator(fake_mode)
+        self.evaluator = _PinningEvaluator(fake_mode)
+        self.plain_call: Callable | None = None  # the hook-less module call under fx's patches (see _trace)
         self.thread = threading.get_ident()
         self.calls: list[CallRecord] = []
         self.call_stack: list[int] = []
@@ -524,6 +538,7 @@ class SpecializingTracer(fx.Tracer):
         self.free_hash = 0  # > 0 while a set of late ints is built (its equality pattern is guarded instead)
         self.late_items: dict[fx.Node, set[int]] = {}  # live-leaf call -> output items read as late ints
         self.live_values: dict[fx.Node, Any] = {}  # live-leaf call -> its value on the traced call
+        self._passthrough = 0  # > 0 while values are evaluated: fx's patched module calls and attributes act plainly
 
     def _foreign(self) -> bool:
         """True in a thread other than the tracing one (fx's patches are process-wide)."""
@@ -536,12 +551,14 @@ class SpecializingTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if self._foreign():
+        if self._passthrough or self._foreign():
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        if self._foreign():
+        if self._passthrough and not self._foreign() and self.plain_call is not None:
+            return self.plain_call(m, *args, **kwargs)  # a value being evaluated: forward only, no hooks
+        if self._passthrough or self._foreign():
             return forward(*args, **kwargs)  # another thread: the module's normal call
         ckpt = self.checkpoints[-1]["options"] if self.checkpoints and \
             self.checkpoints[-1]["depth"] == len(self.call_stack) else None
@@ -758,7 +775,7 @@ class SpecializingTracer(fx.Tracer):
     @contextlib.contextmanager
     def _real_context(self):
         """Run user code on real tensors in the middle of a trace: no fx patches, no hooks, no grad, RNG kept."""
-        with _revert_fx_patches(), self.recorder.pause(), unset_fake_temporarily(), no_user_hooks(), \
+        with self._plain_calls(), self.recorder.pause(), unset_fake_temporarily(), no_user_hooks(), \
                 torch.no_grad(), rng_preserved(list((self.real_inputs or {}).values())):
             yield
 
@@ -1042,9 +1059,24 @@ class SpecializingTracer(fx.Tracer):
         return pytree.tree_map(conv, tree)
 
     @contextlib.contextmanager
-    def _evaluating(self, revert: bool = False):
-        # FX's patches (nn.Module.__call__/__getattr__, autowrapped functions) only matter when module code runs
-        with (_revert_fx_patches() if revert else contextlib.nullcontext()), self.recorder.pause(), self.fake_mode:
+    def _plain_calls(self):
+        """While active, code run in this thread sees plain module calls and attributes.
+
+        FX's patches (``nn.Module.__call__``/``__getattr__``, ``Tensor.__getitem__``, autowrapped functions)
+        stay installed: its module wrappers defer to :meth:`call_module` and :meth:`getattr`, which act plainly
+        here, and its function wrappers act plainly on values that hold no proxy (evaluation sees only fake or
+        real tensors).  Reverting and reapplying the patches instead costs milliseconds per evaluation: assigning
+        a dunder of ``nn.Module`` updates the slot of each of its (often thousands of) subclasses.
+        """
+        self._passthrough += 1
+        try:
+            yield
+        finally:
+            self._passthrough -= 1
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        with self._plain_calls(), self.recorder.pause(), self.fake_mode:
             yield
 
     def evaluate_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -1055,12 +1087,12 @@ class SpecializingTracer(fx.Tracer):
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "get_attr":
             obj: Any = self.root
-            with _revert_fx_patches():
+            with self._plain_calls():
                 for atom in str(target).split("."):
                     obj = getattr(obj, atom)
             return self.to_fake(obj) if isinstance(obj, torch.Tensor) else obj
         a, k = self._values((args, kwargs))
-        with self._evaluating(revert=kind == "call_module"):
+        with self._evaluating():
             if kind == "call_function":
                 return target(*a, **k)
             if kind == "call_method":
@@ -1161,6 +1193,11 @@ class SpecializingTracer(fx.Tracer):
             return a.specialise("an argument of a graph operation")
         if type(a).__module__ == "numpy" and hasattr(a, "item") and getattr(a, "ndim", 1) == 0:
             return a.item()  # a numpy scalar the forward computed: the equal Python number in the code
+        if type(a).__module__ == "numpy" and type(a).__name__ == "ndarray":
+            # a numpy array (``torch.tensor(self.table)``): the same object, read by the code through an attribute
+            name = self.get_fresh_qualname("_treadfx_array")
+            setattr(self.root, name, a)
+            return self.create_node("get_attr", name, (), {})
         if isinstance(a, FakeTensor):
             raise UntraceableForwardError(
                 f"a fake tensor escaped into the graph at {_user_location()}; this is a treadfx bug, please report it"
@@ -1383,7 +1420,12 @@ def _trace(model, forward, args, kwargs, leaves, arg_names) -> TracedProgram:
         return traced, [root] + placeholders
 
     tracer.create_args_for_root = create_args_for_root  # type: ignore[method-assign]
-    with tracer.recorder, tracer.checkpoint_interception(), autowrap_guard(), _late_builtins(tracer, forward, model):
+    # module calls made while values are evaluated run their forward only (no user hooks): no_user_hooks is
+    # entered once here, under fx's patches, instead of once per evaluated module (each entry reassigns
+    # nn.Module.__call__, which updates a slot in every subclass of nn.Module)
+    with no_user_hooks(), tracer.recorder, tracer.checkpoint_interception(), autowrap_guard(), \
+            _late_builtins(tracer, forward, model):
+        tracer.plain_call = nn.Module.__call__
         graph = tracer.trace(root)
     tracer.finish_late()
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{type(model).__name__}")

@@ -777,3 +777,40 @@ def test_item_and_tolist_in_the_top_level_forward_are_specialised_with_a_guard(h
                 with treadfx.fixed_routes(tm, [kept]):
                     tm(x, t, valid)
         tm(x, t, valid)  # makes the 8-token variant the first one tried
+
+
+class NumpyArrayModel(nn.Module):
+    """A numpy table attribute turned into a tensor in forward, the three usual ways."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.cond = nn.Linear(1, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(4)])
+        self.table = np.linspace(0.0, 1.0, d, dtype=np.float64)  # float64: torch.tensor keeps it, a list would not
+
+    def pre(self, x, t):
+        h = self.embed(x) + torch.tensor(self.table).to(x.dtype) + torch.from_numpy(self.table).to(x.dtype)
+        return h * torch.as_tensor(self.table[:1]).to(x.dtype), self.cond(t[:, None])
+
+    def forward(self, x, t):
+        h, c = self.pre(x, t)
+        for blk in self.blocks:
+            h = blk(h, c)
+        return h
+
+
+def test_numpy_arrays_are_constants_of_the_code_and_in_place_edits_are_seen():
+    torch.manual_seed(0)
+    m = NumpyArrayModel()
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    g = torch.Generator().manual_seed(6)
+    for step in range(2):
+        x, t = torch.randn(2, 8, 4, generator=g), torch.rand(2, generator=g)
+        out = tm(x, t)
+        ref = routed_reference(m.pre(x, t), m.blocks, lambda h: h, kept_of(tm), 1, 2)
+        assert torch.equal(out, ref), step
+        m.table *= 2.0  # the code reads the array object at every call, like the original forward
+    tm.eval()
+    x, t = torch.randn(2, 8, 4, generator=g), torch.rand(2, generator=g)
+    assert torch.equal(tm(x, t), m(x, t))

@@ -217,6 +217,9 @@ def make_live(analysis_gm: fx.GraphModule, prog: TracedProgram, model: nn.Module
         if name != prog.model_root:
             holder.add_module(name, sub)
     holder.add_module(prog.model_root, model)
+    for n in analysis_gm.graph.nodes:  # constants the trace stored on the graph module (tensors, numpy arrays)
+        if n.op == "get_attr" and "." not in n.target and not hasattr(holder, n.target):
+            setattr(holder, n.target, getattr(analysis_gm, n.target))
     collapser = _Collapser(graph, holder, prog.calls, val_map)
     members: dict[int, list[fx.Node]] = {}
     top_of: dict[int, int] = {}

@@ -222,6 +222,14 @@ def test_out_of_range_at_transform_names_no_index_valid_that_the_refiner_would_a
         tm(*args, **kwargs)
 
 
+def test_the_last_component_of_a_container_path_is_answered_with_the_full_path():
+    m, _args, _kwargs = _hunyuan_image()
+    with pytest.raises(treadfx.AmbiguousChainError, match=re.escape(
+            f"The model's repeated blocks are in: '{REFINER}' (2 blocks), 'transformer_blocks' (2 blocks), "
+            f"'single_transformer_blocks' (2 blocks). Fix: pass one of those names (the full path: '{REFINER}').")):
+        treadfx.transform(m, start=0, end=0, chain="refiner_blocks")
+
+
 def test_transform_accepts_indices_valid_for_the_routed_chain_that_the_six_blocks_would_reverse():
     """start=-2, end=3: blocks 4 > 3 in 6 blocks, but blocks 2..3 of the routed chain of 4."""
     m, args, kwargs = _hunyuan_image()

@@ -77,7 +77,11 @@ class Chain:
         parts = []
         for a, b, cls, head in self.segments():
             parts.append(f"{head}[{self.paths[a].rsplit('.', 1)[-1]}..{self.paths[b].rsplit('.', 1)[-1]}] {cls} x{b - a + 1}")
-        return f"{len(self)} blocks: " + ", then ".join(parts)
+        return f"{_blocks(len(self))}: " + ", then ".join(parts)
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block" + ("" if n == 1 else "s")
 
 
 def _writes_into(node: fx.Node, before: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
@@ -336,10 +340,10 @@ def _chain_listing(chains: list[Chain]) -> str:
     for c in chains:
         parts = c.parts()
         if len(parts) > 1:
-            out.append(f"{c.name!r} ({len(c)} blocks: parts "
+            out.append(f"{c.name!r} ({_blocks(len(c))}: parts "
                        + ", ".join(f"{h!r} (blocks {a}..{b})" for h, a, b in parts) + ")")
         else:
-            out.append(f"{c.name!r} ({len(c)} blocks)")
+            out.append(f"{c.name!r} ({_blocks(len(c))})")
     return "; ".join(out)
 
 
@@ -407,7 +411,7 @@ def _check_routes_fit(chain: Chain, chains: list[Chain], config: TransformConfig
             others = [c for c in chains if c is not chain and c.name != skip]
             if others:
                 msg += ("; not routed, so not counted: "
-                        + ", ".join(f"`{c.name}` ({len(c)} blocks)" for c in others))
+                        + ", ".join(f"`{c.name}` ({_blocks(len(c))})" for c in others))
             msg += f". Fix: choose {what} inside the routed chain; negative indices count from its end"
             if chain.part_of is not None:
                 msg += f", or pass chain={chain.part_of[0]!r} to count along the whole chain"
@@ -467,7 +471,7 @@ def _pick_chain(chains: list[Chain], analysis: LayoutAnalysis, config: Transform
         if id(parent) not in carrying or not _image_inputs_of(named.nodes[0], analysis):
             if not image_chains:
                 raise _no_image_chain_error(chains, analysis, config)
-            others = "; ".join(f"{c.name!r} ({len(c)} blocks)" for c in image_chains)
+            others = "; ".join(f"{c.name!r} ({_blocks(len(c))})" for c in image_chains)
             raise NoBlocksFoundError(
                 f"chain={config.chain!r} selects `{named.name}`, whose blocks receive no image tokens (its first block "
                 f"receives {_receives(named.nodes[0], analysis)}), so routing it would drop no image token. "

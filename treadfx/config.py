@@ -51,8 +51,12 @@ class TreadConfig:
     index the chain of repeated blocks; ``ratio`` is the fraction of image
     tokens skipped.  ``routes=[(start, end, ratio), ...]`` or
     :class:`~treadfx.Route` objects give several routes.  ``chain`` names the
-    chain when a model has several, ``stream`` names the forward argument that
-    carries the image tokens.  ``order``/``selection``/``seed`` set the
+    chain when a model has several (its name, the container paths of its
+    blocks joined by ``+``, or its index in ``inspect``'s list); the name of
+    one part of a merged chain (``single_transformer_blocks`` of
+    ``transformer_blocks+single_transformer_blocks``) routes only that part,
+    and start/end then count within it.  ``stream`` names the forward argument
+    that carries the image tokens.  ``order``/``selection``/``seed`` set the
     selection of every route given as a tuple (see :class:`~treadfx.Route`).
     ``aux_loss=True`` derives the pixel->token map for
     :func:`~treadfx.route_loss` at trace time; ``mae_weight`` is that loss's
@@ -142,12 +146,15 @@ def _check_routes_against_tree(routes: tuple[Route, ...], candidates: list[Block
     if isinstance(chain, str):
         unknown = [p for p in chain.split("+") if p not in heads]
         if unknown:
+            ends = [h for h in heads if any(h.endswith("." + u) for u in unknown)]
             raise AmbiguousChainError(
                 f"chain={chain!r} names no chain: {', '.join(repr(u) for u in unknown)} holds no repeated blocks. "
                 "A chain's name is the path of the container of its blocks, or the paths of consecutive containers "
                 "joined by '+' when one chain runs through them (`treadfx.inspect` prints the chains). The model's "
-                "repeated blocks are in: " + ", ".join(f"{h!r} ({len(cs)} blocks)" for h, cs in heads.items())
-                + ". Fix: pass one of those names.")
+                "repeated blocks are in: "
+                + ", ".join(f"{h!r} ({len(cs)} block{'s' if len(cs) != 1 else ''})" for h, cs in heads.items())
+                + ". Fix: pass one of those names"
+                + (f" (the full path: {', '.join(repr(h) for h in ends)})." if ends else "."))
         picked = [c for p in chain.split("+") for c in heads[p]]
         exact, what = True, f"chain={chain!r} names {len(picked)} blocks ({picked[0].path} ... {picked[-1].path})"
     else:

@@ -137,7 +137,7 @@ class TreadPass(PassBase):
             select = StructuredSelect(i, plan.num_tokens, plan.num_keep, plan.grid.sizes, seed=plan.route.seed)
         else:
             select = RouteSelect(i, plan.num_tokens, plan.num_keep, plan.order == "sorted", not per_sample,
-                                 seed=plan.route.seed)
+                                 seed=plan.route.seed, shared_reason=None if per_sample else plan.selection_reason)
         select.train(self.training)
         select.forced = self.forced
         gm.add_submodule(select_name(i), select)

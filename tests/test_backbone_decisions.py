@@ -187,10 +187,12 @@ def test_unsupported_pattern_names_the_block_and_the_tensor():
         tm(torch.randn(2, 16, 3))
     msg = str(e.value)
     assert msg.startswith("route 0 (chain blocks 1..2): block `blocks.1` cannot run on the kept tokens (15 of 16 in "
-                          "the probe). Inputs: output of `blocks.0`=[2, 16, 8].")
+                          "the probe); the problem is the block's own parameter `blocks.1.pos` [16, 8]: it is a "
+                          "per-token table inside the block")
+    assert "Inputs: output of `blocks.0`=[2, 16, 8]. Error (in `add` at test_backbone_decisions.py:" in msg
     assert re.search(r"torch.Size\(\[16, 8\]\)", msg)
-    assert msg.endswith("Fix: end the route before this operation, or make the tensor it needs token-aligned; "
-                        "treadfx never routes a region it cannot prove shape-consistent.")
+    assert msg.endswith("Fix: pass it as an input to the block (treadfx then gathers it with the kept tokens) or end "
+                        "the route before this block.")
     # and in eval the model still runs as the original
     tm.eval()
     assert tm(torch.randn(2, 16, 3)).shape == (2, 16, 8)

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from .chains import Chain
 from .errors import StreamAnalysisError, UnroutableRegionError
-from .fake_eval import FakeEvaluator, fake_like, quiet_fake_tensor_logs
+from .fake_eval import FakeEvaluator, fake_like, no_user_hooks, quiet_fake_tensor_logs
 from .graph_walk import depends_on, upstream
 from .layout import (Layout, LayoutAnalysis, Segment, TokenInfo, block_joint_layouts, broadcast_leads, image_span,
                      layout_str, module_value, side_parts)
@@ -214,7 +214,8 @@ class _Walk:
             ) -> tuple[dict[fx.Node, Any], fx.Node | None, Exception | None]:
         """(values of the region's nodes, the first node that failed or None, its error); with ``until``, the
         walk stops once that node ran."""
-        with quiet_fake_tensor_logs():
+        # no_user_hooks once for the walk, not once per module evaluated: each entry reassigns nn.Module.__call__
+        with quiet_fake_tensor_logs(), no_user_hooks():
             return self._run(gathered, until)
 
     def _run(self, gathered: dict[fx.Node, torch.Tensor], until: fx.Node | None = None
@@ -323,7 +324,7 @@ def plan_route(
     if found is not None:
         selection, sel_reason, order, order_reason = found.choice(why)
     else:
-        selection, sel_reason = choose_selection(route, list(entering.values()), name_of)
+        selection, sel_reason = choose_selection(route, list(entering.values()), name_of, analysis)
         order, order_reason = choose_order(r, order_probe, list(entering.values()), stream)
     return RoutePlan(index, route, start, end, chain, r.region, stream, stream_info, n_img, selection, sel_reason,
                      order, order_reason, [entering[n] for n in order_in], leaving, exits,
@@ -483,7 +484,7 @@ def settle_side_inputs(r: RouteScope, entering: dict[fx.Node, ValueDecision], or
         if failed is None:
             return env
         if not _gather_side_inputs(r, prober, failed, n_img, known):
-            _raise_unroutable(r, entering, env, failed, err, prober.probe_k, n_img)
+            _diagnose().raise_unroutable(r, entering, env, failed, err, prober, n_img)  # names the input
     raise UnroutableRegionError(  # pragma: no cover - each pass fixes one node, so the loop is bounded
         f"route {r.index}: could not find a consistent set of tensors to gather")
 
@@ -529,63 +530,10 @@ def _gather_side_inputs(r: RouteScope, prober: _Prober, failed: fx.Node, n_img: 
     return False
 
 
-def _raise_unroutable(r: RouteScope, entering, env, failed: fx.Node, err: Exception, probe_k: int, n_img: int):
-    def shape(i: fx.Node) -> list[int]:
-        return list(_shape(env.get(i, entering[i].node.meta.get("val") if i in entering else i.meta.get("val"))))
+def _diagnose():
+    from . import diagnose  # why a block cannot run on the kept tokens (it imports this module)
 
-    shapes = ", ".join(f"{r.name_of(i)}={shape(i)}" for i in _inputs_of(failed))
-    culprit = _misaligned_input(r, entering, failed, n_img)
-    raise UnroutableRegionError(
-        f"route {r.index} (chain blocks {r.start}..{r.end}): {_node_label(r.prog, failed)} cannot run on the kept "
-        f"tokens ({probe_k} of {n_img} in the probe){culprit}. Inputs: {shapes}. Error: {type(err).__name__}: "
-        f"{err}. Fix: end the route before this operation, or make the tensor it needs token-aligned; "
-        "treadfx never routes a region it cannot prove shape-consistent."
-    )
-
-
-def _misaligned_input(r: RouteScope, entering, failed: fx.Node, n_img: int) -> str:
-    """"; the problem is input X ..." naming the ungathered inputs of ``failed`` with a token-sized axis."""
-    from .layout import token_sized_axes
-
-    others = list(range(1, 9))
-    for i in _inputs_of(failed):
-        info = r.analysis.token_info(i)
-        if isinstance(info, TokenInfo):
-            others += [s.length for s in info.layout if s.kind != "image"]
-    found = []
-    known = [lay for lay in _known_layouts(r.prog.gm, r.analysis)
-             if sum(s.length for s in lay if s.kind == "image") == n_img]
-    known += [lay for lay in block_joint_layouts(r.prog.gm, r.analysis, failed, n_img,
-                                                 lambda n: _node_value(r.prog.gm, n)) if lay not in known]
-    for i in _inputs_of(failed):
-        d = entering.get(i)
-        if d is None or d.action != "pass":
-            continue
-        v = _node_value(r.prog.gm, i)
-        batched = isinstance(v, torch.Tensor) and r.analysis.is_batched_value(i, v)
-        readings = [c for c in _side_decisions(r, i, failed, n_img, known) if c.parts is None]
-        if readings:  # it does line up: gathering it was tried, and the block still failed
-            c = readings[0]
-            why = ""
-            if not c.batched and r.route.selection in ("per_sample", "structured") and isinstance(v, torch.Tensor):
-                why = (f": treadfx sees no batch dimension in it (it is not derived from the image input's batch), so "
-                       f"with selection='{r.route.selection}' each sample gets a copy with its own kept rows in front "
-                       f"of its shape ([B, {', '.join(str(x) for x in v.shape[: c.axis])}, K, ...]), which the block "
-                       "cannot use. Use selection='shared' (one kept subset for the whole batch), or build it from "
-                       "the image input's batch")
-            return (f"; the problem is {r.name_of(i)} (shape {list(_shape(v))}): it lines up with the image tokens "
-                    f"({layout_str(c.layout)} on axis {c.axis}), but {_node_label(r.prog, failed)} fails with it "
-                    f"gathered too{why}")
-        axes = token_sized_axes(v, n_img, others, batched)
-        if axes:
-            where = ", ".join(f"{p + ' ' if p else ''}axis {a} ({size} positions)" for p, a, size in axes[:3])
-            found.append(f"{r.name_of(i)} (shape {list(_shape(v))}; {where})")
-    if not found:
-        return ""
-    return (f"; the problem is {' and '.join(found)}: its token-sized axis could not be lined up with the "
-            f"{n_img} image tokens, so treadfx cannot gather it with the kept ones (an axis that is the image "
-            "tokens plus others needs a layout treadfx can see, e.g. built by a cat of an image-sized and other "
-            "pieces, or a block that joins image and text tokens inside)")
+    return diagnose
 
 
 def leaving_decisions(r: RouteScope, env: dict[fx.Node, Any], stream: fx.Node, stream_info: TokenInfo,
@@ -615,13 +563,17 @@ def leaving_decisions(r: RouteScope, env: dict[fx.Node, Any], stream: fx.Node, s
     return leaving
 
 
-def choose_selection(route: Route, entering: list[ValueDecision], name_of) -> tuple[str, str]:
-    """("per_sample" | "shared", why): requested, or shared when a gathered table has no batch dimension."""
+def choose_selection(route: Route, entering: list[ValueDecision], name_of, analysis=None) -> tuple[str, str]:
+    """("per_sample" | "shared", why): requested, or shared when a gathered table has no batch dimension (or,
+    with ``analysis``, its batch axis is not axis 0: the reason says so)."""
     unbatched = [d for d in entering if d.action == "gather" and not d.batched]
     if route.selection == "shared":
         return "shared", "requested"
     if route.selection == "per_sample":
         return "per_sample", "requested" + ("; tables without batch dim are expanded per sample" if unbatched else "")
+    moved = _diagnose().batch_axes_elsewhere(analysis, unbatched, name_of) if analysis is not None else None
+    if moved:  # [N, B, D]: batched, but not on axis 0
+        return "shared", moved
     if unbatched:
         names = ", ".join(name_of(d.node) for d in unbatched)
         return "shared", (f"{names} has no batch dimension, so one subset serves the whole batch "

@@ -49,6 +49,7 @@ class TensorDecision:
     layout: str | None
     axis: int | None
     reason: str
+    axes: tuple[int, ...] | None = None  # every token axis gathered, when there are several ([1, 1, N, N] masks)
 
 
 @dataclasses.dataclass
@@ -157,7 +158,8 @@ class Report:
             lines.append(f"    order:     {r.order} ({r.order_reason})")
             lines.append("    random:    " + ("torch global RNG" if r.seed is None else f"counter-based hash, seed {r.seed}"))
             for t in r.tensors:
-                lay = f" {t.layout} axis {t.axis}" if t.layout else ""
+                ax = f"axes {', '.join(map(str, t.axes))}" if t.axes else f"axis {t.axis}"
+                lay = f" {t.layout} {ax}" if t.layout else ""
                 lines.append(f"    {t.action:<7} {t.name}: {t.role}{lay} -- {t.reason}")
         if self.side_exits:
             lines.append("  side exits (values computed inside a route and used after it, besides the stream going on):")
@@ -284,6 +286,12 @@ class Inspection:
     kwargs: dict
 
 
+def _token_axes(d) -> tuple[int, ...] | None:
+    """Every token axis a gathered tensor is gathered on, when there are several (a [1, 1, N, N] mask: (2, 3))."""
+    axes = tuple(dict.fromkeys(a for p in (d.parts or ()) if not p.path for a, _ in p.axes))
+    return axes if len(axes) > 1 else None
+
+
 def tread_section(insp: Inspection) -> dict[str, Any]:
     """TREAD's report fields: ``routes`` (each route's blocks, kept count, selection, order and the decision on every
     tensor entering or leaving it), ``token_map`` and ``side_exits``."""
@@ -294,7 +302,7 @@ def tread_section(insp: Inspection) -> dict[str, Any]:
         for d in plan.entering + plan.leaving:
             tensors.append(TensorDecision(d.action, d.label or _name(prog, d.node), d.role,
                                           d.layout_text or (layout_str(d.layout) if d.layout else None),
-                                          d.axis, d.reason))
+                                          d.axis, d.reason, _token_axes(d)))
         for seg in plan.extra_tokens:
             tensors.append(TensorDecision("keep", f"{seg.length} {seg.kind} token(s) of the stream", "extra tokens",
                                           None, None, "never routed: only image tokens are selected"))

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import treadfx
 
-from backbone_refs import CASES, kept_for, sample_of
+from backbone_refs import CASES, sample_of
 
 FLUX = CASES["diffusers_flux"]  # 2 double-stream blocks then 3 single-stream blocks, 16 image tokens
 

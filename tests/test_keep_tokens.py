@@ -186,3 +186,28 @@ def test_flux2_keeps_the_union_of_the_marks_or_refuses_it():
     msg = str(e.value)
     assert "uses shared selection, one kept subset for the whole batch" in msg
     assert "10 tokens are marked in the batch (at most 6 in one sample)" in msg and "keeps only 8 of 16" in msg
+
+
+@pytest.mark.parametrize("eager_first", [False, True], ids=["compiled_first", "eager_first"])
+def test_a_compiled_transformed_model_keeps_the_marked_tokens_in_one_graph(eager_first):
+    """``torch.compile(model, fullgraph=True)`` with ``keep_tokens``: the token map is derived eagerly (the
+    compiled forward cannot), compiling does not retrace the model (torch marks the module it wraps), and every
+    marked token is kept."""
+    from treadfx.transformed import state_of
+
+    m = tiny_dit(depth=4)
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    args = tiny_dit_inputs(batch=2)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[1, 5:8] = True
+    compiled = torch.compile(tm, fullgraph=True, backend="eager")
+    with treadfx.keep_tokens(tm, mask):
+        if eager_first:
+            tm(*args)
+        for _ in range(2):
+            compiled(*args)
+            kept = treadfx.last_routes(tm)[0].kept
+            assert set(range(3)) <= set(kept[0].tolist()) and {5, 6, 7} <= set(kept[1].tolist())
+    assert len(list(state_of(tm).programs_iter())) == 1
+    assert not state_of(tm).__dict__.get("retraces")

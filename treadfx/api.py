@@ -233,6 +233,9 @@ def keep_tokens(model: nn.Module, mask: torch.Tensor | None) -> Iterator[nn.Modu
     st = state_of(model)
     prev = st.keep
     st.keep = mask
+    if mask is not None:  # derived eagerly: a compiled forward cannot derive it
+        for prog in st.programs_iter():
+            prog.token_map()
     try:
         yield model
     finally:

@@ -283,6 +283,13 @@ _SKIP = frozenset(_STRUCT + _HOOK_DICTS + ("_treadfx", "_state_dict_hooks", "_st
                                           "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                           "_forward_pre_hooks_with_kwargs", "_non_persistent_buffers_set",
                                           "_is_full_backward_hook"))
+#: attributes torch itself sets on a module it wraps, not the user's (``torch.compile(model)``)
+_TORCH_MARKS = frozenset({"_is_torch_compile"})
+
+
+def _size(d: dict) -> int:
+    """The number of attributes of a module's ``__dict__``, without the marks torch sets on it."""
+    return len(d) - sum(1 for k in _TORCH_MARKS if k in d)
 
 
 class LiveGuard:
@@ -299,16 +306,17 @@ class LiveGuard:
         for path, m in modules:
             d = m.__dict__
             # treadfx's own state on the model (``_treadfx``, ``_treadfx_methods``) is not the user's
-            attrs = tuple((k, v) for k, v in d.items() if k not in _SKIP and not k.startswith("_treadfx"))
+            attrs = tuple((k, v) for k, v in d.items() if k not in _SKIP and k not in _TORCH_MARKS
+                          and not k.startswith("_treadfx"))
             struct = tuple(tuple(d[s].values()) if s in d else () for s in _STRUCT)
             hooks = tuple(len(d.get(h) or ()) for h in _HOOK_DICTS)
-            self.entries.append((path, m, d, len(d), attrs, struct, hooks))
+            self.entries.append((path, m, d, _size(d), attrs, struct, hooks))
         self.root = root
 
     def check(self) -> str | None:
         """None when nothing changed, else a short description of the first change."""
         for path, m, d, size, attrs, struct, hooks in self.entries:
-            if len(d) != size:
+            if len(d) != size and _size(d) != size:
                 return f"`{path or 'model'}` gained or lost an attribute"
             for k, v in attrs:
                 cur = d.get(k, _MISSING)

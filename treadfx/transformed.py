@@ -204,7 +204,10 @@ class TreadState:
         return mask
 
     def prime(self, prog: "RoutedProgram", args: tuple, kwargs: dict) -> None:
-        """Create per-device state eagerly, so that a compiled forward never creates it."""
+        """Create per-device state (and the token map a keep mask needs) eagerly, so that a compiled forward never
+        creates it."""
+        if self.keep is not None:
+            prog.token_map()
         if prog.seeded:
             leaves, _ = flatten_call(args, kwargs)
             tensors = [l for l in leaves if isinstance(l, torch.Tensor)]

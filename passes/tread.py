@@ -40,6 +40,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from treadfx.errors import UnroutableRegionError
 from treadfx.layout import image_span
 from treadfx.ops import (AutocastDisabled, RouteGather, RouteGatherParts, RouteScatter, RouteSelect, StructuredSelect,
                          gather_op)
@@ -127,6 +128,7 @@ class TreadPass(PassBase):
 
     # ------------------------------------------------------------------------------------------------
     def _rewrite(self, gm: fx.GraphModule, plan: RoutePlan, keep_ph: fx.Node, step_ph: fx.Node) -> fx.Node:
+        refuse_token_counts(gm, plan)
         graph = gm.graph
         rset = set(plan.region)
         first = plan.chain.nodes[plan.start]
@@ -212,3 +214,51 @@ def _fake_mode_of(values: list[Any]):
         if isinstance(v, FakeTensor):
             return v.fake_mode
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def refuse_token_counts(gm: fx.GraphModule, plan: RoutePlan) -> None:
+    """Raise UnroutableRegionError when a routed block takes a Python int that counts some of its image tokens
+    (0 < value < N) under random selection (structured selection passes grid shapes): such a count (HunyuanVideo-I2V's
+    ``first_frame_num_tokens``, the first frame's tokens modulated differently) would mark other tokens in the kept
+    sequence than in the full one, so the routed blocks would compute something else, silently."""
+    import inspect as pyinspect
+
+    if getattr(plan, "grid", None) is not None:  # structured: the blocks' ints are the token grid's shape (Sana's
+        return                                    # height/width, rewritten to the sub-grid's; Sana-Video's frames)
+    n = plan.num_tokens
+    for block in plan.chain.nodes[plan.start: plan.end + 1]:
+        try:
+            params = list(pyinspect.signature(gm.get_submodule(block.target).forward).parameters.values())
+        except (AttributeError, TypeError, ValueError):
+            params = None
+        items = [("arg", k, v) for k, v in enumerate(block.args)] + [("kwarg", k, v) for k, v in block.kwargs.items()]
+        for kind, key, value in items:
+            if type(value) is not int or not 0 < value < n:
+                continue
+            name = _parameter_for(params, kind, key)
+            if name is None:  # it lands in *args / **kwargs: the block does not name it (diffusers' HunyuanVideo
+                continue      # text-to-video blocks take and ignore the I2V blocks' first-frame count)
+            raise UnroutableRegionError(
+                f"route {plan.index} (chain blocks {plan.start}..{plan.end}): block "
+                f"`{str(block.target).removeprefix('m.')}` takes `{name}`={value}, a count of tokens below the {n} "
+                "image tokens it sees (e.g. a prefix of the sequence treated differently, like HunyuanVideo-I2V's "
+                "first-frame tokens with "
+                "image_condition_type='token_replace'). On the kept tokens that count would select other tokens than "
+                "in the full sequence, so the routed blocks would compute something else. Fix: end the route before "
+                f"the blocks that take `{name}`, or train a configuration whose blocks take no such count "
+                "(HunyuanVideo-I2V: image_condition_type='latent_concat').")
+
+
+def _parameter_for(params: list | None, kind: str, key: Any) -> str | None:
+    """The name of the forward parameter an argument binds to; None when it lands in ``*args``/``**kwargs``."""
+    import inspect as pyinspect
+
+    if params is None:
+        return str(key) if kind == "kwarg" else f"argument {key}"
+    variadic = (pyinspect.Parameter.VAR_POSITIONAL, pyinspect.Parameter.VAR_KEYWORD)
+    if kind == "kwarg":
+        named = [p for p in params if p.name == key and p.kind not in variadic]
+        return key if named else None
+    positional = [p for p in params if p.kind in (pyinspect.Parameter.POSITIONAL_ONLY,
+                                                  pyinspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return positional[key].name if key < len(positional) else None

@@ -252,3 +252,45 @@ def test_helpers_on_an_untransformed_model():
     with pytest.raises(treadfx.TransformError, match=re.escape(
             "DiT is not a treadfx-transformed model. Fix: call treadfx.transform(model, ...) first.")):
         treadfx.set_ratio(small_dit(), 0.5)
+
+
+class _PrefixBlock(nn.Module):
+    """Treats the first ``n_first`` tokens differently (HunyuanVideo-I2V's first-frame modulation)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, n_first):
+        return x + torch.cat([self.a(x[:, :n_first]), self.b(x[:, n_first:])], 1)
+
+
+class _PrefixModel(nn.Module):
+    def __init__(self, n_first: int, d: int = 8):
+        super().__init__()
+        self.n_first = n_first
+        self.embed = nn.Linear(4, d)
+        self.blocks = nn.ModuleList([_PrefixBlock(d) for _ in range(4)])
+
+    def forward(self, x):
+        h = self.embed(x)
+        for blk in self.blocks:
+            h = blk(h, self.n_first)
+        return h
+
+
+def test_a_block_taking_a_count_of_its_tokens_is_refused_naming_it_and_the_fix():
+    """On the kept tokens the first ``n_first`` positions are other tokens than in the full sequence: routing would
+    be silently wrong, so the route is refused, naming the block, the argument and its value."""
+    torch.manual_seed(0)
+    m = _PrefixModel(n_first=4)
+    x = torch.randn(2, 16, 4)
+    dense = m(x)
+    tm = treadfx.transform(m, start=1, end=2, ratio=0.5)
+    with pytest.raises(treadfx.UnroutableRegionError) as e:
+        tm(x)
+    msg = str(e.value)
+    assert "block `blocks.1` takes `n_first`=4" in msg and "below the 16 image tokens" in msg
+    assert "Fix: end the route before the blocks that take `n_first`" in msg
+    tm.eval()
+    assert torch.equal(tm(x), dense)  # eval is the original model

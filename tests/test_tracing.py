@@ -197,3 +197,86 @@ def test_leaf_modules_are_not_traced_into():
     tm = treadfx.transform(Net(), start=0, end=1, leaf_modules=["pre"])
     assert tm(torch.randn(2, 5, 4)).shape == (2, 5, 4)
     assert any(n.target == "m.pre" for n in state_of(tm).current.gm.graph.nodes)
+
+
+def test_evaluation_inside_a_trace_runs_no_hook_of_inner_modules_and_restores_module_call():
+    """Blocks (and the modules inlined around them) are evaluated on fakes mid-trace with fx's patches installed:
+    their inner submodules' hooks must not run, and ``nn.Module.__call__`` is the original after the trace."""
+    m = small_dit()
+    calls = []
+    inner = [sub for b in m.blocks for sub in b.modules() if isinstance(sub, nn.Linear)]
+    assert inner
+    for sub in inner:
+        sub.register_forward_pre_hook(lambda *a: calls.append("pre"))
+        sub.register_forward_hook(lambda *a: calls.append("post"))
+    call_before = nn.Module.__call__
+    prog = trace(m, DiT.forward, inputs(), {}, leaves=list(m.blocks))
+    assert calls == []
+    assert nn.Module.__call__ is call_before
+    m.eval()
+    with torch.no_grad():
+        out = prog(*inputs())  # the traced graph calls the blocks for real: now every hook runs once per call
+    assert calls.count("pre") == calls.count("post") == len(inner)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(out, m(*inputs()))
+    assert calls.count("pre") == len(inner)
+
+
+def test_pinned_parameter_fakes_are_reused_and_never_stale():
+    """The tracer's evaluator keeps one fake per parameter of the modules it evaluated (the fake mode's own memo
+    holds them weakly): a second evaluation at other input shapes reuses it; a module whose parameter was
+    replaced by one of another shape gets outputs of the new shape, never the old one."""
+    from treadfx.tracing import _PinningEvaluator, make_fake_mode
+
+    import gc
+
+    ev = _PinningEvaluator(make_fake_mode())
+    converted = lambda: ev.mode.fake_tensor_converter.meta_converter.hit  # real -> fake conversions so far
+    lin = nn.Linear(4, 3)
+    out = ev.call_module(lin, (torch.randn(2, 4),), {})
+    assert tuple(out.shape) == (2, 3)
+    first = converted()
+    assert first == 3  # the input, the weight and the bias
+    del out
+    gc.collect()  # the outputs (and the fakes only they referenced) are gone
+    out = ev.call_module(lin, (torch.randn(5, 7, 4),), {})  # other input metadata: evaluated again
+    assert tuple(out.shape) == (5, 7, 3)
+    assert converted() == first + 1  # only the new input: weight and bias kept their fakes (a plain evaluator: +3)
+    lin.weight = nn.Parameter(torch.randn(6, 4))  # same module object, same class: other parameter shapes
+    lin.bias = nn.Parameter(torch.randn(6))
+    ev._structure.clear()  # (the evaluator caches structure keys per module object within one analysis)
+    out = ev.call_module(lin, (torch.randn(2, 4),), {})
+    assert tuple(out.shape) == (2, 6)
+    assert tuple(ev.to_fake(lin.weight).shape) == (6, 4)
+
+
+def test_blocks_of_one_class_with_other_parameter_shapes_or_dtypes_are_evaluated_apart():
+    """Block outputs are memoised by (module structure, input metadata): the structure includes parameter
+    shapes and dtypes, so same-class blocks of another width or dtype are never given a sibling's outputs."""
+
+    class Block(nn.Module):
+        def __init__(self, d_in: int, d_out: int, dtype=torch.float32):
+            super().__init__()
+            self.proj = nn.Linear(d_in, d_out, dtype=dtype)
+
+        def forward(self, x):
+            return self.proj(x.to(self.proj.weight.dtype))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # same class and input metadata for blocks 0/1 and 2/3; 1 differs from 0 in width, 3 from 2 in dtype
+            self.blocks = nn.ModuleList([Block(8, 8), Block(8, 12), Block(12, 12), Block(12, 12, torch.float64)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x).float()
+            return x
+
+    m = Net()
+    prog = trace(m, Net.forward, (torch.randn(2, 5, 8),), {}, leaves=list(m.blocks))
+    vals = {n.target: n.meta["val"] for n in prog.gm.graph.nodes if n.op == "call_module"}
+    got = [(tuple(vals[f"m.blocks.{i}"].shape), vals[f"m.blocks.{i}"].dtype) for i in range(4)]
+    assert got == [((2, 5, 8), torch.float32), ((2, 5, 12), torch.float32), ((2, 5, 12), torch.float32),
+                   ((2, 5, 12), torch.float64)]

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from .errors import StreamAnalysisError
+from .fake_eval import no_user_hooks
 from .ops import RouteSelect
 from .tracing import TracedProgram
 
@@ -31,7 +32,8 @@ def check_routed_graph(traced: TracedProgram, selects: Sequence[RouteSelect], n_
     try:
         for sel in selects:
             sel.forced, sel.fixed = True, None
-        env = traced.evaluator.propagate(traced.gm, list(traced.fake_inputs or []))
+        with no_user_hooks():  # entered once for the run, not once per module evaluated (see no_user_hooks)
+            env = traced.evaluator.propagate(traced.gm, list(traced.fake_inputs or []))
     except Exception as e:
         raise StreamAnalysisError(
             f"the routed graph does not run on fake tensors with the routes active: {type(e).__name__}: {e}. "

@@ -14,28 +14,18 @@ import pytest
 import torch
 
 import treadfx
-import treadfx.tracing
 import treadfx.transformed
 from treadfx.transformed import state_of
 
-from helpers import tiny_lumina2, tiny_lumina2_inputs
+from helpers import TracesSince, tiny_lumina2, tiny_lumina2_inputs
 
 WIDTH = 4  # caption tokens in the padded tokenizer output
 
 
 @pytest.fixture
-def traces(monkeypatch):
-    """Counts the traces of a transformed model's forward."""
-    count = [0]
-    original = treadfx.tracing.trace
-
-    def counting(model, *a, **k):
-        if treadfx.is_transformed(model):
-            count[0] += 1
-        return original(model, *a, **k)
-
-    monkeypatch.setattr(treadfx.tracing, "trace", counting)
-    return count
+def traces():
+    """How many times the transformed model's forward was traced in this test."""
+    return TracesSince()
 
 
 def _graph_key(lengths: list[int]) -> tuple[int, bool]:

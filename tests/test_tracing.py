@@ -280,3 +280,40 @@ def test_blocks_of_one_class_with_other_parameter_shapes_or_dtypes_are_evaluated
     got = [(tuple(vals[f"m.blocks.{i}"].shape), vals[f"m.blocks.{i}"].dtype) for i in range(4)]
     assert got == [((2, 5, 8), torch.float32), ((2, 5, 12), torch.float32), ((2, 5, 12), torch.float32),
                    ((2, 5, 12), torch.float64)]
+
+
+def test_a_shape_mistake_in_the_users_call_gives_treadfxs_error_without_torchs_fake_tensor_log(caplog):
+    """A call whose inputs do not fit the model fails inside the trace: the user sees treadfx's error naming the
+    line, not torch's fake-tensor ERROR log before it."""
+    import logging
+
+    import pytest
+    import torch.nn as nn
+
+    import treadfx
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, bias):
+            return x + self.fc(x) * bias  # bias must have the token count
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList([Blk() for _ in range(4)])
+
+        def forward(self, x, bias):
+            h = self.e(x)
+            for b in self.blocks:
+                h = b(h, bias)
+            return h
+
+    tm = treadfx.transform(M(), start=1, end=2, ratio=0.5)
+    with caplog.at_level(logging.DEBUG, logger="torch._subclasses.fake_tensor"):
+        with pytest.raises(treadfx.UntraceableForwardError, match="make sure the model runs eagerly"):
+            tm(torch.randn(2, 16, 4), torch.randn(2, 5, 8))  # 5 is no token count of 16
+    assert not [r for r in caplog.records if r.name.startswith("torch._subclasses") and r.levelno >= logging.ERROR]

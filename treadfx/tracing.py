@@ -68,7 +68,7 @@ from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 
 from .errors import UntraceableForwardError
 from .data_guards import LATE_INT, data_guard, structure_of
-from .fake_eval import FakeEvaluator, fake_like, forward_of, no_user_hooks, rng_preserved
+from .fake_eval import FakeEvaluator, fake_like, forward_of, no_user_hooks, quiet_fake_tensor_logs, rng_preserved
 from .outputs import flatten_output, unflatten_output
 
 __all__ = [
@@ -1277,7 +1277,7 @@ def trace(
     meta or fake tensors.
     """
     global _TRACES
-    with TRACE_LOCK, rng_preserved((args, kwargs)), _attribute_writes_undone(model):
+    with TRACE_LOCK, rng_preserved((args, kwargs)), _attribute_writes_undone(model), quiet_fake_tensor_logs():
         _TRACES += 1
         return _trace(model, forward, args, kwargs, leaves, arg_names)
 

@@ -243,7 +243,9 @@ def test_routed_experts_train_routed_like_the_hand_loop(no_synthetic_data, start
     # which chain is routed and why: the caption projections are chains of their own that carry no image tokens
     text = str(r)
     assert "*chain 0 `double_stream_blocks+single_stream_blocks`: 4 blocks -- routed: " in text
-    assert "chain 1 `caption_projection`: 1 blocks -- not routed: " in text and "receive no image tokens" in text
+    assert "chain 1 `caption_projection.4`: 1 blocks -- not routed: " in text and "receive no image tokens" in text
+    # the other caption projections are chains of one block each too, each named by its block (not all alike)
+    assert all(f"`caption_projection.{i}`: 1 blocks" in text for i in range(4))
     # the FLOP counts include the MoE feed-forwards (gate, routed experts, shared expert): dense and routed are what
     # torch's FlopCounterMode measures on a real forward and backward of the original and of the routed model in
     # training mode, where each expert gets the tokens the data sends it; nothing is noted as left out

@@ -135,9 +135,14 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"treadfx report for {self.model}", f"  inputs: {', '.join(self.inputs)}"]
+        shared = {c.name for c in self.chains if sum(o.name == c.name for o in self.chains) > 1}
         for c in self.chains:
             mark = "*" if c.selected else " "
-            lines.append(f" {mark}chain {c.index} `{c.name}`: {c.length} blocks" + (f" -- {c.note}" if c.note else ""))
+            name = c.name
+            if name in shared and c.blocks:  # several chains cut from one container: name each by its blocks
+                first, last = c.blocks[0]["path"], c.blocks[-1]["path"]
+                name = first if first == last else f"{first}..{last.rsplit('.', 1)[-1]}"
+            lines.append(f" {mark}chain {c.index} `{name}`: {c.length} blocks" + (f" -- {c.note}" if c.note else ""))
             runs: list[list[dict]] = []
             for b in c.blocks:
                 if runs and runs[-1][-1]["kind"] == b["kind"] and runs[-1][-1]["class"] == b["class"]:

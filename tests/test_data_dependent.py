@@ -767,6 +767,18 @@ def test_item_and_tolist_in_the_top_level_forward_are_specialised_with_a_guard(h
         ref = routed_reference(m.pre(x, t, valid), m.blocks, m.out, kept, 1, 2)
         assert out.shape == (2, n, 4) and torch.equal(out, ref), n
     assert trace_count[0] == 2  # one graph per value, each traced once
+    # inspect counts the dense forward on the graph specialised on this call's value (the original forward cannot
+    # run on fake tensors): equal to torch's count of a real forward and backward of the original model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    valid = (torch.arange(12) < 12).float().expand(2, 12)  # the value of the last call: inspect's variant
+    x, t = torch.randn(2, 12, 4, generator=g), torch.rand(2, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = treadfx.inspect(tm, x, t, valid)
+    with FlopCounterMode(display=False) as counter:
+        m(x, t, valid).sum().backward()
+    assert r.dense_flops == counter.get_total_flops() > r.routed_flops
     # indices for 12 tokens on a call with 8: refused whether the variant for 8 is tried second or first
     x, t = torch.randn(2, 12, 4, generator=g), torch.rand(2, generator=g)
     valid = (torch.arange(12) < 8).float().expand(2, 12)

@@ -40,7 +40,7 @@ from .outputs import flatten_output
 # run_guarded reaches them by function-level imports
 
 __all__ = ["ValueGuardFailure", "data_guard", "structure_of", "run_guarded", "run_guarded_compiled", "LATE_INT",
-           "readable_value"]
+           "readable_value", "data_value"]
 
 
 class ValueGuardFailure(UntraceableForwardError):
@@ -124,6 +124,15 @@ def data_guard(value: Any, kind: str, expected: Any, where: str) -> None:
 
 
 data_guard.__treadfx_guard__ = True  # type: ignore[attr-defined]
+
+
+def data_value(method: str, expected: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+    """Graph node: ``obj.method(*args, **kwargs)`` (``.item()``, ``.tolist()`` in the traced forward) on real data;
+    on fake or meta data (shape inference, FLOP counts) the value the graph was specialised on, which a
+    :func:`data_guard` after this node re-checks on every real call."""
+    if _is_fake(obj):
+        return expected
+    return getattr(obj, method)(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ runtime

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "FakeEvaluator", "fake_like", "module_structure_key", "quiet_fake_tensor_logs", "forward_of", "no_user_hooks",
-    "rng_preserved", "data_dependent_summary", "note_uncounted_flops",
+    "rng_preserved", "data_dependent_summary", "note_uncounted_flops", "DATA_DEPENDENT_ERRORS",
 ]
 
 
@@ -123,6 +123,9 @@ try:
     _DATA_DEPENDENT: tuple = (DataDependentOutputException, DynamicOutputShapeException)
 except ImportError:  # pragma: no cover
     _DATA_DEPENDENT = ()
+
+#: torch's errors for an op whose result depends on tensor data (``.item()``, ``nonzero``) on fake tensors
+DATA_DEPENDENT_ERRORS: tuple = _DATA_DEPENDENT
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")

@@ -29,7 +29,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .fake_eval import autocast_cache_off, data_dependent_summary, meta_key, module_structure_key
+from .errors import TransformError
+from .fake_eval import DATA_DEPENDENT_ERRORS, autocast_cache_off, data_dependent_summary, meta_key, module_structure_key
 from .flops import fwd_bwd_flops, module_params
 from .layout import layout_str
 from .moe import diffmoe_layers, diffmoe_stats, static_capacity_check
@@ -341,6 +342,19 @@ def diffmoe_section(insp: Inspection) -> dict[str, Any]:
 SECTION_FIELDS = ("routes", "token_map", "side_exits", "diffmoe", "diffmoe_inference")
 
 
+def _dense_flops_of_graph(ev: Any, prog: Any, params: Any) -> int:
+    """FLOPs of ``prog``'s traced graph with every route off (its selects in eval mode, not forced): the forward
+    the graph was specialised on, as the original model computes it."""
+    saved = [(s.training, s.forced, s.fixed) for s in prog.selects]
+    try:
+        for s in prog.selects:
+            s.training, s.forced, s.fixed = False, False, None
+        return fwd_bwd_flops(ev, prog.traced.gm, tuple(prog.traced.fake_inputs or []), {}, params)
+    finally:
+        for s, (t, f, x) in zip(prog.selects, saved):
+            s.training, s.forced, s.fixed = t, f, x
+
+
 def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> Report:
     """The report of a transformed ``model`` (unwrapped) on these inputs: the common part, then each method's
     section (``method.report_section(Inspection(...))``) in the order of ``methods``.
@@ -358,8 +372,15 @@ def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> 
     # model's lru caches (diffusers' RoPE helpers) for later real calls. Not around program_for: the trace has
     # its own guard, and a nested one would miss a cache the inner guard cleared (cache_clear resets its counts)
     with _train_mode(m), autocast_cache_off(), autowrap_guard():
-        dense = fwd_bwd_flops(ev, lambda *a, **k: st.original_forward(m, *a, **k), tuple(args), dict(kwargs),
-                              module_params(m))
+        try:
+            dense = fwd_bwd_flops(ev, lambda *a, **k: st.original_forward(m, *a, **k), tuple(args), dict(kwargs),
+                                  module_params(m))
+        except TransformError as e:
+            if not isinstance(e.__cause__, DATA_DEPENDENT_ERRORS):
+                raise
+            # the forward reads tensor data in Python (``.item()``): count the traced graph, which holds the values
+            # it was specialised on, with every route off (the original computation)
+            dense = _dense_flops_of_graph(ev, prog, module_params(m))
         saved = [(s.forced, s.fixed) for s in prog.selects]
         try:
             for s in prog.selects:

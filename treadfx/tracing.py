@@ -67,7 +67,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 
 from .errors import UntraceableForwardError
-from .data_guards import LATE_INT, data_guard, structure_of
+from .data_guards import LATE_INT, data_guard, data_value, structure_of
 from .fake_eval import FakeEvaluator, fake_like, forward_of, no_user_hooks, quiet_fake_tensor_logs, rng_preserved
 from .outputs import flatten_output, unflatten_output
 
@@ -210,6 +210,13 @@ class CallRecord:
 
 
 # --------------------------------------------------------------------------- tracer
+
+
+def _plain_value(value: Any) -> bool:
+    """A Python number, bool or (nested) list/tuple of them: a value generated code can hold as a constant."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain_value(v) for v in value)
+    return type(value) in (int, float, bool, complex)
 
 
 def _has_tensor(value: Any) -> bool:
@@ -958,7 +965,12 @@ class SpecializingTracer(fx.Tracer):
         if not _has_tensor(out):
             if consts:
                 return out
-            proxy = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+            if kind == "call_method" and isinstance(target, str) and _plain_value(out):
+                # ``t.item()`` / ``t.tolist()``: the recorded value stands in for it on fake data (FLOP counts)
+                proxy = fx.Tracer.create_proxy(self, "call_function", data_value, (target, out) + tuple(args), kwargs,
+                                               name, type_expr, proxy_factory_fn)
+            else:
+                proxy = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
             proxy.node.meta["val"] = out
             self._real_env[proxy.node] = out
             self._guard(proxy.node, "value", out, location)

@@ -32,6 +32,7 @@ scatters read that route's own indices, and every inserted node has
 
 from __future__ import annotations
 
+import inspect as pyinspect
 from typing import Any, Sequence
 
 import torch
@@ -221,8 +222,6 @@ def refuse_token_counts(gm: fx.GraphModule, plan: RoutePlan) -> None:
     (0 < value < N) under random selection (structured selection passes grid shapes): such a count (HunyuanVideo-I2V's
     ``first_frame_num_tokens``, the first frame's tokens modulated differently) would mark other tokens in the kept
     sequence than in the full one, so the routed blocks would compute something else, silently."""
-    import inspect as pyinspect
-
     if getattr(plan, "grid", None) is not None:  # structured: the blocks' ints are the token grid's shape (Sana's
         return                                    # height/width, rewritten to the sub-grid's; Sana-Video's frames)
     n = plan.num_tokens
@@ -251,8 +250,6 @@ def refuse_token_counts(gm: fx.GraphModule, plan: RoutePlan) -> None:
 
 def _parameter_for(params: list | None, kind: str, key: Any) -> str | None:
     """The name of the forward parameter an argument binds to; None when it lands in ``*args``/``**kwargs``."""
-    import inspect as pyinspect
-
     if params is None:
         return str(key) if kind == "kwarg" else f"argument {key}"
     variadic = (pyinspect.Parameter.VAR_POSITIONAL, pyinspect.Parameter.VAR_KEYWORD)

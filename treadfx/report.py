@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -342,17 +342,26 @@ def diffmoe_section(insp: Inspection) -> dict[str, Any]:
 SECTION_FIELDS = ("routes", "token_map", "side_exits", "diffmoe", "diffmoe_inference")
 
 
-def _dense_flops_of_graph(ev: Any, prog: Any, params: Any) -> int:
-    """FLOPs of ``prog``'s traced graph with every route off (its selects in eval mode, not forced): the forward
-    the graph was specialised on, as the original model computes it."""
+@contextlib.contextmanager
+def _routes_set(prog: Any, active: bool) -> Iterator[None]:
+    """Inside the block every route of ``prog`` is active (forced) or off (its select in eval mode, not forced), and
+    draws its indices (no fixed ones); afterwards each select's mode, forced flag and fixed indices are restored."""
     saved = [(s.training, s.forced, s.fixed) for s in prog.selects]
     try:
         for s in prog.selects:
-            s.training, s.forced, s.fixed = False, False, None
-        return fwd_bwd_flops(ev, prog.traced.gm, tuple(prog.traced.fake_inputs or []), {}, params)
+            s.training = s.training if active else False
+            s.forced, s.fixed = active, None
+        yield
     finally:
         for s, (t, f, x) in zip(prog.selects, saved):
             s.training, s.forced, s.fixed = t, f, x
+
+
+def _graph_flops(ev: Any, prog: Any, params: Any, routes_active: bool) -> int:
+    """FLOPs of ``prog``'s traced graph with every route active, or with every route off (the forward the graph
+    was specialised on, as the original model computes it)."""
+    with _routes_set(prog, routes_active):
+        return fwd_bwd_flops(ev, prog.traced.gm, tuple(prog.traced.fake_inputs or []), {}, params)
 
 
 def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> Report:
@@ -380,15 +389,8 @@ def build_report(model: nn.Module, methods: list, args: tuple, kwargs: dict) -> 
                 raise
             # the forward reads tensor data in Python (``.item()``): count the traced graph, which holds the values
             # it was specialised on, with every route off (the original computation)
-            dense = _dense_flops_of_graph(ev, prog, module_params(m))
-        saved = [(s.forced, s.fixed) for s in prog.selects]
-        try:
-            for s in prog.selects:
-                s.forced, s.fixed = True, None
-            routed = fwd_bwd_flops(ev, traced.gm, tuple(traced.fake_inputs or []), {}, module_params(m))
-        finally:
-            for s, (f, x) in zip(prog.selects, saved):
-                s.forced, s.fixed = f, x
+            dense = _graph_flops(ev, prog, module_params(m), routes_active=False)
+        routed = _graph_flops(ev, prog, module_params(m), routes_active=True)
         predicted = dense - _predicted_savings(prog)
 
     chains = []

@@ -269,9 +269,16 @@ def routed_by_hooks(chain: Sequence[nn.Module], start: int, end: int, kept: torc
         out[out_index] = put(saved["h"], out[out_index], kept)
         return tuple(out)
 
+    with tread_hooks(chain, start, end, route_out, side_inputs, route_in):
+        yield
+
+
+@contextlib.contextmanager
+def tread_hooks(chain, start: int, end: int, route_out: Callable, side_inputs: Callable, route_in: Callable):
+    """Hand-written TREAD as hooks (with kwargs): ``route_out`` before ``chain[start]`` (runs first),
+    ``side_inputs`` before every routed block, ``route_in`` after ``chain[end]``; all removed on exit."""
     handles = [chain[start].register_forward_pre_hook(route_out, with_kwargs=True)]
-    for blk in chain[start: end + 1]:
-        handles.append(blk.register_forward_pre_hook(side_inputs, with_kwargs=True))
+    handles += [blk.register_forward_pre_hook(side_inputs, with_kwargs=True) for blk in chain[start: end + 1]]
     handles.append(chain[end].register_forward_hook(route_in, with_kwargs=True))
     try:
         yield

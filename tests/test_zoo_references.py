@@ -26,7 +26,6 @@ the same modules on the same values in the same order, and indexing, ``torch.gat
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import pytest
@@ -37,7 +36,7 @@ import treadfx
 
 pytest.importorskip("diffusers")
 
-from backbone_refs import put, sample_of, take  # noqa: E402
+from backbone_refs import put, sample_of, take, tread_hooks  # noqa: E402
 from helpers import TracesSince  # noqa: E402
 from test_zoo import (  # noqa: E402  (the tiny random configs, shared with the zoo tests)
     _hunyuan_image, _hunyuan_image_inputs, _hunyuan_video, _qwen_image, _qwen_image_inputs, _sana_video)
@@ -54,18 +53,9 @@ def _gen(seed: int) -> torch.Generator:
 Hook = Callable  # (module, args, kwargs) -> (args, kwargs); route-in: (module, args, kwargs, output) -> output
 
 
-@contextlib.contextmanager
 def _hooked(blocks, route_out: Hook, side_inputs: Hook, route_in: Hook):
-    """``route_out`` before ``blocks[START]`` (runs first), ``side_inputs`` before every routed block,
-    ``route_in`` after ``blocks[END]``; all removed on exit."""
-    handles = [blocks[START].register_forward_pre_hook(route_out, with_kwargs=True)]
-    handles += [b.register_forward_pre_hook(side_inputs, with_kwargs=True) for b in blocks[START: END + 1]]
-    handles.append(blocks[END].register_forward_hook(route_in, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    """The hand-written route over blocks START..END (see :func:`backbone_refs.tread_hooks`)."""
+    return tread_hooks(blocks, START, END, route_out, side_inputs, route_in)
 
 
 def _loss_and_grads(model: nn.Module, out: torch.Tensor) -> dict[str, torch.Tensor]:
